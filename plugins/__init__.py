@@ -1,0 +1,1 @@
+"""Compression methods of torchrec-pss, one sub-package each, installed as ``torchrec_pss_plugins``."""

@@ -1,0 +1,35 @@
+"""Shared test helpers: KJTs from Python lists and random bags."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+
+def make_kjt(bags: dict[str, list[list[int]]], weights: dict[str, list[list[float]]] | None = None) -> KeyedJaggedTensor:
+    """A KJT with one key per entry of ``bags`` (each a list of B bags of ids)."""
+    keys = list(bags)
+    values = [x for k in keys for bag in bags[k] for x in bag]
+    lengths = [len(bag) for k in keys for bag in bags[k]]
+    kw = {}
+    if weights is not None:
+        kw["weights"] = torch.tensor([w for k in keys for bag in weights[k] for w in bag], dtype=torch.float32)
+    return KeyedJaggedTensor(
+        keys=keys,
+        values=torch.tensor(values, dtype=torch.int64),
+        lengths=torch.tensor(lengths, dtype=torch.int64),
+        **kw,
+    )
+
+
+def random_bags(rng: random.Random, num_embeddings: int, batch: int, max_len: int) -> list[list[int]]:
+    """``batch`` bags of 0..max_len uniform ids; the first bag is always empty."""
+    bags = [[rng.randrange(num_embeddings) for _ in range(rng.randint(0, max_len))] for _ in range(batch)]
+    bags[0] = []
+    return bags
+
+
+def random_weights(rng: random.Random, bags: list[list[int]]) -> list[list[float]]:
+    return [[rng.uniform(-2.0, 2.0) for _ in bag] for bag in bags]

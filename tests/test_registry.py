@@ -1,0 +1,88 @@
+"""Methods are found through the entry-point registry; the core names none of them."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import pytest
+import torch
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+
+import torchrec_pss
+from helpers import make_kjt
+from torchrec_pss import CompressedEmbeddingBagCollection, MethodConfig, PSSMemory, register_method
+from torchrec_pss.registry import ENTRY_POINT_GROUP, method_by_name, method_for_config, registered_methods
+
+
+def test_robe_is_registered_through_its_entry_point() -> None:
+    names = {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    assert names["robe"] == "torchrec_pss_plugins.robe:RobeMemory"
+    assert registered_methods()["robe"].__module__ == "torchrec_pss_plugins.robe.robe"
+    assert torchrec_pss.RobeConfig is method_by_name("robe").config_cls
+    with pytest.raises(ValueError, match="unknown compression method 'nope'"):
+        method_by_name("nope")
+
+
+def _code_words(tree: ast.AST) -> list[str]:
+    """Identifiers, imported names and non-docstring string constants of a module."""
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)) and node.body
+        and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)
+    }
+    words = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            words.append(node.id)
+        elif isinstance(node, ast.Attribute):
+            words.append(node.attr)
+        elif isinstance(node, ast.alias):
+            words.append(node.name)
+        elif isinstance(node, ast.ImportFrom):
+            words.append(node.module or "")
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            words.append(node.value)
+    return words
+
+
+def test_core_has_no_method_specific_code() -> None:
+    core = Path(torchrec_pss.__file__).parent
+    for path in core.rglob("*.py"):
+        for word in _code_words(ast.parse(path.read_text())):
+            assert "robe" not in word.lower() and "plugins" not in word.lower(), (path, word)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScaledIdConfig(MethodConfig):
+    """A toy third-party method: embedding of id x is x * v for one learnable vector v."""
+
+
+@register_method(ScaledIdConfig)
+class ScaledIdMemory(PSSMemory):
+    name = "test_scaled_id"
+
+    def __init__(self, config, tables, device=None):
+        super().__init__(config, tables, device)
+        self.vector = torch.nn.Parameter(torch.ones(next(iter(self.tables.values())).embedding_dim, device=device))
+
+    def recover(self, table, ids):
+        return ids.to(self.vector.dtype).unsqueeze(1) * self.vector
+
+    def num_bytes(self):
+        return self.vector.numel() * 4
+
+    def reset_parameters(self):
+        torch.nn.init.ones_(self.vector)
+
+
+def test_third_party_method_plugs_into_the_core() -> None:
+    tables = [EmbeddingBagConfig(name="t", embedding_dim=3, num_embeddings=10, feature_names=["f"])]
+    module = CompressedEmbeddingBagCollection(tables, {"t": ScaledIdConfig()})
+    assert method_for_config(ScaledIdConfig()) is ScaledIdMemory
+    out = module(make_kjt({"f": [[1, 2], [], [9]]})).values()
+    torch.testing.assert_close(out, torch.tensor([[3.0] * 3, [0.0] * 3, [9.0] * 3]))
+    assert module.num_bytes() == {"t": 12}

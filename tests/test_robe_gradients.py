@@ -1,0 +1,112 @@
+"""ROBE-Z gradients: gradcheck (dense), finite differences (sparse), dense vs sparse SGD steps."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from torch.func import functional_call
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+
+from helpers import make_kjt, random_bags, random_weights
+from torchrec_pss import CompressedEmbeddingBagCollection, RobeConfig
+
+KEY = "pss_memories.robe_default.weight"
+
+
+def build(z: int, use_sign: bool, gradient: str, pooling=PoolingType.SUM, memory_size: int = 40):
+    tables = [
+        EmbeddingBagConfig(name="t1", embedding_dim=8, num_embeddings=20, feature_names=["f1", "f2"], pooling=pooling),
+        EmbeddingBagConfig(name="t2", embedding_dim=8, num_embeddings=10, feature_names=["f3"], pooling=pooling),
+    ]
+    config = RobeConfig(memory_size=memory_size, chunk_size=z, use_sign=use_sign, gradient=gradient, seed=1)
+    return CompressedEmbeddingBagCollection(tables, {"t1": config, "t2": config}, is_weighted=True)
+
+
+def batch(seed: int):
+    rng = random.Random(seed)
+    bags = {f: random_bags(rng, n, batch=4, max_len=5) for f, n in {"f1": 20, "f2": 20, "f3": 10}.items()}
+    return make_kjt(bags, {f: random_weights(rng, b) for f, b in bags.items()})
+
+
+def forward_of(module, kjt):
+    return lambda weight: functional_call(module, {KEY: weight}, (kjt,)).values()
+
+
+@pytest.mark.parametrize("z", [1, 4, 16])
+@pytest.mark.parametrize("use_sign", [False, True])
+@pytest.mark.parametrize("pooling", [PoolingType.SUM, PoolingType.MEAN])
+def test_dense_gradcheck(z: int, use_sign: bool, pooling: PoolingType) -> None:
+    module = build(z, use_sign, "dense", pooling).double()
+    weight = module.pss_memories["robe_default"].weight.detach().clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(forward_of(module, batch(z)), (weight,))
+
+
+def test_per_sample_weights_gradcheck() -> None:
+    module = build(4, False, "dense").double()
+    kjt = batch(7)
+    base = kjt.weights().double()
+
+    def f(weights: torch.Tensor) -> torch.Tensor:
+        with_weights = type(kjt)(keys=kjt.keys(), values=kjt.values(), lengths=kjt.lengths(), weights=weights)
+        return module(with_weights).values()
+
+    assert torch.autograd.gradcheck(f, (base.clone().requires_grad_(True),))
+
+
+@pytest.mark.parametrize("z", [1, 4, 16])
+@pytest.mark.parametrize("use_sign", [False, True])
+def test_sparse_gradient_matches_finite_differences(z: int, use_sign: bool) -> None:
+    module = build(z, use_sign, "sparse").double()
+    weight = module.pss_memories["robe_default"].weight.detach().clone().requires_grad_(True)
+    f = forward_of(module, batch(z + 10))
+    probe = torch.randn_like(f(weight))
+    (f(weight) * probe).sum().backward()
+    assert weight.grad.is_sparse
+    grad = weight.grad.coalesce()  # two tables read the memory: autograd sums two sparse gradients
+    analytic = grad.to_dense()
+    eps = 1e-6
+    numeric = torch.empty_like(weight)
+    with torch.no_grad():
+        for j in range(weight.numel()):
+            step = torch.zeros_like(weight)
+            step[j] = eps
+            numeric[j] = ((f(weight + step) - f(weight - step)) * probe).sum() / (2 * eps)
+    torch.testing.assert_close(analytic, numeric, rtol=1e-6, atol=1e-8)
+    touched = analytic.nonzero().squeeze(1)
+    assert torch.equal(grad.indices()[0], touched), "sparse gradient must hold the touched positions"
+
+
+@pytest.mark.parametrize("z", [1, 4, 16])
+@pytest.mark.parametrize("use_sign", [False, True])
+def test_dense_and_sparse_sgd_steps_agree(z: int, use_sign: bool) -> None:
+    """Same updates up to summation order (float64, so order effects stay below 1e-12)."""
+    dense, sparse = build(z, use_sign, "dense").double(), build(z, use_sign, "sparse").double()
+    sparse.load_state_dict(dense.state_dict())
+    initial = dense.pss_memories["robe_default"].weight.detach().clone()
+    opt_dense = torch.optim.SGD(dense.parameters(), lr=0.1)
+    opt_sparse = torch.optim.SGD(sparse.parameters(), lr=0.1)
+    for step in range(5):
+        kjt = batch(100 + step)
+        for module, opt in ((dense, opt_dense), (sparse, opt_sparse)):
+            opt.zero_grad()
+            module(kjt).values().pow(2).sum().backward()
+            opt.step()
+    torch.testing.assert_close(
+        sparse.pss_memories["robe_default"].weight, dense.pss_memories["robe_default"].weight, rtol=1e-12, atol=1e-12
+    )
+    assert not torch.equal(dense.pss_memories["robe_default"].weight, initial), "the steps must move the memory"
+
+
+def test_auto_gradient_layout_rule() -> None:
+    tables = [EmbeddingBagConfig(name="t", embedding_dim=8, num_embeddings=10**6, feature_names=["f"])]
+    kjt = make_kjt({"f": [[1, 2, 3], [4]]})  # touches 4 ids x 8 = 32 elements
+    at_threshold = RobeConfig(memory_size=8 * 32, gradient="auto", auto_dense_ratio=8.0)
+    above = RobeConfig(memory_size=8 * 32 + 1, gradient="auto", auto_dense_ratio=8.0)
+    small = CompressedEmbeddingBagCollection(tables, {"t": at_threshold})
+    large = CompressedEmbeddingBagCollection(tables, {"t": above})
+    small(kjt).values().sum().backward()
+    large(kjt).values().sum().backward()
+    assert not small.pss_memories["robe_default"].weight.grad.is_sparse
+    assert large.pss_memories["robe_default"].weight.grad.is_sparse

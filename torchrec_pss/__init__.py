@@ -1,0 +1,28 @@
+"""torchrec-pss: parameter-shared (compressed) embedding tables for TorchRec.
+
+Method configs (``RobeConfig``, ...) are exported from here through the method registry, so that
+``from torchrec_pss import RobeConfig`` works for every installed method without the core naming one.
+"""
+
+from typing import Any
+
+from torchrec_pss.contract import MethodConfig, PSSMemory
+from torchrec_pss.modules import CompressedEmbeddingBagCollection
+from torchrec_pss.registry import method_by_name, method_for_config, register_method, registered_methods
+
+__all__ = [
+    "CompressedEmbeddingBagCollection",
+    "MethodConfig",
+    "PSSMemory",
+    "method_by_name",
+    "method_for_config",
+    "register_method",
+    "registered_methods",
+]
+
+
+def __getattr__(name: str) -> Any:
+    for method in registered_methods().values():
+        if method.config_cls.__name__ == name:
+            return method.config_cls
+    raise AttributeError(f"module 'torchrec_pss' has no attribute {name!r}")

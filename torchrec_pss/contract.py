@@ -1,0 +1,102 @@
+"""The parameter-sharing setup (PSS) contract every compression method implements.
+
+Definition 1 of the PSS paper: a compressed table is a learnable memory ``M`` plus a recovery
+function ``M(M, id) -> R^d``. A method is a :class:`PSSMemory` subclass (an ``nn.Module`` that owns
+``M`` for one or more tables) together with its frozen :class:`MethodConfig` dataclass. The core
+(:class:`~torchrec_pss.CompressedEmbeddingBagCollection`) only talks to this interface.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Any, ClassVar, Mapping, Sequence
+
+import torch
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+
+from torchrec_pss.pooling import pool
+
+IN_SIGNATURE = "pss_in_signature"
+"""Dataclass-field metadata key; ``False`` leaves the field out of the recovery signature."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodConfig:
+    """Base class of every method's frozen config dataclass.
+
+    Fields whose ``metadata`` has ``IN_SIGNATURE: False`` (initialisation, gradient layout, sizes that
+    the parameter shapes already pin down, ...) may differ between a checkpoint and the module that
+    loads it; every other field is part of the recovery signature and must match.
+    """
+
+    def group_key(self, table_name: str) -> str:
+        """Tables whose configs return the same key share one memory. Default: one memory per table."""
+        return table_name
+
+    def signature(self) -> dict[str, Any]:
+        """The fields that determine how embeddings are recovered (compared when a state_dict is loaded)."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.metadata.get(IN_SIGNATURE, True)
+        }
+
+
+class PSSMemory(nn.Module, abc.ABC):
+    """A learnable memory shared by ``tables`` and the recovery function reading it.
+
+    Subclasses set ``name`` (the registry / command-line name, e.g. ``"robe"``) and are registered
+    for their config class with :func:`torchrec_pss.registry.register_method`. Parameters are the
+    learnable memory; persistent buffers are recovery constants (hash coefficients, ...), which a
+    state_dict must reproduce exactly to be loaded.
+    """
+
+    name: ClassVar[str]
+    config_cls: ClassVar[type[MethodConfig]]
+
+    def __init__(
+        self,
+        config: MethodConfig,
+        tables: Sequence[EmbeddingBagConfig],
+        device: torch.device | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(config, self.config_cls):
+            raise TypeError(
+                f"{type(self).__name__} needs a {self.config_cls.__name__}, got {type(config).__name__}"
+            )
+        self.config = config
+        self.tables: dict[str, EmbeddingBagConfig] = {t.name: t for t in tables}
+
+    @abc.abstractmethod
+    def recover(self, table: str, ids: torch.Tensor) -> torch.Tensor:
+        """Embeddings of ``ids`` (int64, shape ``[N]``, already range-checked) of ``table``: ``[N, d]`` float32."""
+
+    @abc.abstractmethod
+    def num_bytes(self) -> int:
+        """Bytes this memory actually stores: learnable parameters plus recovery constants."""
+
+    @abc.abstractmethod
+    def reset_parameters(self) -> None:
+        """(Re)initialise the memory and recompute every recovery constant from the config.
+
+        Called on construction and by DistributedModelParallel after meta-device materialisation.
+        """
+
+    def pooled(
+        self,
+        table: str,
+        ids: torch.Tensor,
+        lengths: torch.Tensor,
+        weights: torch.Tensor | None,
+        mean: bool,
+    ) -> torch.Tensor:
+        """Pooled embeddings of bags (``lengths``: ``[S]``, sum = ``len(ids)``): ``[S, d]``.
+
+        The default recovers every id and pools with :func:`torchrec_pss.pooling.pool`; a method
+        may override it with a fused kernel that gives the same values.
+        """
+        return pool(self.recover(table, ids), lengths, weights, mean)
+

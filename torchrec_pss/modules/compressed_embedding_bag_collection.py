@@ -1,0 +1,299 @@
+"""``CompressedEmbeddingBagCollection``: a drop-in ``EmbeddingBagCollection`` with compressed tables."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType, pooling_type_to_str
+from torchrec.modules.embedding_modules import (
+    EmbeddingBagCollectionInterface,
+    get_embedding_names_by_table,
+    process_pooled_embeddings,
+    reorder_inverse_indices,
+)
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
+from torchrec.sparse.tensor_dict import maybe_td_to_kjt
+
+from torchrec_pss.contract import MethodConfig, PSSMemory
+from torchrec_pss.registry import method_for_config
+
+PLAIN = "plain"
+_EXTRA_STATE = "_extra_state"
+
+
+class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
+    """An ``EmbeddingBagCollection`` whose tables named in ``compression`` are compressed memories.
+
+    ``forward(KeyedJaggedTensor) -> KeyedTensor`` gives exactly the keys, order and per-key
+    dimensions of ``torchrec.EmbeddingBagCollection(tables)``: one ``[B, d]`` block per feature of
+    every table, in table order (a feature read by several tables is named ``feature@table``).
+    Tables not named in ``compression`` stay ordinary ``nn.EmbeddingBag`` tables with the state
+    keys ``embedding_bags.<table>.weight`` of an EBC; compressed tables read memory groups stored
+    under ``pss_memories.<group>.*`` (tables whose configs have the same ``group_key`` share one).
+
+    Pooling: SUM or MEAN; with ``is_weighted`` every embedding is multiplied by its KJT weight before
+    pooling (a weighted MEAN divides the weighted sum by the bag length, as FBGEMM's TBE does);
+    empty bags give zeros. Ids outside ``[0, num_embeddings)`` raise ``ValueError``.
+    """
+
+    def __init__(
+        self,
+        tables: Sequence[EmbeddingBagConfig],
+        compression: Mapping[str, MethodConfig] | None = None,
+        is_weighted: bool = False,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        compression = dict(compression or {})
+        _validate_tables(tables, compression)
+        self._device = torch.device(device) if device is not None else torch.device("cpu")
+        self._is_weighted = is_weighted
+        self._embedding_bag_configs = list(tables)
+        for table in self._embedding_bag_configs:
+            if not table.feature_names:
+                table.feature_names = [table.name]
+        self._compression = compression
+        self.embedding_bags = nn.ModuleDict()
+        self.pss_memories = nn.ModuleDict()
+        self._group_of: dict[str, str] = {}
+        groups: dict[str, tuple[MethodConfig, list[EmbeddingBagConfig]]] = {}
+        for table in self._embedding_bag_configs:
+            config = compression.get(table.name)
+            if config is None:
+                self.embedding_bags[table.name] = nn.EmbeddingBag(
+                    table.num_embeddings,
+                    table.embedding_dim,
+                    mode=pooling_type_to_str(table.pooling),
+                    include_last_offset=True,
+                    device=self._device,
+                )
+                continue
+            method_for_config(config)
+            group = config.group_key(table.name).replace(".", "_")
+            if group in groups and groups[group][0] != config:
+                other = groups[group][1][0].name
+                raise ValueError(
+                    f"tables {other!r} and {table.name!r} share memory group {group!r} but have different "
+                    f"configs: {groups[group][0]} vs {config}"
+                )
+            groups.setdefault(group, (config, []))[1].append(table)
+            self._group_of[table.name] = group
+        for group, (config, group_tables) in groups.items():
+            self.pss_memories[group] = method_for_config(config)(config, group_tables, self._device)
+        self._embedding_names = [n for names in get_embedding_names_by_table(tables) for n in names]
+        self._lengths_per_embedding = [
+            t.embedding_dim for t in self._embedding_bag_configs for _ in t.feature_names
+        ]
+        self._flat_feature_names = [f for t in self._embedding_bag_configs for f in t.feature_names]
+        self._reset_plain_tables()
+        self.register_load_state_dict_pre_hook(_check_state_dict_before_load)
+
+    def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
+        return self._embedding_bag_configs
+
+    def is_weighted(self) -> bool:
+        return self._is_weighted
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def compression(self) -> dict[str, MethodConfig]:
+        """The method config of every compressed table (plain tables are absent)."""
+        return dict(self._compression)
+
+    def memory_for(self, table: str) -> PSSMemory | None:
+        """The memory holding ``table``, or None for a plain table."""
+        group = self._group_of.get(table)
+        return None if group is None else self.pss_memories[group]
+
+    def num_bytes(self) -> dict[str, int]:
+        """Stored bytes per memory group and per plain table (keyed by group / table name)."""
+        sizes = {g: m.num_bytes() for g, m in self.pss_memories.items()}
+        for name, bag in self.embedding_bags.items():
+            sizes[name] = bag.weight.numel() * bag.weight.element_size()
+        return sizes
+
+    def reset_parameters(self) -> None:
+        """Re-initialise plain tables with their ``init_fn`` and every memory with its own rule."""
+        self._reset_plain_tables()
+        for memory in self.pss_memories.values():
+            memory.reset_parameters()
+
+    def _reset_plain_tables(self) -> None:
+        if self._device.type == "meta":
+            return
+        for table in self._embedding_bag_configs:
+            if table.name in self.embedding_bags:
+                table.init_fn(self.embedding_bags[table.name].weight)
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        features = maybe_td_to_kjt(features, None)
+        if self._is_weighted and features.weights_or_none() is None:
+            raise ValueError("this CompressedEmbeddingBagCollection is weighted but the KJT has no weights")
+        missing = [f for f in self._flat_feature_names if f not in features.keys()]
+        if missing:
+            raise ValueError(f"KJT lacks features {missing} read by this module; it has {features.keys()}")
+        inverse_indices = reorder_inverse_indices(
+            inverse_indices=features.inverse_indices_or_none(),
+            feature_names=self._flat_feature_names,
+        )
+        feature_dict = features.to_dict()
+        pooled: list[torch.Tensor] = []
+        for table in self._embedding_bag_configs:
+            jagged = [feature_dict[f] for f in table.feature_names]
+            for name, jt in zip(table.feature_names, jagged):
+                _check_ids(table, name, jt.values())
+            if table.name in self.embedding_bags:
+                bag = self.embedding_bags[table.name]
+                pooled.extend(
+                    bag(
+                        input=jt.values(),
+                        offsets=jt.offsets(),
+                        per_sample_weights=jt.weights() if self._is_weighted else None,
+                    ).float()
+                    for jt in jagged
+                )
+            else:
+                pooled.extend(self._pooled_compressed(table, jagged))
+        return KeyedTensor(
+            keys=self._embedding_names,
+            values=process_pooled_embeddings(pooled_embeddings=pooled, inverse_indices=inverse_indices),
+            length_per_key=self._lengths_per_embedding,
+        )
+
+    def _pooled_compressed(self, table: EmbeddingBagConfig, jagged: list[JaggedTensor]) -> list[torch.Tensor]:
+        """All features of ``table`` in one recovery call; one ``[B_f, d]`` block per feature."""
+        ids = torch.cat([jt.values() for jt in jagged]).long()
+        lengths = torch.cat([jt.lengths() for jt in jagged]).long()
+        weights = torch.cat([jt.weights() for jt in jagged]) if self._is_weighted else None
+        out = self.pss_memories[self._group_of[table.name]].pooled(
+            table.name, ids, lengths, weights, mean=table.pooling == PoolingType.MEAN
+        )
+        return list(torch.split(out, [jt.lengths().numel() for jt in jagged]))
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict`` that, when ``strict``, refuses missing or unexpected keys before copying."""
+        _check_state_dict_before_load(self, state_dict, "", None, strict, [], [], [])
+        if strict:
+            mine, theirs = set(self.state_dict(keep_vars=True)), set(state_dict)
+            if mine != theirs:
+                raise ValueError(
+                    f"state_dict does not match this module; missing {sorted(mine - theirs)}, "
+                    f"unexpected {sorted(theirs - mine)}; nothing was loaded"
+                )
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """Method and recovery signature of every table, checked when a state_dict is loaded."""
+        return {"tables": self._table_signatures()}
+
+    def set_extra_state(self, state: Any) -> None:
+        """Nothing to restore: the pre-load check already refused a state with other signatures."""
+
+    def _table_signatures(self) -> dict[str, dict[str, Any]]:
+        signatures: dict[str, dict[str, Any]] = {}
+        for table in self._embedding_bag_configs:
+            config = self._compression.get(table.name)
+            if config is None:
+                signatures[table.name] = {"method": PLAIN}
+            else:
+                signatures[table.name] = {
+                    "method": method_for_config(config).name,
+                    "group": self._group_of[table.name],
+                    "signature": config.signature(),
+                }
+        return signatures
+
+
+def _validate_tables(tables: Sequence[EmbeddingBagConfig], compression: Mapping[str, MethodConfig]) -> None:
+    names = [t.name for t in tables]
+    seen: set[str] = set()
+    for name in names:
+        if not name:
+            raise ValueError("every EmbeddingBagConfig needs a non-empty name")
+        if name in seen:
+            raise ValueError(f"duplicate table name {name!r}")
+        seen.add(name)
+    unknown = sorted(set(compression) - seen)
+    if unknown:
+        raise ValueError(f"compression names tables that are not in `tables`: {unknown}; tables are {names}")
+    for name, config in compression.items():
+        if not isinstance(config, MethodConfig):
+            raise TypeError(f"compression[{name!r}] must be a registered method config, got {config!r}")
+
+
+def _check_ids(table: EmbeddingBagConfig, feature: str, ids: torch.Tensor) -> None:
+    """Integer ids within ``[0, num_embeddings)`` or a ``TypeError``/``ValueError`` naming table, feature and id."""
+    if ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"table {table.name!r}, feature {feature!r}: ids must be int32 or int64, got {ids.dtype}")
+    if ids.numel() == 0:
+        return
+    low, high = torch.aminmax(ids)
+    if low < 0 or high >= table.num_embeddings:
+        bad = int(low) if low < 0 else int(high)
+        raise ValueError(
+            f"table {table.name!r}, feature {feature!r}: id {bad} is outside [0, {table.num_embeddings})"
+        )
+
+
+def _check_state_dict_before_load(
+    module: CompressedEmbeddingBagCollection,
+    state_dict: Mapping[str, Any],
+    prefix: str,
+    local_metadata: Any,
+    strict: bool,  # torch passes True here whatever the caller asked; strictness is checked in load_state_dict
+    missing_keys: list[str],
+    unexpected_keys: list[str],
+    error_msgs: list[str],
+) -> None:
+    """Refuse, before anything is copied, a state_dict from another method, signature, shape or constants."""
+    saved = state_dict.get(prefix + _EXTRA_STATE)
+    if saved is not None:
+        mine = module._table_signatures()
+        theirs = saved.get("tables", {})
+        if set(theirs) != set(mine):
+            raise ValueError(
+                f"{prefix or 'module'}: checkpoint holds tables {sorted(theirs)}, this module {sorted(mine)}"
+            )
+        for table, sig in mine.items():
+            other = theirs[table]
+            if other.get("method") != sig["method"]:
+                raise ValueError(
+                    f"table {table!r}: checkpoint was saved with method {other.get('method')!r}, "
+                    f"this module uses {sig['method']!r}; refusing to load"
+                )
+            diff = {
+                k: (other.get("signature", {}).get(k), v)
+                for k, v in sig.get("signature", {}).items()
+                if other.get("signature", {}).get(k) != v
+            }
+            if diff or other.get("group") != sig.get("group"):
+                details = ", ".join(f"{k}: checkpoint {a!r} vs module {b!r}" for k, (a, b) in diff.items())
+                raise ValueError(
+                    f"table {table!r} ({sig['method']}): checkpoint recovers embeddings differently "
+                    f"({details or 'memory group ' + repr(other.get('group'))}); refusing to load"
+                )
+    constants = {n for g, m in module.pss_memories.items() for n in _prefixed_buffers(m, f"pss_memories.{g}.")}
+    for key, tensor in module.state_dict(keep_vars=True).items():
+        if key == _EXTRA_STATE:
+            continue
+        incoming = state_dict.get(prefix + key)
+        if incoming is None:
+            continue
+        if tuple(incoming.shape) != tuple(tensor.shape):
+            raise ValueError(
+                f"{prefix + key}: checkpoint shape {tuple(incoming.shape)} != module shape {tuple(tensor.shape)}"
+            )
+        if key in constants and not tensor.is_meta and not torch.equal(incoming.to(tensor.device), tensor):
+            raise ValueError(
+                f"{prefix + key}: recovery constants (hash coefficients) differ from this module's; "
+                "the checkpoint was made with another seed or tables — refusing to load"
+            )
+
+
+def _prefixed_buffers(module: nn.Module, prefix: str) -> list[str]:
+    return [prefix + name for name, _ in module.named_buffers()]

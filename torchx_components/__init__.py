@@ -1,0 +1,1 @@
+"""torchx components of torchrec-pss (installed as ``torchrec_pss_torchx``)."""
