@@ -112,3 +112,21 @@ def test_dlrm_dcn_accepts_the_module() -> None:
     kjt = make_kjt({"a": [[1], [2, 3]], "b": [[], [4]]})
     out = model(torch.randn(2, 4), kjt)
     assert out.shape == (2, 1) and torch.isfinite(out).all()
+
+
+def test_meta_device_materialises_like_dmp_does() -> None:
+    """Built on meta, moved with to_empty and reset (what DistributedModelParallel does), it works."""
+    robe = RobeConfig(compression=4, chunk_size=4, seed=9)
+    on_meta = CompressedEmbeddingBagCollection(tables(), {"t1": robe}, device="meta")
+    assert on_meta.pss_memories["robe_default"].weight.is_meta
+    materialised = on_meta.to_empty(device="cpu")
+    materialised.reset_parameters()
+    reference = CompressedEmbeddingBagCollection(tables(), {"t1": robe})
+    memory, expected = materialised.pss_memories["robe_default"], reference.pss_memories["robe_default"]
+    assert torch.equal(memory.hash_coefficients, expected.hash_coefficients)
+    assert torch.equal(memory.table_keys, expected.table_keys)
+    with torch.no_grad():
+        memory.weight.copy_(expected.weight)
+        for name, bag in materialised.embedding_bags.items():
+            bag.weight.copy_(reference.embedding_bags[name].weight)
+    torch.testing.assert_close(materialised(batch()).values(), reference(batch()).values())

@@ -55,6 +55,29 @@ def test_per_sample_weights_gradcheck() -> None:
     assert torch.autograd.gradcheck(f, (base.clone().requires_grad_(True),))
 
 
+class _SparseToDense(torch.autograd.Function):
+    """Identity whose backward densifies a sparse gradient, so gradcheck can read it."""
+
+    @staticmethod
+    def forward(ctx, weight):
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        assert grad.is_sparse, "the sparse mode must produce a sparse gradient"
+        return grad.to_dense()
+
+
+@pytest.mark.parametrize("z", [1, 4, 16])
+@pytest.mark.parametrize("use_sign", [False, True])
+@pytest.mark.parametrize("pooling", [PoolingType.SUM, PoolingType.MEAN])
+def test_sparse_gradcheck(z: int, use_sign: bool, pooling: PoolingType) -> None:
+    module = build(z, use_sign, "sparse", pooling).double()
+    weight = module.pss_memories["robe_default"].weight.detach().clone().requires_grad_(True)
+    f = forward_of(module, batch(z + 20))
+    assert torch.autograd.gradcheck(lambda w: f(_SparseToDense.apply(w)), (weight,))
+
+
 @pytest.mark.parametrize("z", [1, 4, 16])
 @pytest.mark.parametrize("use_sign", [False, True])
 def test_sparse_gradient_matches_finite_differences(z: int, use_sign: bool) -> None:

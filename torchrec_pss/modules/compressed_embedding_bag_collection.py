@@ -42,8 +42,9 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self,
         tables: Sequence[EmbeddingBagConfig],
         compression: Mapping[str, MethodConfig] | None = None,
-        is_weighted: bool = False,
         device: torch.device | str | None = None,
+        *,
+        is_weighted: bool = False,
     ) -> None:
         super().__init__()
         compression = dict(compression or {})
@@ -124,11 +125,10 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             memory.reset_parameters()
 
     def _reset_plain_tables(self) -> None:
-        if self._device.type == "meta":
-            return
         for table in self._embedding_bag_configs:
-            if table.name in self.embedding_bags:
-                table.init_fn(self.embedding_bags[table.name].weight)
+            bag = self.embedding_bags[table.name] if table.name in self.embedding_bags else None
+            if bag is not None and not bag.weight.is_meta:
+                table.init_fn(bag.weight)
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         features = maybe_td_to_kjt(features, None)
