@@ -1,0 +1,48 @@
+"""The same module on CUDA gives the CPU's outputs and gradients (skipped without a GPU)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+
+from helpers import make_kjt, random_bags, random_weights
+from torchrec_pss import CompressedEmbeddingBagCollection, RobeConfig
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def build(device: str, z: int, use_sign: bool, gradient: str) -> CompressedEmbeddingBagCollection:
+    tables = [
+        EmbeddingBagConfig(name="t1", embedding_dim=16, num_embeddings=2**40, feature_names=["f1", "f2"]),
+        EmbeddingBagConfig(name="t2", embedding_dim=16, num_embeddings=1000, feature_names=["f3"],
+                           pooling=PoolingType.MEAN),
+        EmbeddingBagConfig(name="plain", embedding_dim=16, num_embeddings=100, feature_names=["f4"]),
+    ]
+    config = RobeConfig(memory_size=4099, chunk_size=z, use_sign=use_sign, gradient=gradient, seed=4)
+    torch.manual_seed(0)
+    return CompressedEmbeddingBagCollection(tables, {"t1": config, "t2": config}, device, is_weighted=True)
+
+
+@pytest.mark.parametrize("z", [1, 4, 16, 32])
+@pytest.mark.parametrize("use_sign", [False, True])
+@pytest.mark.parametrize("gradient", ["dense", "sparse"])
+def test_cuda_matches_cpu(z: int, use_sign: bool, gradient: str) -> None:
+    rng = random.Random(z)
+    bags = {f: random_bags(rng, n, batch=64, max_len=6)
+            for f, n in {"f1": 2**40, "f2": 2**40, "f3": 1000, "f4": 100}.items()}
+    kjt = make_kjt(bags, {f: random_weights(rng, b) for f, b in bags.items()})
+    cpu, gpu = build("cpu", z, use_sign, gradient), build("cuda", z, use_sign, gradient)
+    gpu.load_state_dict(cpu.state_dict())
+    out_cpu, out_gpu = cpu(kjt), gpu(kjt.to(torch.device("cuda")))
+    torch.testing.assert_close(out_gpu.values().cpu(), out_cpu.values(), rtol=1e-5, atol=1e-6)
+    probe = torch.randn_like(out_cpu.values())
+    (out_cpu.values() * probe).sum().backward()
+    (out_gpu.values() * probe.cuda()).sum().backward()
+    for (name, p_cpu), (_, p_gpu) in zip(cpu.named_parameters(), gpu.named_parameters()):
+        g_cpu, g_gpu = p_cpu.grad, p_gpu.grad.cpu()
+        g_cpu = g_cpu.to_dense() if g_cpu.is_sparse else g_cpu
+        g_gpu = g_gpu.to_dense() if g_gpu.is_sparse else g_gpu
+        torch.testing.assert_close(g_gpu, g_cpu, rtol=1e-4, atol=1e-5, msg=name)
