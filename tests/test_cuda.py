@@ -34,9 +34,10 @@ def test_cuda_matches_cpu(z: int, use_sign: bool, gradient: str) -> None:
     bags = {f: random_bags(rng, n, batch=64, max_len=6)
             for f, n in {"f1": 2**40, "f2": 2**40, "f3": 1000, "f4": 100}.items()}
     kjt = make_kjt(bags, {f: random_weights(rng, b) for f, b in bags.items()})
+    kjt_gpu = kjt.to(torch.device("cuda"))  # before the CPU forward: KJT.to() carries its to_dict() cache along
     cpu, gpu = build("cpu", z, use_sign, gradient), build("cuda", z, use_sign, gradient)
     gpu.load_state_dict(cpu.state_dict())
-    out_cpu, out_gpu = cpu(kjt), gpu(kjt.to(torch.device("cuda")))
+    out_cpu, out_gpu = cpu(kjt), gpu(kjt_gpu)
     torch.testing.assert_close(out_gpu.values().cpu(), out_cpu.values(), rtol=1e-5, atol=1e-6)
     probe = torch.randn_like(out_cpu.values())
     (out_cpu.values() * probe).sum().backward()
