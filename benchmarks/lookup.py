@@ -1,10 +1,12 @@
-"""Training-step time of ROBE-Z against TorchRec's EBC and FBGEMM's CPU TBE on the same logical table.
+"""Training-step time of every method against TorchRec's EBC and FBGEMM's CPU TBE on the same logical table.
 
 One step = forward + backward + SGD update, batch ``B`` bags of ``L`` uniform random ids of one table
 with ``n`` rows and ``d`` columns. Baselines: (a) ``torchrec.EmbeddingBagCollection`` + ``torch.optim.SGD``
 (dense table gradient, as the unsharded EBC gives), (b) FBGEMM's ``SplitTableBatchedEmbeddingBagsCodegen``
-on the CPU with ``EXACT_SGD`` fused into backward. ROBE runs through ``CompressedEmbeddingBagCollection``
-with ``torch.optim.SGD``, once per gradient layout (dense, sparse) and once with ``auto``.
+on the CPU with ``EXACT_SGD`` fused into backward. The methods run through ``CompressedEmbeddingBagCollection``
+with ``torch.optim.SGD`` at each asked ratio where they can reach it: ROBE once per gradient layout
+(dense, sparse, auto), the hashing trick, QR (mult), TT (the largest rank <= 32 reaching the ratio) and
+MLET as a low-rank table (the widest inner dim reaching it).
 
     python benchmarks/lookup.py --rows 1000000 4000000 --pooling 1 20
 
@@ -34,9 +36,20 @@ from torchrec import EmbeddingBagCollection
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from torchrec_pss import CompressedEmbeddingBagCollection, RobeConfig
+from torchrec_pss import (
+    CompressedEmbeddingBagCollection,
+    HashingConfig,
+    MethodConfig,
+    MLETConfig,
+    QRConfig,
+    RobeConfig,
+    TTConfig,
+)
+from torchrec_pss_plugins.qr.qr import collisions_for
+from torchrec_pss_plugins.tt import suggest_tt_shapes
 
 LR = 0.01
+MAX_TT_RANK = 32  # larger ranks need GBs of contraction intermediates for a 4096 x 20 batch on the CPU
 
 
 def time_steps(step: Callable[[], None], warmup: int, iters: int, device: torch.device) -> float:
@@ -89,11 +102,53 @@ def baseline_step(n: int, d: int, kjt: KeyedJaggedTensor, device: torch.device) 
     return step
 
 
+def tt_config(table: EmbeddingBagConfig, ratio: float) -> TTConfig | None:
+    """The largest TT rank (at most ``MAX_TT_RANK``) whose cores compress the table at least ``ratio``x."""
+    p, q = suggest_tt_shapes(table.num_embeddings, table.embedding_dim, 3)
+    for rank in range(MAX_TT_RANK, 0, -1):
+        ranks = (1, rank, rank, 1)
+        stored = sum(p[k] * ranks[k] * q[k] * ranks[k + 1] for k in range(3))
+        if table.num_embeddings * table.embedding_dim / stored >= ratio:
+            return TTConfig(ranks=rank)
+    return None
+
+
+def mlet_config(table: EmbeddingBagConfig, ratio: float) -> MLETConfig | None:
+    """MLET with the widest inner dim ``k`` that stores at most ``n·d / ratio`` elements (a low-rank table)."""
+    n, d = table.num_embeddings, table.embedding_dim
+    k = int(n * d / ratio // (n + d))
+    return MLETConfig(inner_dim=k) if k >= 1 else None
+
+
+def qr_config(table: EmbeddingBagConfig, ratio: float) -> QRConfig | None:
+    config = QRConfig(compression=ratio)
+    try:
+        collisions_for(table, config)
+    except ValueError:
+        return None
+    return config
+
+
+def method_configs(table: EmbeddingBagConfig, ratio: float, chunk: int) -> list[tuple[str, MethodConfig | None]]:
+    """Every method at ``ratio``x (None where the method cannot reach it)."""
+    configs: list[tuple[str, MethodConfig | None]] = [
+        (f"robe {gradient}", RobeConfig(compression=ratio, chunk_size=chunk, gradient=gradient))
+        for gradient in ("dense", "sparse", "auto")
+    ]
+    return configs + [
+        ("hashing", HashingConfig(compression=ratio)),
+        ("qr mult", qr_config(table, ratio)),
+        ("tt", tt_config(table, ratio)),
+        ("mlet", mlet_config(table, ratio)),
+    ]
+
+
 def run(rows: list[int], poolings: list[int], ratios: list[float], batch: int, dim: int, chunk: int,
         warmup: int, iters: int, device: torch.device) -> list[dict]:
     results = []
     for n in rows:
         table = EmbeddingBagConfig(name="t", embedding_dim=dim, num_embeddings=n, feature_names=["f"])
+        logical = n * dim * 4
         for pooling in poolings:
             generator = torch.Generator().manual_seed(0)
             lengths = torch.full((batch,), pooling)
@@ -103,37 +158,45 @@ def run(rows: list[int], poolings: list[int], ratios: list[float], batch: int, d
                 lengths=lengths,
                 offsets=torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)]),
             ).to(device)
-            row = {"rows": n, "pooling": pooling, "batch": batch, "dim": dim, "chunk_size": chunk}
-            row["baseline_ms"] = time_steps(baseline_step(n, dim, kjt, device), warmup, iters, device)
+            base = time_steps(baseline_step(n, dim, kjt, device), warmup, iters, device)
+            common = {"rows": n, "pooling": pooling, "batch": batch, "dim": dim}
             ebc = EmbeddingBagCollection([table], device=device)
-            row["ebc_ms"] = time_steps(collection_step(ebc, kjt), warmup, iters, device)
+            ebc_ms = time_steps(collection_step(ebc, kjt), warmup, iters, device)
+            results.append({**common, "method": "baseline", "asked": 1, "compression": 1.0, "ms": base})
+            results.append({**common, "method": "ebc", "asked": 1, "compression": 1.0, "ms": ebc_ms})
             for ratio in ratios:
-                for gradient in ("dense", "sparse", "auto"):
-                    config = RobeConfig(compression=ratio, chunk_size=chunk, gradient=gradient)
-                    module = CompressedEmbeddingBagCollection([table], {"t": config}, device)
-                    key = f"robe_{ratio:g}x_{gradient}_ms"
-                    row[key] = time_steps(collection_step(module, kjt), warmup, iters, device)
-                    print(f"n={n} L={pooling} {key}={row[key]:.2f} baseline={row['baseline_ms']:.2f} "
-                          f"ebc={row['ebc_ms']:.2f}", flush=True)
-            results.append(row)
+                for label, config in method_configs(table, ratio, chunk):
+                    row = {**common, "method": label, "asked": ratio, "config": repr(config)}
+                    if config is not None:
+                        module = CompressedEmbeddingBagCollection([table], {"t": config}, device)
+                        row["compression"] = logical / module.memory_for("t").num_bytes()
+                        row["ms"] = time_steps(collection_step(module, kjt), warmup, iters, device)
+                        del module
+                    results.append(row)
+                    print(f"n={n} L={pooling} {label} {ratio:g}x: {row.get('ms', float('nan')):.2f} ms "
+                          f"(baseline {base:.2f})", flush=True)
     return results
 
 
-def markdown(results: list[dict], ratios: list[float], baseline: str, meta: dict) -> str:
+def markdown(results: list[dict], baseline: str, meta: dict) -> str:
+    first = results[0]
     lines = [
-        f"Training step (forward + backward + SGD), ms and ratio to {baseline}; lower is better. "
-        f"Batch {results[0]['batch']}, d = {results[0]['dim']}, ROBE chunk size {results[0]['chunk_size']}, "
-        f"median of timed steps; {meta}.",
+        f"Training step (forward + backward + SGD) in ms and as a ratio to the baseline, {baseline}; lower is "
+        f"better. Batch {first['batch']} bags of L ids, d = {first['dim']}, median of timed steps; {meta}. "
+        "`compression` is the logical table bytes over the bytes the method stores; a dash: the method cannot "
+        "reach the asked ratio.",
         "",
-        "| rows | L | base ms | EBC / base | " + " | ".join(
-            f"ROBE {r:g}x {g} / base" for r in ratios for g in ("dense", "sparse", "auto")) + " |",
-        "|" + "---|" * (4 + 3 * len(ratios)),
+        "| rows | L | method | asked | compression | ms | / baseline |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for row in results:
-        base = row["baseline_ms"]
-        cells = [f"{row['rows']:,}", str(row["pooling"]), f"{base:.2f}", f"{row['ebc_ms'] / base:.2f}"]
-        cells += [f"{row[f'robe_{r:g}x_{g}_ms'] / base:.2f}" for r in ratios for g in ("dense", "sparse", "auto")]
-        lines.append("| " + " | ".join(cells) + " |")
+    base = {(r["rows"], r["pooling"]): r["ms"] for r in results if r["method"] == "baseline"}
+    for r in results:
+        if "ms" not in r:
+            cells = ["-", "-", "-"]
+        else:
+            cells = [f"{r['compression']:.0f}x", f"{r['ms']:.2f}", f"{r['ms'] / base[(r['rows'], r['pooling'])]:.2f}"]
+        asked = "-" if r["method"] in ("baseline", "ebc") else f"{r['asked']:g}x"
+        lines.append(f"| {r['rows']:,} | {r['pooling']} | {r['method']} | {asked} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -144,7 +207,7 @@ def main() -> None:
     parser.add_argument("--compression", type=float, nargs="+", default=[10, 100, 1000, 10000])
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--dim", type=int, default=128)
-    parser.add_argument("--chunk-size", type=int, default=32)
+    parser.add_argument("--chunk-size", type=int, default=32, help="ROBE chunk size Z")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=7)
     parser.add_argument("--device", type=torch.device, default=torch.device("cpu"))
@@ -164,7 +227,7 @@ def main() -> None:
         "baseline": baseline,
     }
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
-    table = markdown(results, args.compression, baseline, meta)
+    table = markdown(results, baseline, meta)
     out.with_suffix(".md").write_text(table)
     print(table)
 

@@ -9,7 +9,7 @@ import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 
 from helpers import make_kjt, random_bags, random_weights
-from robe_reference import reference_pooled
+from reference import reference_pooled
 from torchrec_pss import CompressedEmbeddingBagCollection, RobeConfig
 from torchrec_pss.hashing import hash_coefficients
 

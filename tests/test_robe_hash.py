@@ -6,7 +6,7 @@ import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
 from helpers import make_kjt
-from robe_reference import reference_pooled
+from reference import reference_pooled
 from torchrec_pss import CompressedEmbeddingBagCollection, RobeConfig
 
 HUGE = 2**62

@@ -6,6 +6,7 @@ Method configs (``RobeConfig``, ...) are exported from here through the method r
 
 from typing import Any
 
+from torchrec_pss.collapse import collapse
 from torchrec_pss.contract import MethodConfig, PSSMemory
 from torchrec_pss.modules import CompressedEmbeddingBagCollection
 from torchrec_pss.registry import method_by_name, method_for_config, register_method, registered_methods
@@ -14,6 +15,7 @@ __all__ = [
     "CompressedEmbeddingBagCollection",
     "MethodConfig",
     "PSSMemory",
+    "collapse",
     "method_by_name",
     "method_for_config",
     "register_method",

@@ -55,6 +55,8 @@ class PSSMemory(nn.Module, abc.ABC):
 
     name: ClassVar[str]
     config_cls: ClassVar[type[MethodConfig]]
+    collapses_for_inference: ClassVar[bool] = False
+    """True for training-time factorisations (MLET) that :func:`torchrec_pss.collapse` turns into plain tables."""
 
     def __init__(
         self,
@@ -84,6 +86,13 @@ class PSSMemory(nn.Module, abc.ABC):
 
         Called on construction and by DistributedModelParallel after meta-device materialisation.
         """
+
+    def materialize(self, table: str) -> torch.Tensor:
+        """The full ``[n, d]`` table in float64, row by row from :meth:`recover` (methods may do better)."""
+        n = self.tables[table].num_embeddings
+        with torch.no_grad():
+            ids = torch.arange(n, device=next(self.parameters()).device)
+            return torch.cat([self.recover(table, chunk).double() for chunk in ids.split(1 << 16)])
 
     def pooled(
         self,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType, pooling_type_to_str
 from torchrec.modules.embedding_modules import (
@@ -17,6 +18,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, Keyed
 from torchrec.sparse.tensor_dict import maybe_td_to_kjt
 
 from torchrec_pss.contract import MethodConfig, PSSMemory
+from torchrec_pss.pooling import bag_mean
 from torchrec_pss.registry import method_for_config
 
 PLAIN = "plain"
@@ -148,15 +150,7 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             for name, jt in zip(table.feature_names, jagged):
                 _check_ids(table, name, jt.values())
             if table.name in self.embedding_bags:
-                bag = self.embedding_bags[table.name]
-                pooled.extend(
-                    bag(
-                        input=jt.values(),
-                        offsets=jt.offsets(),
-                        per_sample_weights=jt.weights() if self._is_weighted else None,
-                    ).float()
-                    for jt in jagged
-                )
+                pooled.extend(self._pooled_plain(table, jt) for jt in jagged)
             else:
                 pooled.extend(self._pooled_compressed(table, jagged))
         return KeyedTensor(
@@ -164,6 +158,21 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             values=process_pooled_embeddings(pooled_embeddings=pooled, inverse_indices=inverse_indices),
             length_per_key=self._lengths_per_embedding,
         )
+
+    def _pooled_plain(self, table: EmbeddingBagConfig, jt: JaggedTensor) -> torch.Tensor:
+        """One feature of a plain table, as an EBC pools it; a weighted MEAN is the weighted sum / length."""
+        bag = self.embedding_bags[table.name]
+        if not self._is_weighted:
+            return bag(input=jt.values(), offsets=jt.offsets()).float()
+        summed = F.embedding_bag(
+            jt.values(),
+            bag.weight,
+            jt.offsets(),
+            mode="sum",
+            per_sample_weights=jt.weights().to(bag.weight.dtype),
+            include_last_offset=True,
+        ).float()
+        return bag_mean(summed, jt.lengths()) if table.pooling == PoolingType.MEAN else summed
 
     def _pooled_compressed(self, table: EmbeddingBagConfig, jagged: list[JaggedTensor]) -> list[torch.Tensor]:
         """All features of ``table`` in one recovery call; one ``[B_f, d]`` block per feature."""

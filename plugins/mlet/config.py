@@ -1,0 +1,35 @@
+"""Configuration of MLET (multi-layer embedding training)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+from torchrec_pss.contract import IN_SIGNATURE, MethodConfig
+
+_NOT_SIGNED = {IN_SIGNATURE: False}
+
+
+@dataclasses.dataclass(frozen=True)
+class MLETConfig(MethodConfig):
+    """MLET (Deng et al., 2021): train ``E = W1 · W2`` with ``W1 [n, k]``, ``W2 [k, d]``, serve ``E``.
+
+    Args:
+        inner_dim: ``k``; the paper's gains are for ``k / d >= 4``.
+        init_std: both factors start ``N(0, init_std^2)``; the paper's ``N(0, 0.0625)`` is
+            ``init_std = 0.25``.
+        gradient: ``"dense"`` or ``"sparse"`` gradient of ``W1``.
+    """
+
+    inner_dim: int
+    init_std: float = dataclasses.field(default=0.25, metadata=_NOT_SIGNED)
+    gradient: Literal["dense", "sparse"] = dataclasses.field(default="dense", metadata=_NOT_SIGNED)
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.inner_dim, int) and self.inner_dim >= 1):
+            raise ValueError(f"MLETConfig.inner_dim must be an int >= 1, got {self.inner_dim!r}")
+        if not (math.isfinite(self.init_std) and self.init_std > 0):
+            raise ValueError(f"MLETConfig.init_std must be a finite number > 0, got {self.init_std}")
+        if self.gradient not in ("dense", "sparse"):
+            raise ValueError(f"MLETConfig.gradient must be 'dense' or 'sparse', got {self.gradient!r}")

@@ -1,0 +1,111 @@
+"""QR compositional embeddings: ``E[x] = op(P_0[x mod c], P_1[(x // c) mod c], ..., P_{k-1}[x // c^(k-1)])``.
+
+See :class:`~torchrec_pss_plugins.qr.config.QRConfig` for the partitions, operations and the default
+initialisation. Each table has its own part tables ``parts.<j>`` (``[rows_j, d_j]``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig
+
+from torchrec_pss.contract import PSSMemory
+from torchrec_pss.registry import register_method
+from torchrec_pss_plugins.qr.config import QRConfig
+
+
+def part_rows(n: int, collisions: int, num_partitions: int) -> list[int]:
+    """Rows of each part table: ``c`` for every digit, ``ceil(n / c^(k-1))`` for the quotient."""
+    return [collisions] * (num_partitions - 1) + [-(-n // collisions ** (num_partitions - 1))]
+
+
+def stored_elements(n: int, d: int, collisions: int, config: QRConfig) -> int:
+    width = d // config.num_partitions if config.operation == "concat" else d
+    return sum(part_rows(n, collisions, config.num_partitions)) * width
+
+
+def collisions_for(table: EmbeddingBagConfig, config: QRConfig) -> int:
+    """``config.collisions``, or the smallest ``c`` whose parts store at most ``n·d / compression`` elements."""
+    if config.collisions is not None:
+        return config.collisions
+    n, d = table.num_embeddings, table.embedding_dim
+    budget = n * d / config.compression
+    best = max(2, math.ceil(n ** (1 / config.num_partitions)))
+    for c in range(2, best + 1):
+        if stored_elements(n, d, c, config) <= budget:
+            return c
+    reachable = n * d / stored_elements(n, d, best, config)
+    raise ValueError(
+        f"table {table.name!r}: QRConfig.compression={config.compression:g} is out of reach with "
+        f"{config.num_partitions} partitions (at most {reachable:.1f}x for n={n}); lower it or add partitions"
+    )
+
+
+@register_method(QRConfig)
+class QRMemory(PSSMemory):
+    """The part tables of one compressed table."""
+
+    name = "qr"
+    config: QRConfig
+
+    def __init__(self, config: QRConfig, tables: Sequence[EmbeddingBagConfig], device: torch.device | None = None) -> None:
+        super().__init__(config, tables, device)
+        (table,) = tables
+        k, d = config.num_partitions, table.embedding_dim
+        if table.data_type != DataType.FP32:
+            raise ValueError(f"table {table.name!r}: QR memories are float32, got data_type={table.data_type}")
+        if config.operation == "concat" and d % k:
+            raise ValueError(
+                f"table {table.name!r}: QRConfig.operation='concat' needs embedding_dim={d} divisible by num_partitions={k}"
+            )
+        self.collisions = collisions_for(table, config)
+        if self.collisions >= table.num_embeddings:
+            raise ValueError(
+                f"table {table.name!r}: QRConfig.collisions={self.collisions} must be < num_embeddings={table.num_embeddings}"
+            )
+        self._n = table.num_embeddings
+        width = d // k if config.operation == "concat" else d
+        self.parts = nn.ParameterList(
+            nn.Parameter(torch.empty(rows, width, device=device)) for rows in part_rows(self._n, self.collisions, k)
+        )
+        self.reset_parameters()
+
+    def default_init_scale(self) -> float:
+        """``s`` of the default ``U(-s, s)``: composed rows get variance ``1/(3n)`` (see QRConfig)."""
+        target, k = 1.0 / (3 * self._n), self.config.num_partitions
+        part_variance = {"concat": target, "add": target / k, "mult": target ** (1 / k)}[self.config.operation]
+        return math.sqrt(3 * part_variance)
+
+    def reset_parameters(self) -> None:
+        if self.parts[0].is_meta:
+            return
+        scale = self.config.init_scale or self.default_init_scale()
+        with torch.no_grad():
+            for part in self.parts:
+                part.uniform_(-scale, scale)
+
+    def num_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.parts)
+
+    def digits(self, ids: torch.Tensor) -> list[torch.Tensor]:
+        """Row of each part table for ``ids`` (integer division only, exact for any int64 id)."""
+        out, rest = [], ids
+        for _ in range(self.config.num_partitions - 1):
+            out.append(torch.remainder(rest, self.collisions))
+            rest = torch.div(rest, self.collisions, rounding_mode="floor")
+        return out + [rest]
+
+    def recover(self, table: str, ids: torch.Tensor) -> torch.Tensor:
+        sparse = self.config.gradient == "sparse"
+        rows = [F.embedding(digit, part, sparse=sparse) for digit, part in zip(self.digits(ids), self.parts)]
+        if self.config.operation == "concat":
+            return torch.cat(rows, dim=1)
+        out = rows[0]
+        for row in rows[1:]:
+            out = out * row if self.config.operation == "mult" else out + row
+        return out
