@@ -101,3 +101,16 @@ def test_unregistered_config_class() -> None:
 
     with pytest.raises(TypeError, match="Unknown is not a registered compression config"):
         CompressedEmbeddingBagCollection(tables(), {"t1": Unknown()})
+
+
+def test_half_precision_tables_are_refused_for_compression() -> None:
+    from torchrec.modules.embedding_configs import DataType
+
+    fp16 = [EmbeddingBagConfig(name="h", embedding_dim=8, num_embeddings=10, feature_names=["f"], data_type=DataType.FP16)]
+    with pytest.raises(ValueError, match=r"table 'h': robe memories are float32"):
+        CompressedEmbeddingBagCollection(fp16, {"h": RobeConfig(compression=2)})
+
+
+def test_required_fields_may_not_be_none() -> None:
+    with pytest.raises(ValueError, match="RobeConfig.chunk_size is required, got None"):
+        RobeConfig(compression=2, chunk_size=None)

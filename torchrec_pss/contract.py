@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
+from torchrec_pss.config_checks import float32_tables
 from torchrec_pss.pooling import pool
 
 IN_SIGNATURE = "pss_in_signature"
@@ -69,6 +70,7 @@ class PSSMemory(nn.Module, abc.ABC):
             raise TypeError(
                 f"{type(self).__name__} needs a {self.config_cls.__name__}, got {type(config).__name__}"
             )
+        float32_tables(self.name, tables)
         self.config = config
         self.tables: dict[str, EmbeddingBagConfig] = {t.name: t for t in tables}
 

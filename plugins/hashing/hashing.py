@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
 from torchrec_pss.contract import PSSMemory
 from torchrec_pss.hashing import hash_coefficients, table_key, universal_hash
@@ -31,8 +31,6 @@ class HashingMemory(PSSMemory):
     def __init__(self, config: HashingConfig, tables: Sequence[EmbeddingBagConfig], device: torch.device | None = None) -> None:
         super().__init__(config, tables, device)
         (table,) = tables
-        if table.data_type != DataType.FP32:
-            raise ValueError(f"table {table.name!r}: hashing memories are float32, got data_type={table.data_type}")
         buckets = config.num_buckets or math.ceil(table.num_embeddings / config.compression)
         self._key = table_key(table.name)
         self.weight = nn.Parameter(torch.empty(buckets, table.embedding_dim, device=device))

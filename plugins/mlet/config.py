@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Literal
 
+from torchrec_pss import config_checks as checks
 from torchrec_pss.contract import IN_SIGNATURE, MethodConfig
 
 _NOT_SIGNED = {IN_SIGNATURE: False}
@@ -27,9 +27,6 @@ class MLETConfig(MethodConfig):
     gradient: Literal["dense", "sparse"] = dataclasses.field(default="dense", metadata=_NOT_SIGNED)
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.inner_dim, int) and self.inner_dim >= 1):
-            raise ValueError(f"MLETConfig.inner_dim must be an int >= 1, got {self.inner_dim!r}")
-        if not (math.isfinite(self.init_std) and self.init_std > 0):
-            raise ValueError(f"MLETConfig.init_std must be a finite number > 0, got {self.init_std}")
-        if self.gradient not in ("dense", "sparse"):
-            raise ValueError(f"MLETConfig.gradient must be 'dense' or 'sparse', got {self.gradient!r}")
+        checks.integer_at_least(self, "inner_dim", 1)
+        checks.positive(self, "init_std")
+        checks.one_of(self, "gradient", ("dense", "sparse"))

@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
 from torchrec_pss.contract import PSSMemory
 from torchrec_pss.registry import register_method
@@ -25,8 +25,6 @@ class MLETMemory(PSSMemory):
     def __init__(self, config: MLETConfig, tables: Sequence[EmbeddingBagConfig], device: torch.device | None = None) -> None:
         super().__init__(config, tables, device)
         (table,) = tables
-        if table.data_type != DataType.FP32:
-            raise ValueError(f"table {table.name!r}: MLET factors are float32, got data_type={table.data_type}")
         self.w1 = nn.Parameter(torch.empty(table.num_embeddings, config.inner_dim, device=device))
         self.w2 = nn.Parameter(torch.empty(config.inner_dim, table.embedding_dim, device=device))
         self.reset_parameters()

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Literal
 
+from torchrec_pss import config_checks as checks
 from torchrec_pss.contract import IN_SIGNATURE, MethodConfig
 
 _NOT_SIGNED = {IN_SIGNATURE: False}
@@ -44,20 +44,10 @@ class QRConfig(MethodConfig):
     gradient: Literal["dense", "sparse"] = dataclasses.field(default="dense", metadata=_NOT_SIGNED)
 
     def __post_init__(self) -> None:
-        if (self.collisions is None) == (self.compression is None):
-            raise ValueError(
-                f"QRConfig: give exactly one of collisions and compression "
-                f"(got collisions={self.collisions}, compression={self.compression})"
-            )
-        if self.collisions is not None and not (isinstance(self.collisions, int) and self.collisions >= 2):
-            raise ValueError(f"QRConfig.collisions must be an int >= 2, got {self.collisions!r}")
-        if self.compression is not None and not (math.isfinite(self.compression) and self.compression >= 1):
-            raise ValueError(f"QRConfig.compression must be a finite number >= 1, got {self.compression}")
-        if self.operation not in ("mult", "add", "concat"):
-            raise ValueError(f"QRConfig.operation must be 'mult', 'add' or 'concat', got {self.operation!r}")
-        if not (isinstance(self.num_partitions, int) and self.num_partitions >= 2):
-            raise ValueError(f"QRConfig.num_partitions must be an int >= 2, got {self.num_partitions!r}")
-        if self.init_scale is not None and not (math.isfinite(self.init_scale) and self.init_scale > 0):
-            raise ValueError(f"QRConfig.init_scale must be a finite number > 0, got {self.init_scale}")
-        if self.gradient not in ("dense", "sparse"):
-            raise ValueError(f"QRConfig.gradient must be 'dense' or 'sparse', got {self.gradient!r}")
+        checks.exactly_one(self, "collisions", "compression")
+        checks.integer_at_least(self, "collisions", 2, optional=True)
+        checks.ratio(self, "compression", optional=True)
+        checks.one_of(self, "operation", ("mult", "add", "concat"))
+        checks.integer_at_least(self, "num_partitions", 2)
+        checks.positive(self, "init_scale", optional=True)
+        checks.one_of(self, "gradient", ("dense", "sparse"))

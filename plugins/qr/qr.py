@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
 from torchrec_pss.contract import PSSMemory
 from torchrec_pss.registry import register_method
@@ -57,8 +57,6 @@ class QRMemory(PSSMemory):
         super().__init__(config, tables, device)
         (table,) = tables
         k, d = config.num_partitions, table.embedding_dim
-        if table.data_type != DataType.FP32:
-            raise ValueError(f"table {table.name!r}: QR memories are float32, got data_type={table.data_type}")
         if config.operation == "concat" and d % k:
             raise ValueError(
                 f"table {table.name!r}: QRConfig.operation='concat' needs embedding_dim={d} divisible by num_partitions={k}"

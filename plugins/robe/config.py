@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Literal
 
+from torchrec_pss import config_checks as checks
 from torchrec_pss.contract import IN_SIGNATURE, MethodConfig
 from torchrec_pss.hashing import PRIME
 
@@ -47,29 +47,14 @@ class RobeConfig(MethodConfig):
     auto_dense_ratio: float = dataclasses.field(default=50.0, metadata=_NOT_SIGNED)
 
     def __post_init__(self) -> None:
-        if (self.compression is None) == (self.memory_size is None):
-            raise ValueError(
-                f"RobeConfig: give exactly one of compression and memory_size "
-                f"(got compression={self.compression}, memory_size={self.memory_size})"
-            )
-        if self.compression is not None and not (
-            math.isfinite(self.compression) and self.compression >= 1
-        ):
-            raise ValueError(f"RobeConfig.compression must be a finite number >= 1, got {self.compression}")
-        if self.memory_size is not None and not (
-            isinstance(self.memory_size, int) and 1 <= self.memory_size <= PRIME
-        ):
-            raise ValueError(f"RobeConfig.memory_size must be an int in [1, {PRIME}], got {self.memory_size!r}")
-        if not (isinstance(self.chunk_size, int) and self.chunk_size >= 1):
-            raise ValueError(f"RobeConfig.chunk_size must be an int >= 1, got {self.chunk_size!r}")
-        if not (isinstance(self.seed, int) and self.seed >= 0):
-            raise ValueError(f"RobeConfig.seed must be an int >= 0, got {self.seed!r}")
-        if self.init_scale is not None and not (math.isfinite(self.init_scale) and self.init_scale > 0):
-            raise ValueError(f"RobeConfig.init_scale must be a finite number > 0, got {self.init_scale}")
-        if self.gradient not in ("dense", "sparse", "auto"):
-            raise ValueError(f"RobeConfig.gradient must be 'dense', 'sparse' or 'auto', got {self.gradient!r}")
-        if not (math.isfinite(self.auto_dense_ratio) and self.auto_dense_ratio > 0):
-            raise ValueError(f"RobeConfig.auto_dense_ratio must be a finite number > 0, got {self.auto_dense_ratio}")
+        checks.exactly_one(self, "compression", "memory_size")
+        checks.ratio(self, "compression", optional=True)
+        checks.integer_at_least(self, "memory_size", 1, PRIME, optional=True)
+        checks.integer_at_least(self, "chunk_size", 1)
+        checks.integer_at_least(self, "seed", 0)
+        checks.positive(self, "init_scale", optional=True)
+        checks.one_of(self, "gradient", ("dense", "sparse", "auto"))
+        checks.positive(self, "auto_dense_ratio")
         if not self.share_group:
             raise ValueError("RobeConfig.share_group must be a non-empty string")
 

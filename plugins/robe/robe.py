@@ -25,7 +25,7 @@ from typing import Sequence
 
 import torch
 from torch import nn
-from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
 from torchrec_pss.hashing import PRIME, hash_coefficients, table_key, universal_hash
 from torchrec_pss.pooling import bag_index, bag_mean
@@ -164,8 +164,6 @@ class RobeMemory(PSSMemory):
                 raise ValueError(
                     f"table {t.name!r}: RobeConfig.chunk_size={z} must divide embedding_dim={d} or be a multiple of it"
                 )
-            if t.data_type != DataType.FP32:
-                raise ValueError(f"table {t.name!r}: ROBE memories are float32, got data_type={t.data_type}")
             key = table_key(t.name)
             if key in keys:
                 raise ValueError(f"tables {keys[key]!r} and {t.name!r} hash to the same table key; rename one")

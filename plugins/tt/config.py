@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from torchrec_pss import config_checks as checks
 from torchrec_pss.contract import IN_SIGNATURE, MethodConfig
 
 _NOT_SIGNED = {IN_SIGNATURE: False}
@@ -43,8 +44,7 @@ class TTConfig(MethodConfig):
             value = getattr(self, name)
             if isinstance(value, list):
                 object.__setattr__(self, name, tuple(value))
-        if not (isinstance(self.num_cores, int) and 2 <= self.num_cores <= 4):
-            raise ValueError(f"TTConfig.num_cores must be 2, 3 or 4, got {self.num_cores!r}")
+        checks.integer_at_least(self, "num_cores", 2, 4)
         ranks = (self.ranks,) if isinstance(self.ranks, int) else self.ranks
         if not all(isinstance(r, int) and r >= 1 for r in ranks):
             raise ValueError(f"TTConfig.ranks must be ints >= 1, got {self.ranks!r}")
@@ -58,8 +58,8 @@ class TTConfig(MethodConfig):
                 len(value) != self.num_cores or not all(isinstance(v, int) and v >= 1 for v in value)
             ):
                 raise ValueError(f"TTConfig.{name} must be {self.num_cores} ints >= 1, got {value!r}")
-        if self.init not in ("sampled_gaussian", "normal", "uniform"):
-            raise ValueError(f"TTConfig.init must be 'sampled_gaussian', 'normal' or 'uniform', got {self.init!r}")
+        checks.one_of(self, "init", ("sampled_gaussian", "normal", "uniform"))
+        checks.integer_at_least(self, "seed", 0, optional=True)
 
     def rank_list(self) -> tuple[int, ...]:
         """``(1, R_1, ..., R_{N-1}, 1)``."""

@@ -13,7 +13,7 @@ from typing import Sequence
 
 import torch
 from torch import nn
-from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
 from torchrec_pss.contract import PSSMemory
 from torchrec_pss.registry import register_method
@@ -52,8 +52,6 @@ class TTMemory(PSSMemory):
         super().__init__(config, tables, device)
         (table,) = tables
         n, d = table.num_embeddings, table.embedding_dim
-        if table.data_type != DataType.FP32:
-            raise ValueError(f"table {table.name!r}: TT cores are float32, got data_type={table.data_type}")
         suggested = suggest_tt_shapes(n, d, config.num_cores)
         shapes = TTShapes(config.p_shapes or suggested.p_shapes, config.q_shapes or suggested.q_shapes)
         if math.prod(shapes.p_shapes) < n:
