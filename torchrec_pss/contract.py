@@ -89,6 +89,10 @@ class PSSMemory(nn.Module, abc.ABC):
         Called on construction and by DistributedModelParallel after meta-device materialisation.
         """
 
+    def optimizer_block_size(self, param: torch.Tensor) -> int:
+        """Elements per accumulator of a row-wise optimizer for ``param``: a row, or one element of a 1-D memory."""
+        return param[0].numel() if param.dim() > 1 else 1
+
     def materialize(self, table: str) -> torch.Tensor:
         """The full ``[n, d]`` table in float64, row by row from :meth:`recover` (methods may do better)."""
         n = self.tables[table].num_embeddings

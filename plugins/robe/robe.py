@@ -196,6 +196,10 @@ class RobeMemory(PSSMemory):
             self.hash_coefficients.copy_(hash_coefficients(self.config.seed, 2))
             self.table_keys.copy_(torch.tensor([self._table_keys[n] for n in self.tables], dtype=torch.int64))
 
+    def optimizer_block_size(self, param: torch.Tensor) -> int:
+        """One row-wise accumulator per Z consecutive memory elements."""
+        return min(self.config.chunk_size, param.numel())
+
     def num_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.weight, self.hash_coefficients, self.table_keys))
 

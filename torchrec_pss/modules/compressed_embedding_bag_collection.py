@@ -14,10 +14,12 @@ from torchrec.modules.embedding_modules import (
     process_pooled_embeddings,
     reorder_inverse_indices,
 )
+from torchrec.optim.fused import FusedOptimizerModule
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 from torchrec.sparse.tensor_dict import maybe_td_to_kjt
 
 from torchrec_pss.contract import MethodConfig, PSSMemory
+from torchrec_pss.optim import FusedUpdate, PSSFusedOptimizer
 from torchrec_pss.pooling import bag_mean
 from torchrec_pss.registry import method_for_config
 
@@ -25,7 +27,7 @@ PLAIN = "plain"
 _EXTRA_STATE = "_extra_state"
 
 
-class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
+class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimizerModule):
     """An ``EmbeddingBagCollection`` whose tables named in ``compression`` are compressed memories.
 
     ``forward(KeyedJaggedTensor) -> KeyedTensor`` gives exactly the keys, order and per-key
@@ -38,6 +40,11 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     Pooling: SUM or MEAN; with ``is_weighted`` every embedding is multiplied by its KJT weight before
     pooling (a weighted MEAN divides the weighted sum by the bag length, as FBGEMM's TBE does);
     empty bags give zeros. Ids outside ``[0, num_embeddings)`` raise ``ValueError``.
+
+    Fused optimizers, the TorchRec way: ``torchrec.optim.apply_optimizer_in_backward(cls, module.parameters(),
+    kwargs)`` makes the update of those parameters run inside backward (their ``.grad`` stays None);
+    the module replaces torch's per-parameter optimizers by :class:`~torchrec_pss.optim.FusedUpdate`
+    (dense or sparse, as the gradient comes) and exposes them as ``fused_optimizer``.
     """
 
     def __init__(
@@ -61,6 +68,7 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self.embedding_bags = nn.ModuleDict()
         self.pss_memories = nn.ModuleDict()
         self._group_of: dict[str, str] = {}
+        self._fused_updates: dict[str, FusedUpdate] = {}
         groups: dict[str, tuple[MethodConfig, list[EmbeddingBagConfig]]] = {}
         for table in self._embedding_bag_configs:
             config = compression.get(table.name)
@@ -73,7 +81,6 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
                     device=self._device,
                 )
                 continue
-            method_for_config(config)
             group = config.group_key(table.name).replace(".", "_")
             if group in groups and groups[group][0] != config:
                 other = groups[group][1][0].name
@@ -132,7 +139,33 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             if bag is not None and not bag.weight.is_meta:
                 table.init_fn(bag.weight)
 
+    @property
+    def fused_optimizer(self) -> PSSFusedOptimizer:
+        """The KeyedOptimizer of every parameter given an in-backward optimizer (keys: parameter names)."""
+        self._adopt_in_backward_optimizers()
+        return PSSFusedOptimizer(self._fused_updates)
+
+    def _adopt_in_backward_optimizers(self) -> None:
+        """Swap the torch optimizers that ``apply_optimizer_in_backward`` attached for fused updates.
+
+        torch's backward hook steps whatever ``param._in_backward_optimizers`` holds, then drops the
+        gradient; the swap keeps that hook and changes only what it steps.
+        """
+        for name, param in self.named_parameters():
+            optimizers = getattr(param, "_in_backward_optimizers", None)
+            if not optimizers or optimizers == [self._fused_updates.get(name)]:
+                continue
+            classes, kwargs = param._optimizer_classes, param._optimizer_kwargs
+            if len(classes) != 1:
+                raise ValueError(f"parameter {name!r} has {len(classes)} in-backward optimizers; apply exactly one")
+            group = name.split(".")[1] if name.startswith("pss_memories.") else None
+            block = self.pss_memories[group].optimizer_block_size(param) if group else param[0].numel()
+            update = FusedUpdate(name, param, classes[0], kwargs[0], block)
+            optimizers[:] = [update]
+            self._fused_updates[name] = update
+
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        self._adopt_in_backward_optimizers()
         features = maybe_td_to_kjt(features, None)
         if self._is_weighted and features.weights_or_none() is None:
             raise ValueError("this CompressedEmbeddingBagCollection is weighted but the KJT has no weights")
