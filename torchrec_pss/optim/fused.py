@@ -18,6 +18,7 @@ class PSSFusedOptimizer(FusedOptimizer):
     """
 
     def __init__(self, updates: Mapping[str, FusedUpdate]) -> None:
+        self.updates = dict(updates)
         super().__init__(
             params={name: u.param for name, u in updates.items()},
             state={u.param: u.state for u in updates.values()},

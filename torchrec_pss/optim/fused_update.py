@@ -18,7 +18,7 @@ element has a zero gradient, which changes neither its accumulator nor its value
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torchrec.optim import RowWiseAdagrad
@@ -65,6 +65,8 @@ class FusedUpdate:
         self.row_size = hyper.pop("block_size", None) or row_size
         self.group: dict[str, Any] = {"params": [param], **hyper}
         self.state: dict[str, torch.Tensor] = self._initial_state()
+        self.deferred_to: Callable[[FusedUpdate, torch.Tensor], None] | None = None
+        """When set (replicated memories), ``step`` hands the local gradient over instead of applying it."""
 
     def _initial_state(self) -> dict[str, torch.Tensor]:
         p, kind = self.param, self.kind
@@ -79,11 +81,19 @@ class FusedUpdate:
             return {"step": step, "sum": torch.full((rows, 1), init, dtype=p.dtype, device=p.device)}
         return {"step": step, "sum": torch.full_like(p, init)}
 
-    @torch.no_grad()
     def step(self) -> None:
+        """Apply ``param.grad`` (called by torch's in-backward hook, which then drops the gradient)."""
         grad = self.param.grad
         if grad is None:
             return
+        if self.deferred_to is not None:
+            self.deferred_to(self, grad)
+        else:
+            self.apply(grad)
+
+    @torch.no_grad()
+    def apply(self, grad: torch.Tensor) -> None:
+        """One optimizer step with ``grad`` (dense, or sparse over rows of dim 0)."""
         if grad.is_sparse:
             grad = grad.coalesce()
             self._sparse(grad.indices()[0], grad.values())
