@@ -7,9 +7,10 @@ import random
 import pytest
 import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.optim import apply_optimizer_in_backward
 
 from helpers import make_kjt, random_bags, random_weights
-from torchrec_pss import CompressedEmbeddingBagCollection, RobeConfig
+from torchrec_pss import CompressedEmbeddingBagCollection, HashingConfig, MLETConfig, QRConfig, RobeConfig, TTConfig
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -47,3 +48,40 @@ def test_cuda_matches_cpu(z: int, use_sign: bool, gradient: str) -> None:
         g_cpu = g_cpu.to_dense() if g_cpu.is_sparse else g_cpu
         g_gpu = g_gpu.to_dense() if g_gpu.is_sparse else g_gpu
         torch.testing.assert_close(g_gpu, g_cpu, rtol=1e-4, atol=1e-5, msg=name)
+
+
+METHOD_CONFIGS = {
+    "qr": lambda: QRConfig(collisions=7, gradient="sparse"),
+    "tt": lambda: TTConfig(ranks=4, seed=0),
+    "mlet": lambda: MLETConfig(inner_dim=12),
+    "hashing": lambda: HashingConfig(num_buckets=97, gradient="sparse"),
+    "robe": lambda: RobeConfig(memory_size=4099, chunk_size=8, gradient="auto"),
+}
+
+
+def build_method(device: str, method: str) -> CompressedEmbeddingBagCollection:
+    tables = [
+        EmbeddingBagConfig(name="t1", embedding_dim=16, num_embeddings=5000, feature_names=["f1", "f2"]),
+        EmbeddingBagConfig(name="t2", embedding_dim=16, num_embeddings=1000, feature_names=["f3"],
+                           pooling=PoolingType.MEAN),
+    ]
+    torch.manual_seed(0)
+    config = METHOD_CONFIGS[method]()
+    return CompressedEmbeddingBagCollection(tables, {"t1": config, "t2": config}, device, is_weighted=True)
+
+
+@pytest.mark.parametrize("method", METHOD_CONFIGS)
+def test_fused_adagrad_steps_on_cuda_match_cpu(method: str) -> None:
+    modules = {d: build_method(d, method) for d in ("cpu", "cuda")}
+    modules["cuda"].load_state_dict(modules["cpu"].state_dict())
+    for module in modules.values():
+        apply_optimizer_in_backward(torch.optim.Adagrad, module.parameters(), {"lr": 0.05})
+    for step in range(3):
+        rng = random.Random(step)
+        bags = {f: random_bags(rng, n, batch=32, max_len=5) for f, n in {"f1": 5000, "f2": 5000, "f3": 1000}.items()}
+        kjt = make_kjt(bags, {f: random_weights(rng, b) for f, b in bags.items()})
+        kjt_gpu = kjt.to(torch.device("cuda"))
+        modules["cpu"](kjt).values().pow(2).sum().backward()
+        modules["cuda"](kjt_gpu).values().pow(2).sum().backward()
+    for (name, cpu_param), gpu_param in zip(modules["cpu"].named_parameters(), modules["cuda"].parameters()):
+        torch.testing.assert_close(gpu_param.detach().cpu(), cpu_param.detach(), rtol=1e-4, atol=1e-5, msg=name)
