@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+
 from torchrec_pss import config_checks as checks
 from torchrec_pss.contract import IN_SIGNATURE, MethodConfig
 from torchrec_pss.hashing import PRIME
@@ -57,6 +59,14 @@ class RobeConfig(MethodConfig):
         checks.positive(self, "auto_dense_ratio")
         if not self.share_group:
             raise ValueError("RobeConfig.share_group must be a non-empty string")
+
+    @classmethod
+    def for_memory(cls, table: EmbeddingBagConfig, elements: int) -> RobeConfig:
+        """ROBE memory of ``elements`` elements for ``table`` alone (its own share group; Z = min(32, d)).
+
+        The ``make_config`` of :func:`torchrec_pss.distributed.compression_for_budget`.
+        """
+        return cls(memory_size=elements, share_group=table.name, chunk_size=min(32, table.embedding_dim))
 
     def group_key(self, table_name: str) -> str:
         return f"robe_{self.share_group}"
