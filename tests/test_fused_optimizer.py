@@ -197,3 +197,19 @@ def test_unsupported_optimizers_are_refused() -> None:
     apply_optimizer_in_backward(torch.optim.RMSprop, other.parameters(), {"lr": 0.1})
     with pytest.raises(ValueError, match="RMSprop is not supported"):
         other(batch(0))
+
+
+def test_torch_apply_optimizer_in_backward_gives_the_same_steps() -> None:
+    """torch.distributed.optim._apply_optimizer_in_backward (which TorchRec's wraps) configures the same update."""
+    from torch.distributed.optim import _apply_optimizer_in_backward
+
+    by_torchrec = fused("robe_sparse", "adagrad")
+    by_torch = build("robe_sparse")
+    cls, kwargs = OPTIMIZERS["adagrad"]
+    _apply_optimizer_in_backward(cls, by_torch.parameters(), kwargs)
+    for step in range(2):
+        loss_of(by_torchrec, step).backward()
+        loss_of(by_torch, step).backward()
+    assert all(p.grad is None for p in by_torch.parameters())
+    for (name, a), b in zip(by_torchrec.named_parameters(), by_torch.parameters()):
+        assert torch.equal(a, b), name
