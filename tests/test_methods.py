@@ -146,3 +146,25 @@ def test_sparse_and_dense_gradients_give_the_same_sgd_steps(case: str) -> None:
     assert sparse_grads, "the sparse mode must produce sparse gradients"
     for (name, dense), sparse in zip(modules["dense"].named_parameters(), modules["sparse"].parameters()):
         torch.testing.assert_close(sparse, dense, rtol=1e-12, atol=1e-12, msg=name)
+
+
+AUTO_CASES = {
+    "qr": lambda: QRConfig(collisions=4, gradient="auto"),
+    "mlet": lambda: MLETConfig(inner_dim=6, gradient="auto"),
+    "hashing": lambda: HashingConfig(compression=2, gradient="auto"),
+}
+
+
+@pytest.mark.parametrize("case", AUTO_CASES)
+def test_auto_gradient_picks_sparse_for_large_memories_only(case: str) -> None:
+    config = AUTO_CASES[case]()
+    small = [EmbeddingBagConfig(name="t", embedding_dim=D, num_embeddings=40, feature_names=["f"])]
+    large = [EmbeddingBagConfig(name="t", embedding_dim=D, num_embeddings=400_000, feature_names=["f"])]
+    kjt = make_kjt({"f": [[1, 2], [3]]})
+    layouts = {}
+    for name, tables_ in (("small", small), ("large", large)):
+        module = CompressedEmbeddingBagCollection(tables_, {"t": config})
+        module(kjt).values().sum().backward()
+        largest = max(module.memory_for("t").parameters(), key=lambda p: p.numel())
+        layouts[name] = largest.grad.is_sparse
+    assert layouts == {"small": False, "large": True}

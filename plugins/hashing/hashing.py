@@ -16,6 +16,7 @@ from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
 from torchrec_pss.contract import PSSMemory
+from torchrec_pss.gradient_layout import use_sparse_gradient
 from torchrec_pss.hashing import hash_coefficients, table_key, universal_hash
 from torchrec_pss.registry import register_method
 from torchrec_pss_plugins.hashing.config import HashingConfig
@@ -53,4 +54,5 @@ class HashingMemory(PSSMemory):
         return universal_hash(self.hash_coefficients[0], self._key, ids, 0, self.weight.shape[0])
 
     def recover(self, table: str, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(self.buckets(ids), self.weight, sparse=self.config.gradient == "sparse")
+        sparse = use_sparse_gradient(self.config.gradient, self.weight.numel(), ids.numel() * self.weight.shape[1])
+        return F.embedding(self.buckets(ids), self.weight, sparse=sparse)

@@ -10,6 +10,7 @@ from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
 from torchrec_pss.contract import PSSMemory
+from torchrec_pss.gradient_layout import use_sparse_gradient
 from torchrec_pss.registry import register_method
 from torchrec_pss_plugins.mlet.config import MLETConfig
 
@@ -40,7 +41,8 @@ class MLETMemory(PSSMemory):
         return sum(p.numel() * p.element_size() for p in (self.w1, self.w2))
 
     def recover(self, table: str, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.w1, sparse=self.config.gradient == "sparse") @ self.w2
+        sparse = use_sparse_gradient(self.config.gradient, self.w1.numel(), ids.numel() * self.w1.shape[1])
+        return F.embedding(ids, self.w1, sparse=sparse) @ self.w2
 
     def materialize(self, table: str) -> torch.Tensor:
         """``W1 · W2`` computed in float64: ``[n, d]``."""

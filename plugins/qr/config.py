@@ -7,6 +7,7 @@ from typing import Literal
 
 from torchrec_pss import config_checks as checks
 from torchrec_pss.contract import IN_SIGNATURE, MethodConfig
+from torchrec_pss.gradient_layout import GRADIENT_MODES
 
 _NOT_SIGNED = {IN_SIGNATURE: False}
 Operation = Literal["mult", "add", "concat"]
@@ -33,7 +34,8 @@ class QRConfig(MethodConfig):
             ``U(±sqrt(1/n))`` (variance ``1/(3n)``): each part has variance ``1/(3n)`` for concat,
             ``1/(3nk)`` for add and ``(1/(3n))^(1/k)`` for mult. (The reference DLRM code's
             ``U(sqrt(1/n), 1)`` makes every weight positive, so every product is positive too.)
-        gradient: ``"dense"`` or ``"sparse"`` part-table gradients.
+        gradient: ``"dense"``, ``"sparse"`` or ``"auto"`` part-table gradients (see
+            :mod:`torchrec_pss.gradient_layout`).
     """
 
     collisions: int | None = dataclasses.field(default=None, metadata=_NOT_SIGNED)
@@ -41,7 +43,7 @@ class QRConfig(MethodConfig):
     operation: Operation = "mult"
     num_partitions: int = 2
     init_scale: float | None = dataclasses.field(default=None, metadata=_NOT_SIGNED)
-    gradient: Literal["dense", "sparse"] = dataclasses.field(default="dense", metadata=_NOT_SIGNED)
+    gradient: Literal["dense", "sparse", "auto"] = dataclasses.field(default="dense", metadata=_NOT_SIGNED)
 
     def __post_init__(self) -> None:
         checks.exactly_one(self, "collisions", "compression")
@@ -50,4 +52,4 @@ class QRConfig(MethodConfig):
         checks.one_of(self, "operation", ("mult", "add", "concat"))
         checks.integer_at_least(self, "num_partitions", 2)
         checks.positive(self, "init_scale", optional=True)
-        checks.one_of(self, "gradient", ("dense", "sparse"))
+        checks.one_of(self, "gradient", GRADIENT_MODES)

@@ -15,6 +15,7 @@ from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
 from torchrec_pss.contract import PSSMemory
+from torchrec_pss.gradient_layout import use_sparse_gradient
 from torchrec_pss.registry import register_method
 from torchrec_pss_plugins.qr.config import QRConfig
 
@@ -99,8 +100,11 @@ class QRMemory(PSSMemory):
         return out + [rest]
 
     def recover(self, table: str, ids: torch.Tensor) -> torch.Tensor:
-        sparse = self.config.gradient == "sparse"
-        rows = [F.embedding(digit, part, sparse=sparse) for digit, part in zip(self.digits(ids), self.parts)]
+        mode = self.config.gradient
+        rows = [
+            F.embedding(digit, part, sparse=use_sparse_gradient(mode, part.numel(), digit.numel() * part.shape[1]))
+            for digit, part in zip(self.digits(ids), self.parts)
+        ]
         if self.config.operation == "concat":
             return torch.cat(rows, dim=1)
         out = rows[0]

@@ -9,6 +9,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
 from torchrec_pss import config_checks as checks
 from torchrec_pss.contract import IN_SIGNATURE, MethodConfig
+from torchrec_pss.gradient_layout import DEFAULT_AUTO_DENSE_RATIO, GRADIENT_MODES
 from torchrec_pss.hashing import PRIME
 
 GradientMode = Literal["dense", "sparse", "auto"]
@@ -46,7 +47,7 @@ class RobeConfig(MethodConfig):
     seed: int = 0
     init_scale: float | None = dataclasses.field(default=None, metadata=_NOT_SIGNED)
     gradient: GradientMode = dataclasses.field(default="auto", metadata=_NOT_SIGNED)
-    auto_dense_ratio: float = dataclasses.field(default=50.0, metadata=_NOT_SIGNED)
+    auto_dense_ratio: float = dataclasses.field(default=DEFAULT_AUTO_DENSE_RATIO, metadata=_NOT_SIGNED)
 
     def __post_init__(self) -> None:
         checks.exactly_one(self, "compression", "memory_size")
@@ -55,7 +56,7 @@ class RobeConfig(MethodConfig):
         checks.integer_at_least(self, "chunk_size", 1)
         checks.integer_at_least(self, "seed", 0)
         checks.positive(self, "init_scale", optional=True)
-        checks.one_of(self, "gradient", ("dense", "sparse", "auto"))
+        checks.one_of(self, "gradient", GRADIENT_MODES)
         checks.positive(self, "auto_dense_ratio")
         if not self.share_group:
             raise ValueError("RobeConfig.share_group must be a non-empty string")

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
+from torchrec_pss.gradient_layout import use_sparse_gradient
 from torchrec_pss.hashing import PRIME, hash_coefficients, table_key, universal_hash
 from torchrec_pss.pooling import bag_index, bag_mean
 from torchrec_pss.contract import PSSMemory
@@ -234,10 +235,7 @@ class RobeMemory(PSSMemory):
 
     def use_sparse_gradient(self, touched: int) -> bool:
         """The gradient layout for a batch touching ``touched`` memory elements (the ``gradient`` rule)."""
-        mode = self.config.gradient
-        if mode == "auto":
-            return self.memory_size > self.config.auto_dense_ratio * touched
-        return mode == "sparse"
+        return use_sparse_gradient(self.config.gradient, self.memory_size, touched, self.config.auto_dense_ratio)
 
     def _read(
         self,
