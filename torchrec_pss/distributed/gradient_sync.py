@@ -47,12 +47,14 @@ class ReplicatedGradientSync:
         for name, param in self.params.items():
             if name in self.updates:
                 self.updates[name].deferred_to = self._collect_fused
-            else:
-                param.register_post_accumulate_grad_hook(self._plain_hook(name))
+            param.register_post_accumulate_grad_hook(self._hook(name))
 
-    def _plain_hook(self, name: str):
+    def _hook(self, name: str):
+        """Collects the accumulated gradient (a fused update's torch hook may already have taken it)."""
+
         def hook(param: nn.Parameter) -> None:
-            self._collect(name, param.grad)
+            if param.grad is not None:
+                self._collect(name, param.grad)
 
         return hook
 
@@ -90,6 +92,7 @@ class ReplicatedGradientSync:
         for name in names:
             if name in self.updates:
                 self.updates[name].apply(averaged[name])
+                self.params[name].grad = None
             else:
                 self.params[name].grad = averaged[name]
 

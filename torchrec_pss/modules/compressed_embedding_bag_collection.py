@@ -166,6 +166,10 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOpt
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         self._adopt_in_backward_optimizers()
+        return self.pool(features)
+
+    def pool(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        """The forward pass without taking over in-backward optimizers (for wrappers that own them)."""
         features = maybe_td_to_kjt(features, None)
         if self._is_weighted and features.weights_or_none() is None:
             raise ValueError("this CompressedEmbeddingBagCollection is weighted but the KJT has no weights")

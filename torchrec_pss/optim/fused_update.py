@@ -34,6 +34,9 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
 _CLASSES = {torch.optim.SGD: "SGD", torch.optim.Adagrad: "Adagrad", RowWiseAdagrad: "RowWiseAdagrad",
             torch.optim.Adam: "Adam"}
 _BLOCKWISE = ("RowWiseAdagrad", "BlockwiseAdagrad")
+_TORCHREC_ANNOTATIONS = {"optimizer"}
+"""Keys TorchRec's sharders add to the (shared) ``_optimizer_kwargs`` dict: the EmbOptimType of the class.
+(They also add ``learning_rate``, FBGEMM's name for ``lr``, which is read as ``lr`` when ``lr`` is absent.)"""
 _NEUTRAL = {  # accepted only at these values
     "momentum": 0, "dampening": 0, "weight_decay": 0, "nesterov": False, "maximize": False, "amsgrad": False,
     "foreach": None, "fused": None, "differentiable": False, "capturable": False,
@@ -59,6 +62,11 @@ class FusedUpdate:
         for key, value in kwargs.items():
             if key in hyper:
                 hyper[key] = value
+            elif key == "learning_rate":
+                if "lr" not in kwargs:
+                    hyper["lr"] = value
+            elif key in _TORCHREC_ANNOTATIONS:
+                continue
             elif key not in _NEUTRAL or value != _NEUTRAL[key]:
                 raise ValueError(f"parameter {name!r}: {optimizer_class.__name__}({key}={value!r}) is not supported")
         self.name, self.param, self.kind = name, param, kind

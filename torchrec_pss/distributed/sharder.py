@@ -1,0 +1,241 @@
+"""DistributedModelParallel support: compressed memories replicated, plain tables sharded by TorchRec.
+
+``CompressedEmbeddingBagCollectionSharder`` shards a ``CompressedEmbeddingBagCollection``: every
+compressed table must be planned DATA_PARALLEL (see :func:`~torchrec_pss.distributed.pss_constraints`)
+and its memory is replicated on every rank, kept in sync by :class:`ReplicatedGradientSync`; the plain
+tables become a ``torchrec.EmbeddingBagCollection`` sharded by TorchRec's own sharder with their part of
+the plan. The sharded module keeps the unsharded module's state_dict keys (``embedding_bags.<table>.*``,
+``pss_memories.<group>.*``, ``_extra_state``) and its fused optimizer combines TorchRec's and ours.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+from torchrec import EmbeddingBagCollection
+from torchrec.distributed.embedding_types import KJTList
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.types import (
+    Awaitable,
+    EmbeddingModuleShardingPlan,
+    LazyAwaitable,
+    LazyNoWait,
+    NoWait,
+    NullShardedModuleContext,
+    QuantizedCommCodecs,
+    ShardedModule,
+    ShardingEnv,
+    ShardingType,
+)
+from torchrec.distributed.types import ModuleSharder
+from torchrec.optim.fused import FusedOptimizerModule
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from torchrec_pss.distributed.constraints import REPLICATED_KERNEL
+from torchrec_pss.distributed.gradient_sync import ReplicatedGradientSync
+from torchrec_pss.modules.compressed_embedding_bag_collection import CompressedEmbeddingBagCollection
+from torchrec_pss.optim import FusedUpdate, PSSFusedOptimizer
+
+_PLAIN = "_plain"
+
+
+class ShardedCompressedEmbeddingBagCollection(
+    ShardedModule[KJTList, KeyedTensor, KeyedTensor, NullShardedModuleContext], FusedOptimizerModule
+):
+    """The sharded form of a :class:`CompressedEmbeddingBagCollection` (see the module docstring)."""
+
+    def __init__(
+        self,
+        module: CompressedEmbeddingBagCollection,
+        plan: EmbeddingModuleShardingPlan,
+        env: ShardingEnv,
+        device: torch.device,
+        module_fqn: str,
+        ebc_sharder: EmbeddingBagCollectionSharder,
+    ) -> None:
+        super().__init__(ebc_sharder.qcomm_codecs_registry)
+        for table in module.compression:
+            sharding = plan.get(table)
+            if sharding is None or sharding.sharding_type != ShardingType.DATA_PARALLEL.value:
+                got = None if sharding is None else sharding.sharding_type
+                raise ValueError(
+                    f"{module_fqn}: compressed table {table!r} must be planned {ShardingType.DATA_PARALLEL.value} "
+                    f"(replicated), got {got}; merge torchrec_pss.distributed.pss_constraints(model) into the "
+                    "planner's constraints"
+                )
+        self._env = env
+        self._device = device
+        self._signatures = module.get_extra_state()
+        compressed = [t for t in module.embedding_bag_configs() if t.name in module.compression]
+        plain = [t for t in module.embedding_bag_configs() if t.name not in module.compression]
+        self._local = [CompressedEmbeddingBagCollection(compressed, module.compression, "meta",
+                                                        is_weighted=module.is_weighted())] if compressed else []
+        if self._local:
+            self._local[0].pss_memories = module.pss_memories
+        self.pss_memories = module.pss_memories.to(device)
+        self._optimizer_config = {
+            name: (p._optimizer_classes, p._optimizer_kwargs)
+            for name, p in self.pss_memories.named_parameters(prefix="pss_memories")
+            if getattr(p, "_optimizer_classes", None)
+        }
+        self._sync: ReplicatedGradientSync | None = None
+        self._fused: PSSFusedOptimizer | None = None
+        if plain:
+            ebc = EmbeddingBagCollection(plain, is_weighted=module.is_weighted(), device=torch.device("meta"))
+            for table in plain:
+                weight = module.embedding_bags[table.name].weight
+                ebc.embedding_bags[table.name].weight = weight
+            sub_plan = EmbeddingModuleShardingPlan({t.name: plan[t.name] for t in plain})
+            setattr(self, _PLAIN, ebc_sharder.shard(ebc, sub_plan, env, device, f"{module_fqn}.{_PLAIN}"))
+        self._table_order = [
+            (t.name in module.compression, len(t.feature_names) * t.embedding_dim) for t in module.embedding_bag_configs()
+        ]
+        self._embedding_names = module._embedding_names
+        self._lengths_per_embedding = module._lengths_per_embedding
+        self._register_state_dict_hook(_drop_plain_prefix)
+        self.register_load_state_dict_pre_hook(_add_plain_prefix)
+
+    def _replication(self) -> tuple[ReplicatedGradientSync, PSSFusedOptimizer]:
+        """Fused updates and gradient sync for the memories, built on first use (after DMP materialised them)."""
+        if self._sync is None:
+            params = dict(self.pss_memories.named_parameters(prefix="pss_memories"))
+            updates = {}
+            for name, (classes, kwargs) in self._optimizer_config.items():
+                if len(classes) != 1:
+                    raise ValueError(f"parameter {name!r} has {len(classes)} in-backward optimizers; apply exactly one")
+                group = name.split(".")[1]
+                param = params[name]
+                block = self.pss_memories[group].optimizer_block_size(param)
+                updates[name] = FusedUpdate(name, param, classes[0], kwargs[0], block)
+                if getattr(param, "_in_backward_optimizers", None):
+                    param._in_backward_optimizers[:] = [updates[name]]
+            self._sync = ReplicatedGradientSync(params, updates, self._env.process_group)
+            self._fused = PSSFusedOptimizer(updates)
+        return self._sync, self._fused
+
+    @property
+    def fused_optimizer(self) -> KeyedOptimizer:
+        _, ours = self._replication()
+        parts: list[tuple[str, KeyedOptimizer]] = [("", ours)]
+        plain = getattr(self, _PLAIN, None)
+        if isinstance(plain, FusedOptimizerModule):
+            parts.append(("", plain.fused_optimizer))
+        return CombinedOptimizer(parts)
+
+    @property
+    def unsharded_module_type(self) -> type[CompressedEmbeddingBagCollection]:
+        return CompressedEmbeddingBagCollection
+
+    def get_extra_state(self) -> Any:
+        return self._signatures
+
+    def set_extra_state(self, state: Any) -> None:
+        """The unsharded module's pre-load check guards signatures; nothing to restore."""
+
+    def create_context(self) -> NullShardedModuleContext:
+        return NullShardedModuleContext()
+
+    def input_dist(self, ctx: NullShardedModuleContext, features: KeyedJaggedTensor) -> Awaitable[Awaitable[KJTList]]:
+        return NoWait(NoWait(KJTList([features])))
+
+    def compute(self, ctx: NullShardedModuleContext, dist_input: KJTList) -> KeyedTensor:
+        return self._pooled(dist_input[0])
+
+    def output_dist(self, ctx: NullShardedModuleContext, output: KeyedTensor) -> LazyAwaitable[KeyedTensor]:
+        return LazyNoWait(output)
+
+    def forward(self, features: KeyedJaggedTensor) -> LazyAwaitable[KeyedTensor]:
+        return LazyNoWait(self._pooled(features))
+
+    def _pooled(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        """Plain tables through TorchRec's sharded EBC, compressed ones locally; columns in table order."""
+        self._replication()
+        plain = getattr(self, _PLAIN, None)
+        parts = {
+            True: self._local[0].pool(features).values() if self._local else None,
+            False: plain(features).values() if plain is not None else None,
+        }
+        offsets = {True: 0, False: 0}
+        columns = []
+        for compressed, width in self._table_order:
+            columns.append(parts[compressed][:, offsets[compressed] : offsets[compressed] + width])
+            offsets[compressed] += width
+        return KeyedTensor(self._embedding_names, self._lengths_per_embedding, torch.cat(columns, dim=1))
+
+    def sharded_parameter_names(self, prefix: str = "") -> Iterator[str]:
+        for name, _ in self.named_parameters(prefix):
+            yield name
+
+
+def _drop_plain_prefix(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
+    for key in [k for k in state_dict if k.startswith(f"{prefix}{_PLAIN}.")]:
+        state_dict[prefix + key[len(prefix) + len(_PLAIN) + 1 :]] = state_dict.pop(key)
+
+
+def _add_plain_prefix(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    for key in [k for k in state_dict if k.startswith(f"{prefix}embedding_bags.")]:
+        state_dict[f"{prefix}{_PLAIN}.{key[len(prefix):]}"] = state_dict.pop(key)
+
+
+class CompressedEmbeddingBagCollectionSharder(ModuleSharder[CompressedEmbeddingBagCollection]):
+    """Sharder for :class:`CompressedEmbeddingBagCollection`: compressed tables DATA_PARALLEL, plain ones
+    as TorchRec's EBC sharder offers. ``fused_params`` go to TorchRec's sharder for the plain tables."""
+
+    def __init__(self, fused_params: dict[str, Any] | None = None,
+                 qcomm_codecs_registry: dict[str, QuantizedCommCodecs] | None = None) -> None:
+        super().__init__(qcomm_codecs_registry=qcomm_codecs_registry)
+        self._ebc_sharder = EmbeddingBagCollectionSharder(fused_params, qcomm_codecs_registry=qcomm_codecs_registry)
+
+    @property
+    def module_type(self) -> type[CompressedEmbeddingBagCollection]:
+        return CompressedEmbeddingBagCollection
+
+    def shardable_parameters(self, module: CompressedEmbeddingBagCollection) -> dict[str, nn.Parameter]:
+        """Plain tables' weights, and for each compressed table a meta stand-in of its share of the memory.
+
+        The stand-in has shape ``(ceil(share / d), d)``, where the share splits the group's stored
+        elements over its tables in proportion to their logical sizes, so the planner charges what is
+        really stored (the hash constants' few bytes are left out).
+        """
+        params: dict[str, nn.Parameter] = {}
+        for table in module.embedding_bag_configs():
+            memory = module.memory_for(table.name)
+            if memory is None:
+                params[table.name] = module.embedding_bags[table.name].weight
+                continue
+            logical = {t.name: t.num_embeddings * t.embedding_dim for t in memory.tables.values()}
+            stored = sum(p.numel() for p in memory.parameters())
+            share = stored * logical[table.name] / sum(logical.values())
+            rows = max(1, math.ceil(share / table.embedding_dim))
+            params[table.name] = nn.Parameter(torch.empty(rows, table.embedding_dim, device="meta"))
+        return params
+
+    def sharding_types(self, compute_device_type: str) -> list[str]:
+        return self._ebc_sharder.sharding_types(compute_device_type)
+
+    def compute_kernels(self, sharding_type: str, compute_device_type: str) -> list[str]:
+        kernels = self._ebc_sharder.compute_kernels(sharding_type, compute_device_type)
+        if sharding_type == ShardingType.DATA_PARALLEL.value and REPLICATED_KERNEL not in kernels:
+            kernels = [REPLICATED_KERNEL, *kernels]
+        return kernels
+
+    def shard(
+        self,
+        module: CompressedEmbeddingBagCollection,
+        params: EmbeddingModuleShardingPlan,
+        env: ShardingEnv,
+        device: torch.device | None = None,
+        module_fqn: str | None = None,
+    ) -> ShardedCompressedEmbeddingBagCollection:
+        return ShardedCompressedEmbeddingBagCollection(
+            module, params, env, device or torch.device("cpu"), module_fqn or "", self._ebc_sharder
+        )
+
+
+def get_pss_sharders(fused_params: dict[str, Any] | None = None) -> list[ModuleSharder[nn.Module]]:
+    """The sharders to put before ``get_default_sharders()`` in the planner and in DMP."""
+    return [CompressedEmbeddingBagCollectionSharder(fused_params)]
