@@ -14,7 +14,9 @@ from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.distributed.sharding_plan import get_default_sharders
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.distributed.types import ShardingEnv, ShardingType
+from torchrec.datasets.utils import Batch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.optim import apply_optimizer_in_backward
 from torchrec.optim.keyed import KeyedOptimizerWrapper
@@ -131,3 +133,50 @@ def test_dmp_replicates_memories_and_matches_one_process() -> None:
     assert "ebc.pss_memories.robe_default.weight" in ranks[0]["fused_keys"]
     assert "ebc.embedding_bags.p.weight" in ranks[0]["fused_keys"], "TorchRec's fused optimizer of the plain table"
     assert all(r["same_outputs"] and r["continued"] for r in ranks), "a DMP checkpoint must restore the run exactly"
+
+
+class PipelineNet(Net):
+    """``Net`` taking a torchrec ``Batch`` and returning ``(loss, logits)``, as TrainPipelineSparseDist expects."""
+
+    def forward(self, batch: Batch):
+        logits = super().forward(batch.sparse_features)
+        return (logits - batch.labels).pow(2).mean(), logits.detach()
+
+
+def as_batch(step: int, rank: int) -> Batch:
+    return Batch(dense_features=torch.zeros(LOCAL_BATCH, 1), sparse_features=batch(step, range(rank, rank + 1)),
+                 labels=torch.ones(LOCAL_BATCH))
+
+
+def _pipeline_worker(rank: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    memories = []
+    for pipelined in (False, True):
+        model = PipelineNet()
+        apply_optimizer_in_backward(torch.optim.Adagrad, model.ebc.parameters(), {"lr": LR})
+        dmp = make_dmp(model)
+        dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())),
+                                      lambda params: torch.optim.SGD(params, lr=LR))
+        batches = [as_batch(step, rank) for step in range(STEPS)]
+        if pipelined:
+            pipeline = TrainPipelineSparseDist(dmp, dense, torch.device("cpu"))
+            iterator = iter(batches)
+            for _ in range(STEPS):
+                pipeline.progress(iterator)
+        else:
+            for b in batches:
+                dense.zero_grad()
+                dmp(b)[0].backward()
+                dense.step()
+        memories.append(dmp.state_dict()["ebc.pss_memories.robe_default.weight"].clone())
+    torch.save(memories, os.path.join(out_dir, f"pipeline{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_train_pipeline_sparse_dist_gives_the_same_training() -> None:
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(_pipeline_worker, args=(os.path.join(out_dir, "init"), out_dir), nprocs=WORLD, join=True)
+        runs = [torch.load(os.path.join(out_dir, f"pipeline{r}.pt")) for r in range(WORLD)]
+    for plain, pipelined in runs:
+        torch.testing.assert_close(pipelined, plain, rtol=1e-6, atol=1e-7)
+    assert torch.equal(runs[0][1], runs[1][1])

@@ -2,7 +2,7 @@
 
 from torchrec_pss.distributed.budget import compression_for_budget, parse_bytes
 from torchrec_pss.distributed.checksum import assert_replicas_identical, bit_checksum
-from torchrec_pss.distributed.constraints import pss_constraints
+from torchrec_pss.distributed.constraints import make_planner, pss_constraints
 from torchrec_pss.distributed.gradient_sync import ReplicatedGradientSync, replicate_gradients
 from torchrec_pss.distributed.sharder import (
     CompressedEmbeddingBagCollectionSharder,
@@ -15,6 +15,7 @@ __all__ = [
     "ReplicatedGradientSync",
     "ShardedCompressedEmbeddingBagCollection",
     "get_pss_sharders",
+    "make_planner",
     "assert_replicas_identical",
     "bit_checksum",
     "compression_for_budget",

@@ -1,8 +1,12 @@
-"""``pss_constraints``: planner constraints that keep compressed tables replicated (data parallel)."""
+"""Planning: constraints that keep compressed tables replicated (data parallel), and a one-call planner."""
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 from torch import nn
+from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.distributed.types import ShardingType
 
@@ -33,3 +37,32 @@ def pss_constraints(model: nn.Module) -> dict[str, ParameterConstraints]:
                 sharding_types=[ShardingType.DATA_PARALLEL.value], compute_kernels=[REPLICATED_KERNEL]
             )
     return constraints
+
+
+def make_planner(
+    model: nn.Module,
+    topology: Topology,
+    constraints: dict[str, ParameterConstraints] | None = None,
+    **planner_kwargs: Any,
+) -> EmbeddingShardingPlanner:
+    """TorchRec's ``EmbeddingShardingPlanner`` with every compressed table of ``model`` held DATA_PARALLEL.
+
+    ``constraints`` (e.g. pooling factors, or sharding types for plain tables) are kept; for a
+    compressed table only its sharding type and kernel are overridden, and a constraint asking for
+    another sharding type is refused. Plan with ``get_pss_sharders() + get_default_sharders()``.
+    """
+    merged = dict(constraints or {})
+    for table, replicated in pss_constraints(model).items():
+        given = merged.get(table)
+        if given is None:
+            merged[table] = replicated
+            continue
+        if given.sharding_types and given.sharding_types != replicated.sharding_types:
+            raise ValueError(
+                f"table {table!r} is compressed and must stay {ShardingType.DATA_PARALLEL.value}; "
+                f"constraints ask for {given.sharding_types}"
+            )
+        merged[table] = dataclasses.replace(
+            given, sharding_types=replicated.sharding_types, compute_kernels=replicated.compute_kernels
+        )
+    return EmbeddingShardingPlanner(topology=topology, constraints=merged, **planner_kwargs)

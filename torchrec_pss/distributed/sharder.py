@@ -10,12 +10,14 @@ the plan. The sharded module keeps the unsharded module's state_dict keys (``emb
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Iterator
 
 import torch
 from torch import nn
 from torchrec import EmbeddingBagCollection
+from torchrec.distributed.embedding_sharding import KJTListSplitsAwaitable
 from torchrec.distributed.embedding_types import KJTList
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.types import (
@@ -24,27 +26,43 @@ from torchrec.distributed.types import (
     LazyAwaitable,
     LazyNoWait,
     NoWait,
-    NullShardedModuleContext,
     QuantizedCommCodecs,
     ShardedModule,
     ShardingEnv,
     ShardingType,
 )
 from torchrec.distributed.types import ModuleSharder
+from torchrec.optim import RowWiseAdagrad
 from torchrec.optim.fused import FusedOptimizerModule
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+from torchrec.streamable import Multistreamable
 
 from torchrec_pss.distributed.constraints import REPLICATED_KERNEL
 from torchrec_pss.distributed.gradient_sync import ReplicatedGradientSync
 from torchrec_pss.modules.compressed_embedding_bag_collection import CompressedEmbeddingBagCollection
-from torchrec_pss.optim import FusedUpdate, PSSFusedOptimizer
+from torchrec_pss.optim import BlockwiseAdagrad, FusedUpdate, PSSFusedOptimizer
 
 _PLAIN = "_plain"
 
 
+@dataclasses.dataclass
+class CompressedEBCContext(Multistreamable):
+    """The sharded module's context: the plain tables' TorchRec context, whose sharding contexts it shows."""
+
+    plain: Multistreamable | None = None
+
+    @property
+    def sharding_contexts(self) -> list:
+        return getattr(self.plain, "sharding_contexts", [])
+
+    def record_stream(self, stream: torch.Stream) -> None:
+        if self.plain is not None:
+            self.plain.record_stream(stream)
+
+
 class ShardedCompressedEmbeddingBagCollection(
-    ShardedModule[KJTList, KeyedTensor, KeyedTensor, NullShardedModuleContext], FusedOptimizerModule
+    ShardedModule[KJTList, KeyedTensor, KeyedTensor, "CompressedEBCContext"], FusedOptimizerModule
 ):
     """The sharded form of a :class:`CompressedEmbeddingBagCollection` (see the module docstring)."""
 
@@ -136,28 +154,30 @@ class ShardedCompressedEmbeddingBagCollection(
     def set_extra_state(self, state: Any) -> None:
         """The unsharded module's pre-load check guards signatures; nothing to restore."""
 
-    def create_context(self) -> NullShardedModuleContext:
-        return NullShardedModuleContext()
+    def create_context(self) -> CompressedEBCContext:
+        return CompressedEBCContext()
 
-    def input_dist(self, ctx: NullShardedModuleContext, features: KeyedJaggedTensor) -> Awaitable[Awaitable[KJTList]]:
-        return NoWait(NoWait(KJTList([features])))
+    def input_dist(self, ctx: CompressedEBCContext, features: KeyedJaggedTensor) -> Awaitable[Awaitable[KJTList]]:
+        """TorchRec's input dist for the plain tables, then the features as they are for the replicas.
 
-    def compute(self, ctx: NullShardedModuleContext, dist_input: KJTList) -> KeyedTensor:
-        return self._pooled(dist_input[0])
+        One ``KJTListSplitsAwaitable``, as TrainPipelineSparseDist needs to fuse the splits all-to-alls.
+        """
+        awaitables: list = []
+        plain = getattr(self, _PLAIN, None)
+        if plain is not None:
+            ctx.plain = plain.create_context()
+            awaitables.extend(plain.input_dist(ctx.plain, features).awaitables)
+        awaitables.append(NoWait(NoWait(features)))
+        return KJTListSplitsAwaitable(awaitables, ctx)
 
-    def output_dist(self, ctx: NullShardedModuleContext, output: KeyedTensor) -> LazyAwaitable[KeyedTensor]:
-        return LazyNoWait(output)
-
-    def forward(self, features: KeyedJaggedTensor) -> LazyAwaitable[KeyedTensor]:
-        return LazyNoWait(self._pooled(features))
-
-    def _pooled(self, features: KeyedJaggedTensor) -> KeyedTensor:
+    def compute(self, ctx: CompressedEBCContext, dist_input: KJTList) -> KeyedTensor:
         """Plain tables through TorchRec's sharded EBC, compressed ones locally; columns in table order."""
         self._replication()
+        kjts = list(dist_input)
         plain = getattr(self, _PLAIN, None)
         parts = {
-            True: self._local[0].pool(features).values() if self._local else None,
-            False: plain(features).values() if plain is not None else None,
+            True: self._local[0].pool(kjts[-1]).values() if self._local else None,
+            False: plain.compute_and_output_dist(ctx.plain, KJTList(kjts[:-1])).values() if plain is not None else None,
         }
         offsets = {True: 0, False: 0}
         columns = []
@@ -165,6 +185,9 @@ class ShardedCompressedEmbeddingBagCollection(
             columns.append(parts[compressed][:, offsets[compressed] : offsets[compressed] + width])
             offsets[compressed] += width
         return KeyedTensor(self._embedding_names, self._lengths_per_embedding, torch.cat(columns, dim=1))
+
+    def output_dist(self, ctx: CompressedEBCContext, output: KeyedTensor) -> LazyAwaitable[KeyedTensor]:
+        return LazyNoWait(output)
 
     def sharded_parameter_names(self, prefix: str = "") -> Iterator[str]:
         for name, _ in self.named_parameters(prefix):
@@ -199,7 +222,9 @@ class CompressedEmbeddingBagCollectionSharder(ModuleSharder[CompressedEmbeddingB
 
         The stand-in has shape ``(ceil(share / d), d)``, where the share splits the group's stored
         elements over its tables in proportion to their logical sizes, so the planner charges what is
-        really stored (the hash constants' few bytes are left out).
+        really stored (the hash constants' few bytes are left out). It carries the memory's in-backward
+        optimizer class, from which the planner adds optimizer state (BlockwiseAdagrad is charged as
+        TorchRec's RowWiseAdagrad: one accumulator per d elements).
         """
         params: dict[str, nn.Parameter] = {}
         for table in module.embedding_bag_configs():
@@ -211,7 +236,11 @@ class CompressedEmbeddingBagCollectionSharder(ModuleSharder[CompressedEmbeddingB
             stored = sum(p.numel() for p in memory.parameters())
             share = stored * logical[table.name] / sum(logical.values())
             rows = max(1, math.ceil(share / table.embedding_dim))
-            params[table.name] = nn.Parameter(torch.empty(rows, table.embedding_dim, device="meta"))
+            stand_in = nn.Parameter(torch.empty(rows, table.embedding_dim, device="meta"))
+            classes = next((p._optimizer_classes for p in memory.parameters() if hasattr(p, "_optimizer_classes")), None)
+            if classes:  # the planner charges optimizer state from this attribute
+                stand_in._optimizer_classes = [RowWiseAdagrad if c is BlockwiseAdagrad else c for c in classes]
+            params[table.name] = stand_in
         return params
 
     def sharding_types(self, compute_device_type: str) -> list[str]:
