@@ -24,7 +24,13 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from helpers import make_kjt, random_bags
 from torchrec_pss import CompressedEmbeddingBagCollection, RobeConfig
-from torchrec_pss.distributed import ShardedCompressedEmbeddingBagCollection, get_pss_sharders, pss_constraints
+from torchrec_pss.distributed import (
+    ShardedCompressedEmbeddingBagCollection,
+    assert_replicas_identical,
+    get_pss_sharders,
+    pss_constraints,
+)
+from torchrec_pss.hashing import hash_coefficients
 
 WORLD = 2
 LOCAL_BATCH = 6
@@ -34,7 +40,7 @@ SIZES = {"fp": 20, "f1": 1000, "f2": 500}
 
 
 class Net(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, device: str = "cpu") -> None:
         super().__init__()
         torch.manual_seed(0)
         tables = [
@@ -45,8 +51,8 @@ class Net(nn.Module):
             EmbeddingBagConfig(name="r2", embedding_dim=8, num_embeddings=500, feature_names=["f2"]),
         ]
         robe = RobeConfig(memory_size=256, chunk_size=4, gradient="dense")
-        self.ebc = CompressedEmbeddingBagCollection(tables, {"r1": robe, "r2": robe})
-        self.head = nn.Linear(24, 1)
+        self.ebc = CompressedEmbeddingBagCollection(tables, {"r1": robe, "r2": robe}, device)
+        self.head = nn.Linear(24, 1, device=device)
 
     def forward(self, kjt) -> torch.Tensor:
         return self.head(self.ebc(kjt).values()).squeeze(1)
@@ -180,3 +186,26 @@ def test_train_pipeline_sparse_dist_gives_the_same_training() -> None:
     for plain, pipelined in runs:
         torch.testing.assert_close(pipelined, plain, rtol=1e-6, atol=1e-7)
     assert torch.equal(runs[0][1], runs[1][1])
+
+
+def _meta_worker(rank: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    model = Net("meta")
+    apply_optimizer_in_backward(torch.optim.Adagrad, model.ebc.parameters(), {"lr": LR})
+    dmp = make_dmp(model)
+    memory = dmp.module.ebc.pss_memories["robe_default"]
+    materialised = not memory.weight.is_meta and torch.equal(memory.hash_coefficients, hash_coefficients(0, 2))
+    before = memory.weight.detach().clone()
+    train_steps(dmp, rank, range(2))
+    assert_replicas_identical(dict(dmp.module.ebc.pss_memories.named_parameters()))
+    moved = not torch.equal(before, memory.weight)
+    fused = "ebc.pss_memories.robe_default.weight" in dmp.fused_optimizer.state_dict()["state"]
+    torch.save([materialised, moved, fused], os.path.join(out_dir, f"meta{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_dmp_materialises_a_meta_model_and_trains_it() -> None:
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(_meta_worker, args=(os.path.join(out_dir, "init"), out_dir), nprocs=WORLD, join=True)
+        flags = [torch.load(os.path.join(out_dir, f"meta{r}.pt")) for r in range(WORLD)]
+    assert flags == [[True, True, True]] * WORLD

@@ -15,6 +15,7 @@ import math
 from typing import Any, Iterator
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torchrec import EmbeddingBagCollection
 from torchrec.distributed.embedding_sharding import KJTListSplitsAwaitable
@@ -86,7 +87,6 @@ class ShardedCompressedEmbeddingBagCollection(
                     "planner's constraints"
                 )
         self._env = env
-        self._device = device
         self._signatures = module.get_extra_state()
         compressed = [t for t in module.embedding_bag_configs() if t.name in module.compression]
         plain = [t for t in module.embedding_bag_configs() if t.name not in module.compression]
@@ -94,12 +94,12 @@ class ShardedCompressedEmbeddingBagCollection(
                                                         is_weighted=module.is_weighted())] if compressed else []
         if self._local:
             self._local[0].pss_memories = module.pss_memories
-        self.pss_memories = module.pss_memories.to(device)
-        self._optimizer_config = {
-            name: (p._optimizer_classes, p._optimizer_kwargs)
-            for name, p in self.pss_memories.named_parameters(prefix="pss_memories")
+        self._optimizer_tags = {  # kept: materialising meta parameters replaces them, dropping their attributes
+            name: (p._optimizer_classes, [dict(k) for k in p._optimizer_kwargs])
+            for name, p in module.pss_memories.named_parameters(prefix="pss_memories")
             if getattr(p, "_optimizer_classes", None)
         }
+        self.pss_memories = _materialised(module.pss_memories, device)
         self._sync: ReplicatedGradientSync | None = None
         self._fused: PSSFusedOptimizer | None = None
         if plain:
@@ -122,18 +122,25 @@ class ShardedCompressedEmbeddingBagCollection(
         if self._sync is None:
             params = dict(self.pss_memories.named_parameters(prefix="pss_memories"))
             updates = {}
-            for name, (classes, kwargs) in self._optimizer_config.items():
-                if len(classes) != 1:
-                    raise ValueError(f"parameter {name!r} has {len(classes)} in-backward optimizers; apply exactly one")
-                group = name.split(".")[1]
+            for name, (classes, kwargs) in self._optimizer_tags.items():
                 param = params[name]
-                block = self.pss_memories[group].optimizer_block_size(param)
-                updates[name] = FusedUpdate(name, param, classes[0], kwargs[0], block)
+                param._optimizer_classes, param._optimizer_kwargs = classes, kwargs
+                block = self.pss_memories[name.split(".")[1]].optimizer_block_size(param)
+                updates[name] = FusedUpdate.from_tags(name, param, block)
                 if getattr(param, "_in_backward_optimizers", None):
                     param._in_backward_optimizers[:] = [updates[name]]
+            self._broadcast_from_first_rank()
             self._sync = ReplicatedGradientSync(params, updates, self._env.process_group)
             self._fused = PSSFusedOptimizer(updates)
         return self._sync, self._fused
+
+    @torch.no_grad()
+    def _broadcast_from_first_rank(self) -> None:
+        """Start every replica from the first rank's memory (initialisation may differ per rank)."""
+        group = self._env.process_group
+        source = dist.get_global_rank(group, 0) if group is not None else 0
+        for tensor in [*self.pss_memories.parameters(), *self.pss_memories.buffers()]:
+            dist.broadcast(tensor, src=source, group=group)
 
     @property
     def fused_optimizer(self) -> KeyedOptimizer:
@@ -192,6 +199,17 @@ class ShardedCompressedEmbeddingBagCollection(
     def sharded_parameter_names(self, prefix: str = "") -> Iterator[str]:
         for name, _ in self.named_parameters(prefix):
             yield name
+
+
+def _materialised(memories: nn.ModuleDict, device: torch.device) -> nn.ModuleDict:
+    """The memories on ``device``; built on meta, they are allocated and initialised here, as TBE does
+    for its tables (DMP's own materialisation would come after it collected the fused optimizers)."""
+    if not any(p.is_meta for p in memories.parameters()):
+        return memories.to(device)
+    memories.to_empty(device=device)
+    for memory in memories.values():
+        memory.reset_parameters()
+    return memories
 
 
 def _drop_plain_prefix(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:

@@ -155,12 +155,9 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOpt
             optimizers = getattr(param, "_in_backward_optimizers", None)
             if not optimizers or optimizers == [self._fused_updates.get(name)]:
                 continue
-            classes, kwargs = param._optimizer_classes, param._optimizer_kwargs
-            if len(classes) != 1:
-                raise ValueError(f"parameter {name!r} has {len(classes)} in-backward optimizers; apply exactly one")
             group = name.split(".")[1] if name.startswith("pss_memories.") else None
             block = self.pss_memories[group].optimizer_block_size(param) if group else param[0].numel()
-            update = FusedUpdate(name, param, classes[0], kwargs[0], block)
+            update = FusedUpdate.from_tags(name, param, block)
             optimizers[:] = [update]
             self._fused_updates[name] = update
 

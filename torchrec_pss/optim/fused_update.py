@@ -76,6 +76,14 @@ class FusedUpdate:
         self.deferred_to: Callable[[FusedUpdate, torch.Tensor], None] | None = None
         """When set (replicated memories), ``step`` hands the local gradient over instead of applying it."""
 
+    @classmethod
+    def from_tags(cls, name: str, param: torch.nn.Parameter, row_size: int) -> FusedUpdate:
+        """The update ``apply_optimizer_in_backward`` asked for (``param._optimizer_classes`` / ``_kwargs``)."""
+        classes, kwargs = param._optimizer_classes, param._optimizer_kwargs
+        if len(classes) != 1:
+            raise ValueError(f"parameter {name!r} has {len(classes)} in-backward optimizers; apply exactly one")
+        return cls(name, param, classes[0], kwargs[0], row_size)
+
     def _initial_state(self) -> dict[str, torch.Tensor]:
         p, kind = self.param, self.kind
         if kind == "SGD":
