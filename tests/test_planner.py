@@ -90,3 +90,10 @@ def test_planner_is_exposed_as_an_entry_point() -> None:
 
     (entry,) = [e for e in entry_points(group="torchrec_pss.planners") if e.name == "default"]
     assert entry.load() is make_planner
+
+
+def test_sharder_exposes_fused_params_like_torchrecs_sharders() -> None:
+    """TorchRec's shard estimators read ``sharder.fused_params`` (torchrec 1.6 fails without it)."""
+    params = {"learning_rate": 0.1}
+    assert CompressedEmbeddingBagCollectionSharder(params).fused_params == params
+    assert CompressedEmbeddingBagCollectionSharder().fused_params is None

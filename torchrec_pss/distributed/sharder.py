@@ -235,6 +235,11 @@ class CompressedEmbeddingBagCollectionSharder(ModuleSharder[CompressedEmbeddingB
     def module_type(self) -> type[CompressedEmbeddingBagCollection]:
         return CompressedEmbeddingBagCollection
 
+    @property
+    def fused_params(self) -> dict[str, Any] | None:
+        """The fused params handed to TorchRec's sharder (TorchRec's planner estimators read them)."""
+        return self._ebc_sharder.fused_params
+
     def shardable_parameters(self, module: CompressedEmbeddingBagCollection) -> dict[str, nn.Parameter]:
         """Plain tables' weights, and for each compressed table a meta stand-in of its share of the memory.
 
