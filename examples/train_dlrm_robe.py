@@ -1,11 +1,11 @@
 """Demo: a TorchRec DLRM whose large tables are swapped for ROBE-Z, trained on a planted click task.
 
-    bash scripts/demo.sh --steps 300 --compression 100
+    bash scripts/demo.sh --steps 300 --pss "robe:compression=100,chunk_size=8,gradient=dense,min_rows=10000"
 
-Builds ``torchrec.models.dlrm.DLRM`` with an ordinary ``EmbeddingBagCollection``, replaces it by a
-``CompressedEmbeddingBagCollection`` holding the same tables (the ones with at least
-``--min-rows`` rows as one ROBE array), trains both the compressed and the uncompressed model for
-the same steps on the same synthetic batches, and reports log-loss, test AUC and embedding bytes.
+Builds ``torchrec.models.dlrm.DLRM`` with an ordinary ``EmbeddingBagCollection``, compresses a copy
+with ``torchrec_pss.compress_`` and the ``--pss`` flag (by default the tables with at least 10,000 rows
+share one ROBE array at 100x), trains both the compressed and the uncompressed model for the same
+steps on the same synthetic batches, and reports log-loss, test AUC and embedding bytes.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from tqdm import tqdm
 
-from torchrec_pss import CompressedEmbeddingBagCollection, RobeConfig
+from torchrec_pss import compress_, parse_compression_flag
 
 TABLE_ROWS = [200_000, 100_000, 20_000, 2_000, 100]
 DENSE_FEATURES = 4
@@ -85,9 +85,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--dim", type=int, default=16)
-    parser.add_argument("--compression", type=float, default=100.0)
-    parser.add_argument("--chunk-size", type=int, default=8)
-    parser.add_argument("--min-rows", type=int, default=10_000)
+    parser.add_argument("--pss", default="robe:compression=100,chunk_size=8,gradient=dense,min_rows=10000",
+                        help="compression flag (torchrec_pss.flags): <method>:<field>=<value>,...;<table>=...")
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -98,24 +97,19 @@ def main() -> None:
         for i, n in enumerate(TABLE_ROWS)
     ]
     baseline = make_model(tables, args.dim)
-    compressed = copy.deepcopy(baseline)
-    ebc = compressed.sparse_arch.embedding_bag_collection
-    robe = RobeConfig(compression=args.compression, chunk_size=args.chunk_size, gradient="dense")
-    compression = {t.name: robe for t in ebc.embedding_bag_configs() if t.num_embeddings >= args.min_rows}
-    compressed.sparse_arch.embedding_bag_collection = CompressedEmbeddingBagCollection(
-        ebc.embedding_bag_configs(), compression, is_weighted=ebc.is_weighted()
-    )
+    compressed = compress_(copy.deepcopy(baseline), parse_compression_flag(args.pss))
+    compression = compressed.sparse_arch.embedding_bag_collection.compression
 
     test_data = PlantedClicks(TABLE_ROWS, args.seed)
     test = [test_data.batch(args.batch) for _ in range(8)]
     results = {}
-    for name, model in (("uncompressed", baseline), (f"ROBE {args.compression:g}x", compressed)):
+    for name, model in (("uncompressed", baseline), ("compressed", compressed)):
         data = PlantedClicks(TABLE_ROWS, args.seed)
         data.generator.manual_seed(args.seed + 1)
         results[name] = train(model, data, test, args.steps, args.batch, args.lr, name)
         embedding = model.sparse_arch.embedding_bag_collection
         results[name]["embedding_bytes"] = sum(p.numel() * p.element_size() for p in embedding.parameters())
-    print(f"\ncompressed tables: {sorted(compression)}; {args.steps} steps of {args.batch}")
+    print(f"\n--pss {args.pss!r}: compressed tables {sorted(compression)}; {args.steps} steps of {args.batch}")
     print(f"{'model':<16}{'loss first20':>14}{'loss last20':>13}{'test AUC':>10}{'embedding bytes':>17}")
     for name, r in results.items():
         print(f"{name:<16}{r['first_loss']:>14.4f}{r['last_loss']:>13.4f}{r['test_auc']:>10.4f}{r['embedding_bytes']:>17,}")

@@ -7,17 +7,22 @@ Method configs (``RobeConfig``, ...) are exported from here through the method r
 from typing import Any
 
 from torchrec_pss.collapse import collapse
+from torchrec_pss.compress import compress_
 from torchrec_pss.contract import MethodConfig, PSSMemory
+from torchrec_pss.flags import CompressionFlag, parse_compression_flag
 from torchrec_pss.modules import CompressedEmbeddingBagCollection
 from torchrec_pss.registry import method_by_name, method_for_config, register_method, registered_methods
 
 __all__ = [
     "CompressedEmbeddingBagCollection",
+    "CompressionFlag",
     "MethodConfig",
     "PSSMemory",
     "collapse",
+    "compress_",
     "method_by_name",
     "method_for_config",
+    "parse_compression_flag",
     "register_method",
     "registered_methods",
 ]

@@ -1,0 +1,109 @@
+"""The textual compression flag for command lines and YAML.
+
+Grammar: clauses separated by ``;``. The first clause without ``<table>=`` is the default for every
+table; ``<table>=<clause>`` overrides one table; a clause is ``<method>:<field>=<value>,...`` with a
+registered method name (``robe``, ``qr``, ``tt``, ``mlet``, ``hashing``, ...) or ``plain`` / ``none``
+to keep a table uncompressed. Values are Python literals (``1000``, ``0.5``, ``True``, ``[4,4,8]``) or
+bare strings. The key ``min_rows`` (default clause only) leaves tables with fewer rows plain. Example::
+
+    robe:compression=1000,chunk_size=32,min_rows=100000;t_3=tt:ranks=16;t_7=plain
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+from typing import Any
+
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+
+from torchrec_pss.contract import MethodConfig
+from torchrec_pss.registry import method_by_name, registered_methods
+
+PLAIN_NAMES = ("plain", "none")
+MIN_ROWS = "min_rows"
+
+
+@dataclasses.dataclass(frozen=True)
+class CompressionFlag:
+    """A parsed flag: a callable ``(EmbeddingBagConfig) -> MethodConfig | None`` for ``compress_``."""
+
+    default: MethodConfig | None
+    overrides: dict[str, MethodConfig | None]
+    min_rows: int = 0
+
+    def __call__(self, table: EmbeddingBagConfig) -> MethodConfig | None:
+        if table.name in self.overrides:
+            return self.overrides[table.name]
+        return self.default if table.num_embeddings >= self.min_rows else None
+
+
+def _value(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _split_fields(text: str) -> list[str]:
+    """Split ``a=1,b=[1,2]`` at the commas that are not inside brackets."""
+    parts, depth, current = [], 0, ""
+    for char in text:
+        if char in "[(":
+            depth += 1
+        elif char in "])":
+            depth -= 1
+        if char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    return parts + [current] if current else parts
+
+
+def _clause(text: str, allow_min_rows: bool) -> tuple[MethodConfig | None, int | None]:
+    method, _, fields = text.strip().partition(":")
+    method = method.strip()
+    if method in PLAIN_NAMES:
+        if fields.strip():
+            raise ValueError(f"'{method}' takes no fields, got {fields!r}")
+        return None, None
+    if method not in registered_methods():
+        raise ValueError(f"unknown compression method {method!r} in {text!r}; known: {sorted(registered_methods())} "
+                         f"or {list(PLAIN_NAMES)}")
+    config_cls = method_by_name(method).config_cls
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    kwargs: dict[str, Any] = {}
+    min_rows = None
+    for field in _split_fields(fields):
+        key, sep, value = field.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"expected <field>=<value> in {text!r}, got {field!r}")
+        if key == MIN_ROWS and allow_min_rows:
+            min_rows = int(_value(value.strip()))
+            continue
+        if key not in known:
+            raise ValueError(f"{config_cls.__name__} has no field {key!r} (in {text!r}); fields: {sorted(known)}")
+        kwargs[key] = _value(value.strip())
+    return config_cls(**kwargs), min_rows
+
+
+def parse_compression_flag(flag: str) -> CompressionFlag:
+    """Parse ``flag`` (see the module docstring) into a :class:`CompressionFlag`."""
+    default: MethodConfig | None = None
+    min_rows = 0
+    overrides: dict[str, MethodConfig | None] = {}
+    seen_default = False
+    for clause in filter(None, (c.strip() for c in flag.split(";"))):
+        head = clause.split(":", 1)[0]
+        if "=" in head:
+            table, _, rest = clause.partition("=")
+            overrides[table.strip()], _ = _clause(rest, allow_min_rows=False)
+            continue
+        if seen_default:
+            raise ValueError(f"more than one default clause in {flag!r}; per-table clauses are <table>=<method>:...")
+        seen_default = True
+        default, rows = _clause(clause, allow_min_rows=True)
+        min_rows = rows or 0
+    return CompressionFlag(default, overrides, min_rows)
