@@ -1,0 +1,6 @@
+"""Data sources for the DLRM application."""
+
+from torchrec_pss.datasets.criteo_text import batches as criteo_text_batches
+from torchrec_pss.datasets.criteo_text import read_rows as read_criteo_rows
+
+__all__ = ["criteo_text_batches", "read_criteo_rows"]

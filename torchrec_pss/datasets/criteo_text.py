@@ -1,0 +1,95 @@
+"""Criteo display-advertising rows from text files, read through iopath (local paths or URIs).
+
+Two layouts: the Kaggle / 1TB day format (tab-separated ``label, I1..I13, C1..C26``, no header; rows
+that lost trailing empty fields are padded) and the comma-separated layout with a header row
+``label,I1..I13,C1..C26`` (integers may be written as floats, ``260.0``). Standard preprocessing:
+dense ``log(max(x, 0) + 1)`` (missing -> 0), sparse ``int(hex, 16) mod num_embeddings[f]`` (missing
+-> 0). Anything malformed raises ``ValueError`` naming the file, the line and the field.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator, Sequence
+
+import torch
+from iopath.common.file_io import PathManager
+from torchrec.datasets.criteo import DEFAULT_CAT_NAMES, DEFAULT_INT_NAMES
+from torchrec.datasets.utils import Batch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+NUM_DENSE, NUM_SPARSE = len(DEFAULT_INT_NAMES), len(DEFAULT_CAT_NAMES)
+NUM_FIELDS = 1 + NUM_DENSE + NUM_SPARSE
+_HEADER = ["label", *(f"I{i}" for i in range(1, NUM_DENSE + 1)), *(f"C{i}" for i in range(1, NUM_SPARSE + 1))]
+
+_path_manager = PathManager()
+
+
+def parse_row(fields: list[str], num_embeddings: Sequence[int], where: str) -> tuple[int, list[float], list[int]]:
+    """``(label, 13 dense values, 26 sparse ids)`` of one row's fields (``where`` names file:line)."""
+    if len(fields) > NUM_FIELDS:
+        raise ValueError(f"{where}: expected at most {NUM_FIELDS} fields, got {len(fields)}")
+    fields = fields + [""] * (NUM_FIELDS - len(fields))
+    label_text = fields[0].strip()
+    if label_text not in ("0", "1", "0.0", "1.0"):
+        raise ValueError(f"{where}: label must be 0 or 1, got {label_text!r}")
+    dense = []
+    for name, text in zip(_HEADER[1 : 1 + NUM_DENSE], fields[1 : 1 + NUM_DENSE]):
+        try:
+            value = float(text) if text.strip() else 0.0
+        except ValueError:
+            raise ValueError(f"{where}: {name} is not a number: {text!r}") from None
+        if not math.isfinite(value) or value != int(value):
+            raise ValueError(f"{where}: {name} must be an integer count, got {text!r}")
+        dense.append(math.log(max(value, 0.0) + 1.0))
+    sparse = []
+    for name, text, n in zip(_HEADER[1 + NUM_DENSE :], fields[1 + NUM_DENSE :], num_embeddings):
+        try:
+            sparse.append(int(text, 16) % n if text.strip() else 0)
+        except ValueError:
+            raise ValueError(f"{where}: {name} is not a hexadecimal id: {text!r}") from None
+    return int(float(label_text)), dense, sparse
+
+
+def read_rows(path: str, num_embeddings: Sequence[int]) -> Iterator[tuple[int, list[float], list[int]]]:
+    """Parsed rows of one file; the layout (tab day format or CSV with header) is detected from line 1."""
+    if len(num_embeddings) != NUM_SPARSE:
+        raise ValueError(f"num_embeddings needs {NUM_SPARSE} values, got {len(num_embeddings)}")
+    with _path_manager.open(path, "r") as handle:
+        delimiter = "\t"
+        for number, line in enumerate(handle, start=1):
+            line = line.rstrip("\r\n")
+            if number == 1 and line.startswith("label,"):
+                if line.split(",") != _HEADER:
+                    raise ValueError(f"{path}:1: header must be {','.join(_HEADER)}")
+                delimiter = ","
+                continue
+            if not line:
+                continue
+            yield parse_row(line.split(delimiter), num_embeddings, f"{path}:{number}")
+
+
+def batches(paths: Sequence[str], batch_size: int, num_embeddings: Sequence[int], drop_last: bool = False
+            ) -> Iterator[Batch]:
+    """TorchRec ``Batch``es (dense ``[B, 13]``, one id per sparse feature, labels ``[B]``) over ``paths`` in order."""
+    rows: list[tuple[int, list[float], list[int]]] = []
+    for path in paths:
+        for row in read_rows(path, num_embeddings):
+            rows.append(row)
+            if len(rows) == batch_size:
+                yield _batch(rows)
+                rows = []
+    if rows and not drop_last:
+        yield _batch(rows)
+
+
+def _batch(rows: list[tuple[int, list[float], list[int]]]) -> Batch:
+    labels = torch.tensor([r[0] for r in rows], dtype=torch.float32)
+    dense = torch.tensor([r[1] for r in rows], dtype=torch.float32)
+    ids = torch.tensor([r[2] for r in rows], dtype=torch.int64)  # [B, 26]
+    sparse = KeyedJaggedTensor(
+        keys=list(DEFAULT_CAT_NAMES),
+        values=ids.t().reshape(-1),
+        lengths=torch.ones(NUM_SPARSE * len(rows), dtype=torch.int32),
+    )
+    return Batch(dense_features=dense, sparse_features=sparse, labels=labels)
