@@ -2,5 +2,6 @@
 
 from torchrec_pss.datasets.criteo_text import batches as criteo_text_batches
 from torchrec_pss.datasets.criteo_text import read_rows as read_criteo_rows
+from torchrec_pss.datasets.synthetic import SyntheticCriteo
 
-__all__ = ["criteo_text_batches", "read_criteo_rows"]
+__all__ = ["SyntheticCriteo", "criteo_text_batches", "read_criteo_rows"]
