@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -27,12 +27,12 @@ from torchrec.distributed.types import (
     LazyAwaitable,
     LazyNoWait,
     NoWait,
+    ModuleSharder,
     QuantizedCommCodecs,
     ShardedModule,
     ShardingEnv,
     ShardingType,
 )
-from torchrec.distributed.types import ModuleSharder
 from torchrec.optim import RowWiseAdagrad
 from torchrec.optim.fused import FusedOptimizerModule
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
@@ -90,6 +90,8 @@ class ShardedCompressedEmbeddingBagCollection(
         self._signatures = module.get_extra_state()
         compressed = [t for t in module.embedding_bag_configs() if t.name in module.compression]
         plain = [t for t in module.embedding_bag_configs() if t.name not in module.compression]
+        # The compressed tables' pooling, reading this module's memories; held in a list so that it stays
+        # out of the module tree (the memories are registered once, as ``pss_memories``).
         self._local = [CompressedEmbeddingBagCollection(compressed, module.compression, "meta",
                                                         is_weighted=module.is_weighted())] if compressed else []
         if self._local:
@@ -195,10 +197,6 @@ class ShardedCompressedEmbeddingBagCollection(
 
     def output_dist(self, ctx: CompressedEBCContext, output: KeyedTensor) -> LazyAwaitable[KeyedTensor]:
         return LazyNoWait(output)
-
-    def sharded_parameter_names(self, prefix: str = "") -> Iterator[str]:
-        for name, _ in self.named_parameters(prefix):
-            yield name
 
 
 def _materialised(memories: nn.ModuleDict, device: torch.device) -> nn.ModuleDict:
