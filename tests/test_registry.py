@@ -50,8 +50,11 @@ def _code_words(tree: ast.AST) -> list[str]:
 
 
 def test_core_has_no_method_specific_code() -> None:
+    """The library core names no method; the DLRM application (``app/``) may pick a default flag."""
     core = Path(torchrec_pss.__file__).parent
     for path in core.rglob("*.py"):
+        if path.parent.name == "app":
+            continue
         for word in _code_words(ast.parse(path.read_text())):
             assert "robe" not in word.lower() and "plugins" not in word.lower(), (path, word)
 

@@ -17,15 +17,16 @@ features need no 40M-entry table."""
 
 
 class SyntheticCriteo:
-    """Batches of the synthetic stream; the same ``seed`` gives the same model and the same batches.
+    """Batches of the synthetic stream. ``seed`` fixes the planted model; ``stream`` picks the sample
+    sequence drawn from it (one per rank, another for evaluation). Equal arguments give equal batches.
 
     Ids of feature ``f`` are ``floor(n_f · u^skew)`` for uniform ``u`` — a power law where small ids are
     frequent (``skew`` > 1 makes it steeper). The label is Bernoulli(sigmoid(logit)) with
     ``logit = dense · w + scale · Σ_f effect_f[id_f mod 2^16] + bias``.
     """
 
-    def __init__(self, num_embeddings: Sequence[int], seed: int = 0, skew: float = 3.0, scale: float = 0.5,
-                 bias: float = -1.0) -> None:
+    def __init__(self, num_embeddings: Sequence[int], seed: int = 0, stream: int = 0, skew: float = 3.0,
+                 scale: float = 0.5, bias: float = -1.0) -> None:
         if len(num_embeddings) != len(DEFAULT_CAT_NAMES):
             raise ValueError(f"num_embeddings needs {len(DEFAULT_CAT_NAMES)} values, got {len(num_embeddings)}")
         self.num_embeddings = list(num_embeddings)
@@ -33,7 +34,7 @@ class SyntheticCriteo:
         planted = torch.Generator().manual_seed(seed)
         self.dense_weights = torch.randn(NUM_DENSE, generator=planted) / NUM_DENSE**0.5
         self.effects = torch.randn(len(num_embeddings), EFFECT_BUCKETS, generator=planted)
-        self.generator = torch.Generator().manual_seed(seed + 1)
+        self.generator = torch.Generator().manual_seed((seed + 1) * 1_000_003 + stream)
 
     def batch(self, batch_size: int) -> Batch:
         g = self.generator

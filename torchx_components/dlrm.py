@@ -1,0 +1,50 @@
+"""``torchx run dlrm_pss``: the DLRM preset trained with compressed tables under DMP."""
+
+from torchx import specs
+from torchx.components.dist import ddp
+
+
+def dlrm_pss(
+    nnodes: int = 1,
+    nproc_per_node: int = 1,
+    preset: str = "small",
+    pss: str = "robe:compression=100,chunk_size=8,min_rows=10000",
+    data: str = "synthetic",
+    steps: int = 200,
+    batch_size: int = 0,
+    eval_batches: int = 4,
+    checkpoint_dir: str = "",
+    summary: str = "dlrm_pss_summary.json",
+    image: str = "ghcr.io/pytorch/torchx:0.7.0",
+    cpu: int = 2,
+    gpu: int = 0,
+    memMB: int = 8192,
+) -> specs.AppDef:
+    """Train a DLRM preset (``small`` or ``mlperf_dcnv2``) with the ``--pss`` compression flag.
+
+    Args:
+        nnodes: number of nodes
+        nproc_per_node: processes (ranks) per node
+        preset: model preset (small, mlperf_dcnv2)
+        pss: compression flag, e.g. robe:compression=1000,min_rows=100000;t_cat_3=tt:ranks=16
+        data: data source; only the embedded synthetic Criteo-like stream ("synthetic") for now
+        steps: training steps
+        batch_size: examples per rank and step (0: the preset's global batch / world size)
+        eval_batches: evaluation batches per rank
+        checkpoint_dir: not supported yet; must be empty
+        summary: path of the JSON summary written by rank 0
+        image: container image (for container schedulers)
+        cpu: CPUs per replica
+        gpu: GPUs per replica
+        memMB: memory per replica in MB
+    """
+    if data != "synthetic":
+        raise ValueError(f"data={data!r}: only the synthetic stream is wired into the job so far")
+    if checkpoint_dir:
+        raise ValueError("checkpoint_dir is not supported yet")
+    args = ["--preset", preset, "--pss", pss, "--steps", str(steps), "--eval-batches", str(eval_batches),
+            "--summary", summary]
+    if batch_size:
+        args += ["--batch-size", str(batch_size)]
+    return ddp(*args, m="torchrec_pss.app.dlrm_main", name="dlrm_pss", image=image, cpu=cpu, gpu=gpu, memMB=memMB,
+               j=f"{nnodes}x{nproc_per_node}")
