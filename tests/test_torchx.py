@@ -34,8 +34,8 @@ def test_component_is_a_ddp_appdef() -> None:
     assert isinstance(app, AppDef) and app.roles[0].entrypoint == "bash"
     command = " ".join(app.roles[0].args)
     assert "torchrun" in command and "-m torchrec_pss.app.dlrm_main" in command and "--nproc_per_node 2" in command
-    with pytest.raises(ValueError, match="only the synthetic stream"):
-        dlrm_pss(data="/criteo/day_0")
+    with pytest.raises(ValueError, match="checkpoint_dir is not supported yet"):
+        dlrm_pss(checkpoint_dir="/tmp/ckpt")
 
 
 def test_torchx_run_trains_two_ranks_and_writes_the_summary(tmp_path: Path) -> None:
@@ -52,3 +52,14 @@ def test_single_process_job_learns(tmp_path: Path) -> None:
     summary = main(["--steps", "150", "--summary", str(tmp_path / "s.json")])
     assert json.loads((tmp_path / "s.json").read_text()) == summary
     assert summary["world_size"] == 1 and summary["auc"] > 0.65 and summary["last_train_loss"] < summary["first_train_loss"]
+
+
+def test_job_trains_on_real_criteo_files(tmp_path: Path) -> None:
+    data = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "criteo"
+    if not data.is_dir():
+        pytest.skip("needs ../shared/data/criteo beside the checkout")
+    files = ",".join(str(data / f) for f in ("kaggle_8k_train.tsv", "kaggle_8k_test.tsv"))
+    summary = main(["--data", files, "--steps", "120", "--batch-size", "128", "--eval-batches", "3",
+                    "--pss", "robe:compression=100,chunk_size=8,min_rows=10000"])
+    assert summary["data"] == files and summary["steps"] == 120
+    assert summary["auc"] > 0.55 and summary["compression_ratio"] > 10  # AUC 0.687 when written

@@ -27,7 +27,7 @@ def dlrm_pss(
         nproc_per_node: processes (ranks) per node
         preset: model preset (small, mlperf_dcnv2)
         pss: compression flag, e.g. robe:compression=1000,min_rows=100000;t_cat_3=tt:ranks=16
-        data: data source; only the embedded synthetic Criteo-like stream ("synthetic") for now
+        data: "synthetic" (the embedded generator) or comma-separated Criteo text files/URIs, the last held out
         steps: training steps
         batch_size: examples per rank and step (0: the preset's global batch / world size)
         eval_batches: evaluation batches per rank
@@ -38,12 +38,10 @@ def dlrm_pss(
         gpu: GPUs per replica
         memMB: memory per replica in MB
     """
-    if data != "synthetic":
-        raise ValueError(f"data={data!r}: only the synthetic stream is wired into the job so far")
     if checkpoint_dir:
         raise ValueError("checkpoint_dir is not supported yet")
-    args = ["--preset", preset, "--pss", pss, "--steps", str(steps), "--eval-batches", str(eval_batches),
-            "--summary", summary]
+    args = ["--preset", preset, "--pss", pss, "--data", data, "--steps", str(steps),
+            "--eval-batches", str(eval_batches), "--summary", summary]
     if batch_size:
         args += ["--batch-size", str(batch_size)]
     return ddp(*args, m="torchrec_pss.app.dlrm_main", name="dlrm_pss", image=image, cpu=cpu, gpu=gpu, memMB=memMB,

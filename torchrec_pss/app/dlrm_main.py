@@ -5,19 +5,21 @@
 
 Builds the preset on meta, compresses it with ``compress_`` and the ``--pss`` flag, plans with
 ``make_planner`` (compressed tables replicated, the rest sharded by TorchRec), trains with
-``TrainPipelineSparseDist`` and fused Adagrad on the synthetic Criteo-like stream (each rank its own
-slice), evaluates AUC and log-loss (torchmetrics, synced across ranks) and writes a JSON summary.
+``TrainPipelineSparseDist`` and fused Adagrad on the synthetic Criteo-like stream or Criteo text files
+(each rank its own slice), evaluates AUC and log-loss (torchmetrics, synced across ranks) and writes a JSON summary.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import resource
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -36,7 +38,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from tqdm import tqdm
 
 from torchrec_pss import compress_, parse_compression_flag
-from torchrec_pss.datasets import SyntheticCriteo
+from torchrec_pss.datasets import SyntheticCriteo, criteo_text_batches
 from torchrec_pss.distributed import get_pss_sharders, make_planner
 from torchrec_pss.models import PRESETS
 
@@ -48,12 +50,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
     parser.add_argument("--pss", default="robe:compression=100,chunk_size=8,min_rows=10000",
                         help="compression flag; '' or 'plain' trains uncompressed")
+    parser.add_argument("--data", default="synthetic",
+                        help="'synthetic' (the embedded generator) or comma-separated Criteo text files / URIs "
+                             "(day-format TSV or CSV with header); the last file is held out for evaluation")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=None, help="per rank; default: the preset's / world size")
     parser.add_argument("--eval-batches", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--summary", type=Path, default=None, help="JSON summary path (rank 0 writes it)")
     return parser.parse_args(argv)
+
+
+def data_streams(args: argparse.Namespace, num_embeddings: Sequence[int], batch_size: int, rank: int, world: int
+                 ) -> tuple[Iterable[Batch], Iterable[Batch]]:
+    """This rank's training batches (``args.steps`` of them) and evaluation batches.
+
+    Synthetic: one planted model, a sample stream per rank. Criteo files: every rank reads the files in
+    order and keeps every ``world``-th batch (starting at its rank), cycling the training files as needed.
+    """
+    if args.data == "synthetic":
+        train = SyntheticCriteo(num_embeddings, seed=args.seed, stream=rank).batches(batch_size, args.steps)
+        evaluation = SyntheticCriteo(num_embeddings, seed=args.seed, stream=EVAL_STREAM + rank)
+        return train, evaluation.batches(batch_size, args.eval_batches)
+    paths = [p for p in args.data.split(",") if p]
+    if len(paths) < 2:
+        raise ValueError(f"--data needs at least two Criteo files (training, then one held out), got {paths}")
+
+    def mine(files: list[str]) -> Iterator[Batch]:
+        for index, batch in enumerate(criteo_text_batches(files, batch_size, num_embeddings, drop_last=True)):
+            if index % world == rank:
+                yield batch
+
+    train = itertools.islice(itertools.chain.from_iterable(mine(paths[:-1]) for _ in itertools.count()), args.steps)
+    return train, itertools.islice(mine(paths[-1:]), args.eval_batches)
 
 
 def init_process_group() -> None:
@@ -94,8 +123,8 @@ def main(argv: list[str] | None = None) -> dict:
                                   lambda params: torch.optim.Adagrad(params, lr=preset.learning_rate))
     pipeline = TrainPipelineSparseDist(dmp, dense, device)
 
-    data = SyntheticCriteo(preset.num_embeddings, seed=args.seed, stream=rank)
-    batches = iter(data.batches(batch_size, args.steps))
+    train_batches, eval_batches = data_streams(args, preset.num_embeddings, batch_size, rank, world)
+    batches = iter(train_batches)
     start = time.perf_counter()
     losses = []
     for _ in tqdm(range(args.steps), disable=rank != 0, desc=f"train {args.preset}", mininterval=5.0):
@@ -106,10 +135,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     auroc = BinaryAUROC().to(device)
     log_loss, count = torch.zeros((), device=device), torch.zeros((), device=device)
-    evaluation = SyntheticCriteo(preset.num_embeddings, seed=args.seed, stream=EVAL_STREAM + rank)
     dmp.eval()
     with torch.no_grad():
-        for batch in evaluation.batches(batch_size, args.eval_batches):
+        for batch in eval_batches:
             batch: Batch = batch.to(device)
             _, (_, logits, labels) = dmp(batch)
             auroc.update(torch.sigmoid(logits), labels.long())
@@ -118,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
     dist.all_reduce(log_loss)
     dist.all_reduce(count)
     summary = {
-        "preset": args.preset, "pss": args.pss, "world_size": world, "steps": args.steps, "batch_size_per_rank": batch_size,
+        "preset": args.preset, "pss": args.pss, "data": args.data, "world_size": world, "steps": args.steps, "batch_size_per_rank": batch_size,
         "auc": auroc.compute().item(), "log_loss": (log_loss / count).item(),
         "first_train_loss": losses[0] if losses else None, "last_train_loss": losses[-1] if losses else None,
         "embedding_bytes": stored, "logical_embedding_bytes": logical, "compression_ratio": logical / stored,
