@@ -22,10 +22,12 @@ from torchrec_pss.optim import BlockwiseAdagrad
 WORLD = 2
 LOCAL_BATCH = 6
 STEPS = 3
+# Non-zero accumulator / eps: with Adagrad's 0 start (Adam's 1e-8 eps) the first step is ~lr * sign(g), so an
+# element whose gradient is 1e-9 in one summation order and 0 in another would move by lr in one run only.
 OPTIMIZERS = {
-    "adagrad": (torch.optim.Adagrad, {"lr": 0.1}),
-    "blockwise_adagrad": (BlockwiseAdagrad, {"lr": 0.1}),
-    "adam": (torch.optim.Adam, {"lr": 0.01}),
+    "adagrad": (torch.optim.Adagrad, {"lr": 0.1, "initial_accumulator_value": 0.1}),
+    "blockwise_adagrad": (BlockwiseAdagrad, {"lr": 0.1, "initial_accumulator_value": 0.1}),
+    "adam": (torch.optim.Adam, {"lr": 0.01, "eps": 1e-3}),
     "unfused_sgd": None,
 }
 
