@@ -88,8 +88,8 @@ def train_steps(dmp: DistributedModelParallel, rank: int, steps: range) -> None:
 
 
 def fresh_model() -> Net:
-    model = Net()  # a non-zero accumulator keeps Adagrad's first step from amplifying summation-order noise
-    apply_optimizer_in_backward(torch.optim.Adagrad, model.ebc.parameters(), {"lr": LR, "initial_accumulator_value": 0.1})
+    model = Net()
+    apply_optimizer_in_backward(torch.optim.Adagrad, model.ebc.parameters(), {"lr": LR})
     return model
 
 
