@@ -22,36 +22,19 @@ from typing import Callable
 
 import torch
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
-from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation, PoolingMode
-from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
-    ComputeDevice,
-    SplitTableBatchedEmbeddingBagsCodegen,
-)
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.optim import apply_optimizer_in_backward
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from lookup import time_steps
+from lookup import LR, tbe_step, time_steps
 from torchrec_pss import CompressedEmbeddingBagCollection, RobeConfig
 from torchrec_pss.optim import BlockwiseAdagrad
 
-LR = 0.01
 AUTO_DENSE_RATIO = RobeConfig.__dataclass_fields__["auto_dense_ratio"].default
 OPTIMIZERS = {
     "sgd": (torch.optim.SGD, {"lr": LR}, EmbOptimType.EXACT_SGD),
     "rowwise_adagrad": (BlockwiseAdagrad, {"lr": LR}, EmbOptimType.EXACT_ROWWISE_ADAGRAD),
 }
-
-
-def tbe_step(n: int, d: int, kjt: KeyedJaggedTensor, optimizer: EmbOptimType) -> Callable[[], None]:
-    tbe = SplitTableBatchedEmbeddingBagsCodegen(
-        embedding_specs=[(n, d, EmbeddingLocation.HOST, ComputeDevice.CPU)],
-        optimizer=optimizer,
-        learning_rate=LR,
-        pooling_mode=PoolingMode.SUM,
-    )
-    indices, offsets = kjt.values(), kjt.offsets()
-    return lambda: tbe(indices, offsets).sum().backward()
 
 
 def robe_step(table: EmbeddingBagConfig, ratio: float, gradient: str, optimizer: str,

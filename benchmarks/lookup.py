@@ -88,18 +88,19 @@ def baseline_step(n: int, d: int, kjt: KeyedJaggedTensor, device: torch.device) 
     if device.type == "cuda":
         bag = torch.nn.EmbeddingBag(n, d, mode="sum", sparse=True, include_last_offset=True, device=device)
         return sgd_step(bag, lambda: bag(kjt.values(), kjt.offsets()).sum())
+    return tbe_step(n, d, kjt, EmbOptimType.EXACT_SGD)
+
+
+def tbe_step(n: int, d: int, kjt: KeyedJaggedTensor, optimizer: EmbOptimType) -> Callable[[], None]:
+    """One FBGEMM CPU TBE step (forward + backward with ``optimizer`` fused into backward)."""
     tbe = SplitTableBatchedEmbeddingBagsCodegen(
         embedding_specs=[(n, d, EmbeddingLocation.HOST, ComputeDevice.CPU)],
-        optimizer=EmbOptimType.EXACT_SGD,
+        optimizer=optimizer,
         learning_rate=LR,
         pooling_mode=PoolingMode.SUM,
     )
     indices, offsets = kjt.values(), kjt.offsets()
-
-    def step() -> None:
-        tbe(indices, offsets).sum().backward()
-
-    return step
+    return lambda: tbe(indices, offsets).sum().backward()
 
 
 def tt_config(table: EmbeddingBagConfig, ratio: float) -> TTConfig | None:

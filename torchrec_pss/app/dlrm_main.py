@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
     compress_(model, parse_compression_flag(args.pss or "plain"))
     ebc = model.model.sparse_arch.embedding_bag_collection
     logical = sum(t.num_embeddings * t.embedding_dim * 4 for t in ebc.embedding_bag_configs())
-    stored = sum(ebc.num_bytes().values()) if hasattr(ebc, "num_bytes") else logical
+    stored = sum(ebc.num_bytes().values())
     apply_optimizer_in_backward(torch.optim.Adagrad, ebc.parameters(), {"lr": preset.learning_rate})
     sharders = get_pss_sharders() + get_default_sharders()
     # Plain tables table-wise: TorchRec's own DATA_PARALLEL tables would drop their in-backward optimizer.
