@@ -34,8 +34,9 @@ def test_component_is_a_ddp_appdef() -> None:
     assert isinstance(app, AppDef) and app.roles[0].entrypoint == "bash"
     command = " ".join(app.roles[0].args)
     assert "torchrun" in command and "-m torchrec_pss.app.dlrm_main" in command and "--nproc_per_node 2" in command
-    with pytest.raises(ValueError, match="checkpoint_dir is not supported yet"):
-        dlrm_pss(checkpoint_dir="/tmp/ckpt")
+    assert "--checkpoint-dir" not in command
+    resumable = " ".join(dlrm_pss(checkpoint_dir="/ckpt/run1", checkpoint_every=50, eval_every=25).roles[0].args)
+    assert "--checkpoint-dir /ckpt/run1 --checkpoint-every 50" in resumable and "--eval-every 25" in resumable
 
 
 def test_torchx_run_trains_two_ranks_and_writes_the_summary(tmp_path: Path) -> None:

@@ -5,8 +5,10 @@
 
 Builds the preset on meta, compresses it with ``compress_`` and the ``--pss`` flag, plans with
 ``make_planner`` (compressed tables replicated, the rest sharded by TorchRec), trains with
-``TrainPipelineSparseDist`` and fused Adagrad on the synthetic Criteo-like stream or Criteo text files
-(each rank its own slice), evaluates AUC and log-loss (torchmetrics, synced across ranks) and writes a JSON summary.
+``TrainPipelineSparseDist`` and fused Adagrad on the synthetic Criteo-like stream, Criteo text files or
+TorchRec's NumPy Criteo days (each rank its own slice), evaluates AUC and log-loss (torchmetrics, synced
+across ranks) every ``--eval-every`` steps and at the end, checkpoints to an iopath location with
+``torch.distributed.checkpoint`` (resuming from the newest complete checkpoint there) and writes a JSON summary.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import resource
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -38,7 +40,8 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from tqdm import tqdm
 
 from torchrec_pss import compress_, parse_compression_flag
-from torchrec_pss.datasets import SyntheticCriteo, criteo_text_batches
+from torchrec_pss.checkpoint import latest_checkpoint, load_training_state, save_training_state
+from torchrec_pss.datasets import SyntheticCriteo, criteo_npy_batches, criteo_text_batches, npy_days
 from torchrec_pss.distributed import get_pss_sharders, make_planner
 from torchrec_pss.models import PRESETS
 
@@ -51,27 +54,46 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pss", default="robe:compression=100,chunk_size=8,min_rows=10000",
                         help="compression flag; '' or 'plain' trains uncompressed")
     parser.add_argument("--data", default="synthetic",
-                        help="'synthetic' (the embedded generator) or comma-separated Criteo text files / URIs "
-                             "(day-format TSV or CSV with header); the last file is held out for evaluation")
-    parser.add_argument("--steps", type=int, default=200)
+                        help="'synthetic' (the embedded generator); comma-separated Criteo text files / URIs "
+                             "(day-format TSV or CSV with header), the last file held out for evaluation; or "
+                             "'npy:<dir>' with TorchRec's NumPy days day_<i>_{dense,sparse,labels}.npy, the first "
+                             "half of the last day held out")
+    parser.add_argument("--steps", type=int, default=200, help="total training steps (including resumed ones)")
     parser.add_argument("--batch-size", type=int, default=None, help="per rank; default: the preset's / world size")
     parser.add_argument("--eval-batches", type=int, default=4)
+    parser.add_argument("--eval-every", type=int, default=0, help="also evaluate every N steps (0: only at the end)")
+    parser.add_argument("--checkpoint-dir", default=None,
+                        help="iopath location for checkpoints; a run resumes from the newest complete one there")
+    parser.add_argument("--checkpoint-every", type=int, default=0,
+                        help="checkpoint every N steps (0: only at the end); needs --checkpoint-dir")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--summary", type=Path, default=None, help="JSON summary path (rank 0 writes it)")
     return parser.parse_args(argv)
 
 
-def data_streams(args: argparse.Namespace, num_embeddings: Sequence[int], batch_size: int, rank: int, world: int
-                 ) -> tuple[Iterable[Batch], Iterable[Batch]]:
-    """This rank's training batches (``args.steps`` of them) and evaluation batches.
+def data_streams(args: argparse.Namespace, num_embeddings: Sequence[int], batch_size: int, rank: int, world: int,
+                 start: int) -> tuple[Iterator[Batch], Callable[[], Iterable[Batch]]]:
+    """This rank's training batches for steps ``start .. args.steps - 1``, and a maker of its evaluation batches.
 
-    Synthetic: one planted model, a sample stream per rank. Criteo files: every rank reads the files in
-    order and keeps every ``world``-th batch (starting at its rank), cycling the training files as needed.
+    Synthetic: one planted model, a sample stream per rank. Files: every rank reads them in order and
+    keeps every ``world``-th batch (starting at its rank), cycling the training files as needed.
     """
     if args.data == "synthetic":
         train = SyntheticCriteo(num_embeddings, seed=args.seed, stream=rank).batches(batch_size, args.steps)
-        evaluation = SyntheticCriteo(num_embeddings, seed=args.seed, stream=EVAL_STREAM + rank)
-        return train, evaluation.batches(batch_size, args.eval_batches)
+        return itertools.islice(train, start, None), lambda: SyntheticCriteo(
+            num_embeddings, seed=args.seed, stream=EVAL_STREAM + rank).batches(batch_size, args.eval_batches)
+    if args.data.startswith("npy:"):
+        root = args.data[len("npy:"):]
+        days = npy_days(root)
+        if len(days) < 2:
+            raise ValueError(f"--data {args.data}: needs at least two days (training, then one held out), got {days}")
+
+        def epochs() -> Iterator[Batch]:
+            for _ in itertools.count():
+                yield from criteo_npy_batches(root, days[:-1], batch_size, num_embeddings, rank, world)
+
+        return itertools.islice(epochs(), start, args.steps), lambda: itertools.islice(
+            criteo_npy_batches(root, days[-1:], batch_size, num_embeddings, rank, world, stage="val"), args.eval_batches)
     paths = [p for p in args.data.split(",") if p]
     if len(paths) < 2:
         raise ValueError(f"--data needs at least two Criteo files (training, then one held out), got {paths}")
@@ -81,8 +103,26 @@ def data_streams(args: argparse.Namespace, num_embeddings: Sequence[int], batch_
             if index % world == rank:
                 yield batch
 
-    train = itertools.islice(itertools.chain.from_iterable(mine(paths[:-1]) for _ in itertools.count()), args.steps)
-    return train, itertools.islice(mine(paths[-1:]), args.eval_batches)
+    train = itertools.chain.from_iterable(mine(paths[:-1]) for _ in itertools.count())
+    return itertools.islice(train, start, args.steps), lambda: itertools.islice(mine(paths[-1:]), args.eval_batches)
+
+
+def evaluate(model: torch.nn.Module, batches: Iterable[Batch], device: torch.device) -> tuple[float, float]:
+    """Test AUC and mean log-loss of ``model`` (a DMP-wrapped ``DLRMTrain``) over every rank's ``batches``."""
+    auroc = BinaryAUROC().to(device)
+    log_loss, count = torch.zeros((), device=device), torch.zeros((), device=device)
+    model.eval()
+    with torch.no_grad():
+        for batch in batches:
+            batch = batch.to(device)
+            _, (_, logits, labels) = model(batch)
+            auroc.update(torch.sigmoid(logits), labels.long())
+            log_loss += torch.nn.functional.binary_cross_entropy_with_logits(logits, labels.float(), reduction="sum")
+            count += labels.numel()
+    model.train()
+    dist.all_reduce(log_loss)
+    dist.all_reduce(count)
+    return auroc.compute().item(), (log_loss / count).item()
 
 
 def init_process_group() -> None:
@@ -123,34 +163,45 @@ def main(argv: list[str] | None = None) -> dict:
                                   lambda params: torch.optim.Adagrad(params, lr=preset.learning_rate))
     pipeline = TrainPipelineSparseDist(dmp, dense, device)
 
-    train_batches, eval_batches = data_streams(args, preset.num_embeddings, batch_size, rank, world)
-    batches = iter(train_batches)
-    start = time.perf_counter()
-    losses = []
-    for _ in tqdm(range(args.steps), disable=rank != 0, desc=f"train {args.preset}", mininterval=5.0):
-        loss, _, _ = pipeline.progress(batches)
-        losses.append(float(loss))
-    seconds = time.perf_counter() - start
-    pipeline.detach()  # give the sharded modules their own forward back for evaluation
+    optimizers = {"fused": dmp.fused_optimizer, "dense": dense}
+    first_step = 0
+    if args.checkpoint_dir:
+        found = latest_checkpoint(args.checkpoint_dir)
+        if found is not None:
+            first_step = load_training_state(found[1], dmp, optimizers)
+            if rank == 0:
+                print(f"resumed from {found[1]} (step {first_step})")
+    elif args.checkpoint_every:
+        raise ValueError("--checkpoint-every needs --checkpoint-dir")
 
-    auroc = BinaryAUROC().to(device)
-    log_loss, count = torch.zeros((), device=device), torch.zeros((), device=device)
-    dmp.eval()
-    with torch.no_grad():
-        for batch in eval_batches:
-            batch: Batch = batch.to(device)
-            _, (_, logits, labels) = dmp(batch)
-            auroc.update(torch.sigmoid(logits), labels.long())
-            log_loss += torch.nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="sum")
-            count += labels.numel()
-    dist.all_reduce(log_loss)
-    dist.all_reduce(count)
+    train_batches, eval_batches = data_streams(args, preset.num_embeddings, batch_size, rank, world, first_step)
+    start = time.perf_counter()
+    losses, history = [], []
+    for step in tqdm(range(first_step + 1, args.steps + 1), disable=rank != 0, desc=f"train {args.preset}",
+                     initial=first_step, total=args.steps, mininterval=5.0):
+        loss, _, _ = pipeline.progress(train_batches)
+        losses.append(float(loss))
+        if args.eval_every and step % args.eval_every == 0 and step < args.steps:
+            pipeline.detach()  # the sharded modules' own forward for evaluation; progress() re-attaches
+            auc, log_loss = evaluate(dmp, eval_batches(), device)
+            history.append({"step": step, "seconds": time.perf_counter() - start, "auc": auc, "log_loss": log_loss})
+        if args.checkpoint_every and step % args.checkpoint_every == 0 and step < args.steps:
+            save_training_state(args.checkpoint_dir, step, dmp, optimizers)
+    seconds = time.perf_counter() - start
+    pipeline.detach()
+    if args.checkpoint_dir and args.steps > first_step:
+        save_training_state(args.checkpoint_dir, args.steps, dmp, optimizers)
+
+    auc, log_loss = evaluate(dmp, eval_batches(), device)
+    history.append({"step": args.steps, "seconds": seconds, "auc": auc, "log_loss": log_loss})
+    trained = args.steps - first_step
     summary = {
-        "preset": args.preset, "pss": args.pss, "data": args.data, "world_size": world, "steps": args.steps, "batch_size_per_rank": batch_size,
-        "auc": auroc.compute().item(), "log_loss": (log_loss / count).item(),
+        "preset": args.preset, "pss": args.pss, "data": args.data, "world_size": world, "steps": args.steps,
+        "resumed_from_step": first_step, "batch_size_per_rank": batch_size,
+        "auc": auc, "log_loss": log_loss, "evaluations": history,
         "first_train_loss": losses[0] if losses else None, "last_train_loss": losses[-1] if losses else None,
         "embedding_bytes": stored, "logical_embedding_bytes": logical, "compression_ratio": logical / stored,
-        "examples_per_second": args.steps * batch_size * world / seconds if seconds > 0 else None,
+        "examples_per_second": trained * batch_size * world / seconds if seconds > 0 else None,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     if rank == 0:

@@ -1,0 +1,152 @@
+"""Training checkpoints: DCP through iopath (a registered URI prefix), completeness, and a bit-identical resume
+of the 2-rank DLRM job."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from iopath.common.file_io import NativePathHandler, PathManager
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.optim import apply_optimizer_in_backward
+
+from helpers import make_kjt, random_bags
+from torchrec_pss import CompressedEmbeddingBagCollection, RobeConfig
+from torchrec_pss.checkpoint import (
+    checkpoint_path,
+    complete_checkpoints,
+    latest_checkpoint,
+    load_training_state,
+    save_training_state,
+)
+
+
+class ScratchHandler(NativePathHandler):
+    """``scratch://<rel>`` -> ``<root>/<rel>``: a URI scheme only iopath knows about."""
+
+    PREFIX = "scratch://"
+
+    def __init__(self, root: Path) -> None:
+        super().__init__()
+        self.root = root
+
+    def _get_supported_prefixes(self) -> list[str]:
+        return [self.PREFIX]
+
+    def _get_path_with_cwd(self, path: str) -> str:
+        return str(self.root / path[len(self.PREFIX):]) if path.startswith(self.PREFIX) else path
+
+    def _mkdirs(self, path: str, **kwargs: object) -> None:
+        super()._mkdirs(self._get_path_with_cwd(path), **kwargs)
+
+    def _rm(self, path: str, **kwargs: object) -> None:
+        super()._rm(self._get_path_with_cwd(path), **kwargs)
+
+
+def scratch_manager(root: Path) -> PathManager:
+    manager = PathManager()
+    manager.register_handler(ScratchHandler(root))
+    return manager
+
+
+def build(seed: int) -> CompressedEmbeddingBagCollection:
+    torch.manual_seed(seed)
+    tables = [EmbeddingBagConfig(name="big", embedding_dim=8, num_embeddings=500, feature_names=["f1"]),
+              EmbeddingBagConfig(name="small", embedding_dim=8, num_embeddings=20, feature_names=["f2"])]
+    module = CompressedEmbeddingBagCollection(tables, {"big": RobeConfig(compression=10, chunk_size=4, seed=seed)})
+    apply_optimizer_in_backward(torch.optim.Adagrad, module.parameters(), {"lr": 0.1})
+    return module
+
+
+def train_step(module: CompressedEmbeddingBagCollection, step: int) -> torch.Tensor:
+    rng = random.Random(step)
+    kjt = make_kjt({"f1": random_bags(rng, 500, 6, 3), "f2": random_bags(rng, 20, 6, 3)})
+    out = module(kjt).values()
+    out.pow(2).sum().backward()
+    return out.detach()
+
+
+def test_round_trip_through_an_iopath_uri_restores_model_and_fused_optimizer(tmp_path: Path) -> None:
+    manager = scratch_manager(tmp_path)
+    trained = build(seed=0)
+    for step in range(3):
+        train_step(trained, step)
+    path = save_training_state("scratch://ckpt", 3, trained, {"fused": trained.fused_optimizer}, manager)
+    assert path == "scratch://ckpt/step_00000003" and (tmp_path / "ckpt" / "step_00000003" / ".metadata").is_file()
+    assert latest_checkpoint("scratch://ckpt", manager) == (3, path)
+
+    restored = build(seed=0)
+    train_step(restored, 99)  # different weights and accumulators before loading
+    assert load_training_state(path, restored, {"fused": restored.fused_optimizer}, manager) == 3
+    for key, value in trained.state_dict().items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(restored.state_dict()[key], value), key
+    expected, got = trained.fused_optimizer.state_dict()["state"], restored.fused_optimizer.state_dict()["state"]
+    assert expected.keys() == got.keys()
+    for key in expected:
+        for name, value in expected[key].items():
+            assert torch.equal(torch.as_tensor(got[key][name]), torch.as_tensor(value)), (key, name)
+    for step in range(3, 5):  # training goes on identically
+        assert torch.equal(train_step(restored, step), train_step(trained, step))
+
+
+def test_loading_into_another_hash_seed_is_refused(tmp_path: Path) -> None:
+    manager = scratch_manager(tmp_path)
+    path = save_training_state("scratch://c", 1, build(seed=0), {}, manager)
+    with pytest.raises(ValueError, match="seed"):
+        load_training_state(path, build(seed=1), {}, manager)
+
+
+def test_only_complete_checkpoints_count(tmp_path: Path) -> None:
+    module = build(seed=0)
+    root = str(tmp_path / "run")
+    assert latest_checkpoint(root) is None
+    save_training_state(root, 5, module, {})
+    save_training_state(root, 10, module, {})
+    (Path(checkpoint_path(root, 10)) / ".metadata").unlink()  # as if killed before DCP finished step 10
+    (tmp_path / "run" / "step_00000020").mkdir()
+    (tmp_path / "run" / "notes").mkdir()
+    assert complete_checkpoints(root) == [(5, checkpoint_path(root, 5))]
+    assert latest_checkpoint(root) == (5, checkpoint_path(root, 5))
+
+
+def torchrun(*args: str) -> None:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "torchrec_pss.app.dlrm_main", "--steps", "12", "--batch-size", "64", "--eval-batches", "1",
+               *args]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-4000:]
+
+
+def flat_checkpoint(path: str, tmp_path: Path, name: str) -> dict:
+    dcp_to_torch_save(path, tmp_path / name)
+    return torch.load(tmp_path / name, weights_only=False)
+
+
+def test_two_rank_job_resumes_bit_identically(tmp_path: Path) -> None:
+    """12 steps straight vs 6 steps, a new job resuming at step 6, 6 more: the same parameters and
+    optimizer states (sharded TorchRec tables, replicated ROBE memories, fused and dense Adagrad)."""
+    pss = ["--pss", "robe:compression=50,chunk_size=8,min_rows=10000"]
+    torchrun(*pss, "--checkpoint-dir", str(tmp_path / "straight"))
+    torchrun(*pss, "--checkpoint-dir", str(tmp_path / "resumed"), "--steps", "6")
+    assert latest_checkpoint(str(tmp_path / "resumed"))[0] == 6
+    torchrun(*pss, "--checkpoint-dir", str(tmp_path / "resumed"), "--summary", str(tmp_path / "s.json"))
+    assert '"resumed_from_step": 6' in (tmp_path / "s.json").read_text()
+
+    straight = flat_checkpoint(checkpoint_path(str(tmp_path / "straight"), 12), tmp_path, "a.pt")
+    resumed = flat_checkpoint(checkpoint_path(str(tmp_path / "resumed"), 12), tmp_path, "b.pt")
+    six = flat_checkpoint(checkpoint_path(str(tmp_path / "resumed"), 6), tmp_path, "c.pt")
+    tensors = [key for key, value in straight.items() if isinstance(value, torch.Tensor)]
+    assert any("pss_memories" in key for key in tensors) and any("embedding_bags" in key for key in tensors)
+    assert any(key.startswith("optimizers.fused") for key in tensors)
+    assert any(key.startswith("optimizers.dense") for key in tensors)
+    assert straight.keys() == resumed.keys()
+    for key in tensors:
+        assert torch.equal(straight[key], resumed[key]), key
+    assert any(not torch.equal(straight[key], six[key]) for key in tensors if key.startswith("model."))
