@@ -33,3 +33,20 @@ def pool(
 def bag_mean(sums: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """Per-bag sums ``[S, d]`` divided by the bag lengths ``[S]``; empty bags stay zero."""
     return sums / lengths.clamp(min=1).to(sums.dtype).unsqueeze(1)
+
+
+def offsets_to_bag_index(offsets: torch.Tensor, num_ids: int) -> torch.Tensor:
+    """Bag number of every id ``[N]`` for bags given by ``offsets`` ``[B + 1]``."""
+    return bag_index(offsets[1:] - offsets[:-1], num_ids)
+
+
+def per_id_scale(offsets: torch.Tensor, weights: torch.Tensor | None, mean: bool, num_ids: int,
+                 dtype: torch.dtype) -> torch.Tensor | None:
+    """Each id's factor in its bag's pooled output ``[N]`` (its weight; divided by the bag length for MEAN),
+    or None when every factor is 1."""
+    scale = None if weights is None else weights.to(dtype)
+    if mean:
+        lengths = (offsets[1:] - offsets[:-1]).clamp(min=1).to(dtype)
+        per_id = 1.0 / lengths.index_select(0, offsets_to_bag_index(offsets, num_ids))
+        scale = per_id if scale is None else scale * per_id
+    return scale

@@ -10,13 +10,13 @@ import math
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
 from torchrec_pss.contract import PSSMemory
 from torchrec_pss.gradient_layout import use_sparse_gradient
 from torchrec_pss.registry import register_method
+from torchrec_pss_plugins.qr import ops, reference
 from torchrec_pss_plugins.qr.config import QRConfig
 
 
@@ -93,21 +93,18 @@ class QRMemory(PSSMemory):
 
     def digits(self, ids: torch.Tensor) -> list[torch.Tensor]:
         """Row of each part table for ``ids`` (integer division only, exact for any int64 id)."""
-        out, rest = [], ids
-        for _ in range(self.config.num_partitions - 1):
-            out.append(torch.remainder(rest, self.collisions))
-            rest = torch.div(rest, self.collisions, rounding_mode="floor")
-        return out + [rest]
+        return reference.digits(ids, self.collisions, self.config.num_partitions)
+
+    def _bags(self, ids: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor | None, mean: bool) -> torch.Tensor:
+        mode = self.config.gradient
+        sparse = [use_sparse_gradient(mode, part.numel(), ids.numel() * part.shape[1]) for part in self.parts]
+        return ops.qr_pooled(list(self.parts), ids, offsets, weights, self.collisions, self.config.operation, mean,
+                             sparse)
 
     def recover(self, table: str, ids: torch.Tensor) -> torch.Tensor:
-        mode = self.config.gradient
-        rows = [
-            F.embedding(digit, part, sparse=use_sparse_gradient(mode, part.numel(), digit.numel() * part.shape[1]))
-            for digit, part in zip(self.digits(ids), self.parts)
-        ]
-        if self.config.operation == "concat":
-            return torch.cat(rows, dim=1)
-        out = rows[0]
-        for row in rows[1:]:
-            out = out * row if self.config.operation == "mult" else out + row
-        return out
+        return self._bags(ids, torch.arange(ids.numel() + 1, device=ids.device), None, False)
+
+    def pooled(self, table: str, ids: torch.Tensor, lengths: torch.Tensor, weights: torch.Tensor | None,
+               mean: bool) -> torch.Tensor:
+        offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+        return self._bags(ids, offsets, None if weights is None else weights.to(self.parts[0].dtype), mean)

@@ -27,120 +27,48 @@ import torch
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
-from torchrec_pss.gradient_layout import use_sparse_gradient
-from torchrec_pss.hashing import PRIME, hash_coefficients, table_key, universal_hash
-from torchrec_pss.pooling import bag_index, bag_mean
 from torchrec_pss.contract import PSSMemory
+from torchrec_pss.gradient_layout import use_sparse_gradient
+from torchrec_pss.hashing import PRIME, hash_coefficients, table_key
+from torchrec_pss.kernels import reference_only
+from torchrec_pss.optim import FusedUpdate
 from torchrec_pss.registry import register_method
+from torchrec_pss_plugins.robe import ops, reference
 from torchrec_pss_plugins.robe.config import RobeConfig
 
-_LOCATION, _SIGN = 0, 1
+_FUSED_KINDS = ("SGD", "Adagrad", "BlockwiseAdagrad", "RowWiseAdagrad")
 
 
-def _read_runs(memory: torch.Tensor, starts: torch.Tensor, run: int) -> torch.Tensor:
-    """``out[k, r] = M[(starts[k] + r) mod |M|]``: ``[K, run]`` for ``starts`` ``[K]`` (each ``< |M|``).
+class _FusedRobeStep(torch.autograd.Function):
+    """``robe_pooled`` whose backward applies the in-backward optimizer to ``M`` directly (fused kernels).
 
-    Reads whole runs from a sliding-window view of ``M``; the few runs that wrap past the end are
-    re-read element by element.
-    """
-    m = memory.numel()
-    offsets = torch.arange(run, device=starts.device)
-    if m < run:
-        return memory[(starts.unsqueeze(1) + offsets) % m]
-    rows = memory.unfold(0, run, 1).index_select(0, starts.clamp(max=m - run))
-    wrapped = torch.nonzero(starts > m - run).squeeze(1)
-    if wrapped.numel():
-        rows[wrapped] = memory[(starts[wrapped].unsqueeze(1) + offsets) % m]
-    return rows
-
-
-def _fold_circular(extended: torch.Tensor, m: int) -> torch.Tensor:
-    """Add the tail of an ``[|M| + run - 1]`` gradient back onto ``[0, |M|)`` (the circular wrap): ``[|M|]``."""
-    tail = extended[m:]
-    if tail.numel() <= m:
-        extended[: tail.numel()] += tail
-        return extended[:m]
-    grad = extended[:m].clone()
-    return grad.index_add_(0, torch.arange(m, m + tail.numel(), device=grad.device) % m, tail)
-
-
-def _dense_grad(starts: torch.Tensor, rows: torch.Tensor, m: int) -> torch.Tensor:
-    """``[|M|]`` gradient of runs ``M[s : s + R]`` (circular) whose gradients are ``rows`` ``[K, R]``.
-
-    When ``|M| <= K`` it accumulates per start first (``[|M|, R]``) and shifts each column into place,
-    which costs ``O(|M|·R)``; otherwise it adds every element at its position (``O(K·R)``).
-    """
-    run = rows.shape[1]
-    if m <= starts.numel():
-        per_start = rows.new_zeros(m, run).index_add_(0, starts, rows)
-        extended = rows.new_zeros(m + run - 1)
-        for offset in range(run):
-            extended[offset : offset + m] += per_start[:, offset]
-    else:
-        positions = (starts.unsqueeze(1) + torch.arange(run, device=starts.device)).reshape(-1)
-        extended = rows.new_zeros(m + run - 1).index_add_(0, positions, rows.reshape(-1))
-    return _fold_circular(extended, m)
-
-
-def _sparse_grad(starts: torch.Tensor, rows: torch.Tensor, m: int) -> torch.Tensor:
-    """The same gradient as :func:`_dense_grad` as a coalesced sparse COO tensor over the touched positions."""
-    run = rows.shape[1]
-    unique, inverse = torch.unique(starts, return_inverse=True)
-    per_start = rows.new_zeros(unique.numel(), run).index_add_(0, inverse, rows)
-    positions = (unique.unsqueeze(1) + torch.arange(run, device=starts.device)).reshape(1, -1) % m
-    return torch.sparse_coo_tensor(positions, per_start.reshape(-1), (m,)).coalesce()
-
-
-class _RobeBag(torch.autograd.Function):
-    """Read runs of ``R`` elements of ``M`` and (optionally) pool them into bags.
-
-    ``starts`` ``[N, C]`` (each ``< |M|``): id ``j`` reads ``M[starts[j, c] + r]`` (circular) as its
-    elements ``c·R + r``, giving ``rows`` ``[N, C·R]``; rows are multiplied by ``signs`` ``[N, C·R]`` and
-    ``per_sample_weights`` ``[N]`` when given, then summed per bag (``bag_index`` ``[N]`` into
-    ``num_bags`` rows) unless ``bag_index`` is None. The memory gradient is dense or sparse.
+    ``M`` gets no ``.grad``: the SGD / Adagrad update is scattered into it in place, so no ``[|M|]``
+    gradient is formed (SGD) or kept (Adagrad).
     """
 
     @staticmethod
-    def forward(
-        ctx: torch.autograd.function.FunctionCtx,
-        memory: torch.Tensor,
-        starts: torch.Tensor,
-        run: int,
-        signs: torch.Tensor | None,
-        per_sample_weights: torch.Tensor | None,
-        bag_index: torch.Tensor | None,
-        num_bags: int,
-        sparse: bool,
-    ) -> torch.Tensor:
-        n = starts.shape[0]
-        rows = _read_runs(memory, starts.reshape(-1), run).view(n, starts.shape[1] * run)
-        if signs is not None:
-            rows = rows * signs
-        weighted = rows if per_sample_weights is None else rows * per_sample_weights.unsqueeze(1)
-        out = weighted if bag_index is None else weighted.new_zeros(num_bags, weighted.shape[1]).index_add_(
-            0, bag_index, weighted
-        )
-        ctx.run, ctx.sparse, ctx.memory_size = run, sparse, memory.numel()
-        keep_rows = per_sample_weights is not None and ctx.needs_input_grad[4]
-        ctx.save_for_backward(starts, signs, per_sample_weights, bag_index, rows if keep_rows else None)
-        return out
+    def forward(ctx: torch.autograd.function.FunctionCtx, memory: torch.Tensor, update: FusedUpdate,
+                ids: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor | None, coefficients: torch.Tensor,
+                key: int, dim: int, chunk_size: int, use_sign: bool, mean: bool) -> torch.Tensor:
+        ctx.update, ctx.layout = update, (key, chunk_size, use_sign, mean)
+        ctx.save_for_backward(ids, offsets, weights, coefficients)
+        return ops.robe_pooled(memory, ids, offsets, weights, coefficients, key, dim, chunk_size, use_sign, mean,
+                               False)
 
     @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor):
-        starts, signs, per_sample_weights, bag_index, rows = ctx.saved_tensors
-        if bag_index is not None:
-            grad = grad.index_select(0, bag_index)
-        weights_grad = (grad * rows).sum(1) if rows is not None else None
-        if per_sample_weights is not None:
-            grad = grad * per_sample_weights.unsqueeze(1)
-        if signs is not None:
-            grad = grad * signs
-        memory_grad = None
-        if ctx.needs_input_grad[0]:
-            run_grads = grad.reshape(starts.numel(), ctx.run)
-            make = _sparse_grad if ctx.sparse else _dense_grad
-            memory_grad = make(starts.reshape(-1), run_grads, ctx.memory_size)
-        return memory_grad, None, None, None, weights_grad, None, None, None
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple:
+        ids, offsets, weights, coefficients = ctx.saved_tensors
+        update, (key, chunk_size, use_sign, mean) = ctx.update, ctx.layout
+        memory, group = update.param, update.group
+        with torch.no_grad():
+            if update.kind == "SGD":
+                ops.robe_sgd_update_(memory, grad, ids, offsets, weights, coefficients, key, chunk_size, use_sign,
+                                     mean, group["lr"])
+            else:
+                block = 1 if update.kind == "Adagrad" else update.row_size
+                ops.robe_adagrad_update_(memory, update.state["sum"], grad, ids, offsets, weights, coefficients, key,
+                                         chunk_size, use_sign, mean, update.next_step_lr(), group["eps"], block)
+        return (None,) * 11
 
 
 @register_method(RobeConfig)
@@ -205,55 +133,58 @@ class RobeMemory(PSSMemory):
         return sum(t.numel() * t.element_size() for t in (self.weight, self.hash_coefficients, self.table_keys))
 
     def chunk_starts(self, table: str, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Start positions ``[N, C]`` (``< |M|``) of the runs of ``R`` elements each id reads, and ``R``.
-
-        ``Z <= d``: ``C = d / Z`` blocks of ``R = Z``; ``Z > d``: one run of ``R = d`` inside its block.
-        """
-        d = self.tables[table].embedding_dim
-        z = self.config.chunk_size
-        t = self._table_keys[table]
-        location = self.hash_coefficients[_LOCATION]
-        m = self.memory_size
-        if z <= d:
-            blocks = torch.arange(d // z, device=ids.device).unsqueeze(0)
-            return universal_hash(location, t, ids.unsqueeze(1), blocks, m), z
-        ids_per_block = z // d
-        block_start = universal_hash(location, t, torch.div(ids, ids_per_block, rounding_mode="floor"), 0, m)
-        return torch.remainder(block_start + torch.remainder(ids, ids_per_block) * d, m).unsqueeze(1), d
+        """Start positions ``[N, C]`` (``< |M|``) of the runs of ``R`` elements each id reads, and ``R``."""
+        return reference.chunk_starts(self.hash_coefficients, self._table_keys[table], ids,
+                                      self.tables[table].embedding_dim, self.config.chunk_size, self.memory_size)
 
     def positions(self, table: str, ids: torch.Tensor) -> torch.Tensor:
         """Memory positions ``[N, d]`` (int64) of every embedding element of ``ids``."""
-        starts, run = self.chunk_starts(table, ids)
-        offsets = torch.arange(run, device=ids.device)
-        return torch.remainder(starts.unsqueeze(2) + offsets, self.memory_size).reshape(ids.numel(), starts.shape[1] * run)
+        return reference.positions(self.hash_coefficients, self._table_keys[table], ids,
+                                   self.tables[table].embedding_dim, self.config.chunk_size, self.memory_size)
 
     def signs(self, table: str, ids: torch.Tensor) -> torch.Tensor:
         """The signs ``g(t, x, i)`` ``[N, d]`` (float32, ``±1``)."""
-        elements = torch.arange(self.tables[table].embedding_dim, device=ids.device).unsqueeze(0)
-        bits = universal_hash(self.hash_coefficients[_SIGN], self._table_keys[table], ids.unsqueeze(1), elements, 2)
-        return (1 - 2 * bits).to(self.weight.dtype)
+        return reference.signs(self.hash_coefficients, self._table_keys[table], ids, self.tables[table].embedding_dim)
 
     def use_sparse_gradient(self, touched: int) -> bool:
         """The gradient layout for a batch touching ``touched`` memory elements (the ``gradient`` rule)."""
         return use_sparse_gradient(self.config.gradient, self.memory_size, touched, self.config.auto_dense_ratio)
 
-    def _read(
-        self,
-        table: str,
-        ids: torch.Tensor,
-        per_sample_weights: torch.Tensor | None,
-        bag_index: torch.Tensor | None,
-        num_bags: int,
-    ) -> torch.Tensor:
-        if self.config.use_sign:
-            starts, run, signs = self.positions(table, ids), 1, self.signs(table, ids)
-        else:
-            (starts, run), signs = self.chunk_starts(table, ids), None
-        sparse = self.use_sparse_gradient(starts.numel() * run)
-        return _RobeBag.apply(self.weight, starts, run, signs, per_sample_weights, bag_index, num_bags, sparse)
+    def _fused_update(self, weights: torch.Tensor | None) -> FusedUpdate | None:
+        """The in-backward update the fused kernels can apply themselves, or None.
+
+        SGD is linear, so any number of reads per step may each apply their share; Adagrad needs the
+        whole step's gradient at once, so only a memory read by one table qualifies. Replicated
+        memories (whose updates wait for the gradient all-reduce) and trainable weights do not.
+        """
+        if not (torch.is_grad_enabled() and self.weight.requires_grad) or reference_only():
+            return None
+        if self.weight.dtype != torch.float32:
+            return None
+        if weights is not None and weights.requires_grad:
+            return None
+        optimizers = getattr(self.weight, "_in_backward_optimizers", None)
+        if not optimizers or len(optimizers) != 1 or not isinstance(optimizers[0], FusedUpdate):
+            return None
+        update = optimizers[0]
+        if update.deferred_to is not None or update.kind not in _FUSED_KINDS:
+            return None
+        return update if update.kind == "SGD" or len(self.tables) == 1 else None
+
+    def _bags(self, table: str, ids: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor | None,
+              mean: bool) -> torch.Tensor:
+        d, z, sign = self.tables[table].embedding_dim, self.config.chunk_size, self.config.use_sign
+        key = self._table_keys[table]
+        update = self._fused_update(weights)
+        if update is not None:
+            return _FusedRobeStep.apply(self.weight, update, ids, offsets, weights, self.hash_coefficients, key, d, z,
+                                        sign, mean)
+        sparse = self.use_sparse_gradient(ids.numel() * d)
+        return ops.robe_pooled(self.weight, ids, offsets, weights, self.hash_coefficients, key, d, z, sign, mean,
+                               sparse)
 
     def recover(self, table: str, ids: torch.Tensor) -> torch.Tensor:
-        return self._read(table, ids, None, None, 0)
+        return self._bags(table, ids, torch.arange(ids.numel() + 1, device=ids.device), None, False)
 
     def pooled(
         self,
@@ -263,6 +194,6 @@ class RobeMemory(PSSMemory):
         weights: torch.Tensor | None,
         mean: bool,
     ) -> torch.Tensor:
+        offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
         weights = None if weights is None else weights.to(self.weight.dtype)
-        out = self._read(table, ids, weights, bag_index(lengths, ids.numel()), lengths.numel())
-        return bag_mean(out, lengths) if mean else out
+        return self._bags(table, ids, offsets, weights, mean)

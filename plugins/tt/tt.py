@@ -17,6 +17,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
 from torchrec_pss.contract import PSSMemory
 from torchrec_pss.registry import register_method
+from torchrec_pss_plugins.tt import ops, reference
 from torchrec_pss_plugins.tt.config import TTConfig
 from torchrec_pss_plugins.tt.shapes import TTShapes, suggest_tt_shapes
 
@@ -102,20 +103,11 @@ class TTMemory(PSSMemory):
         return sum(c.numel() * c.element_size() for c in self.cores)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        """Rows ``[U, d]`` of ``ids`` ``[U]`` by batched contraction of the cores' slices."""
-        digits, rest = [], ids
-        for p in reversed(self.shapes.p_shapes):
-            digits.append(torch.remainder(rest, p))
-            rest = torch.div(rest, p, rounding_mode="floor")
-        digits.reverse()
-        u = ids.numel()
-        first, *rest_cores = list(self.cores)  # not self.cores[1:]: slicing re-wraps tensors as new Parameters
-        out = first.index_select(0, digits[0]).reshape(u, first.shape[2], first.shape[3])
-        for core, digit in zip(rest_cores, digits[1:]):
-            _, r_in, q, r_out = core.shape
-            out = torch.bmm(out, core.index_select(0, digit).reshape(u, r_in, q * r_out))
-            out = out.reshape(u, -1, r_out)
-        return out.reshape(u, self._d)
+        """Rows ``[U, d]`` of ``ids`` ``[U]``: the reference under autograd (training), else the op."""
+        cores = list(self.cores)  # not self.cores[1:]: slicing re-wraps tensors as new Parameters
+        if torch.is_grad_enabled() and any(core.requires_grad for core in cores):
+            return reference.rows(cores, ids)
+        return ops.tt_rows(cores, ids)
 
     def recover(self, table: str, ids: torch.Tensor) -> torch.Tensor:
         unique, inverse = torch.unique(ids, return_inverse=True)

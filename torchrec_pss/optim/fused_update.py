@@ -97,6 +97,14 @@ class FusedUpdate:
             return {"step": step, "sum": torch.full((rows, 1), init, dtype=p.dtype, device=p.device)}
         return {"step": step, "sum": torch.full_like(p, init)}
 
+    def next_step_lr(self) -> float:
+        """Count one more step; Adagrad's step size for it, ``lr / (1 + (t - 1)·lr_decay)``.
+
+        For kernels that apply the update themselves (e.g. a fused backward + Adagrad).
+        """
+        self.state["step"] += 1
+        return self.group["lr"] / (1 + (self.state["step"].item() - 1) * self.group["lr_decay"])
+
     def step(self) -> None:
         """Apply ``param.grad`` (called by torch's in-backward hook, which then drops the gradient)."""
         grad = self.param.grad
@@ -122,16 +130,16 @@ class FusedUpdate:
         if kind == "SGD":
             p.add_(g, alpha=-lr)
             return
-        s["step"] += 1
-        t = s["step"].item()
         if kind == "Adam":
+            s["step"] += 1
+            t = s["step"].item()
             beta1, beta2 = group["betas"]
             s["exp_avg"].lerp_(g, 1 - beta1)
             s["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
             denom = (s["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2**t)).add_(group["eps"])
             p.addcdiv_(s["exp_avg"], denom, value=-lr / (1 - beta1**t))
             return
-        clr = lr / (1 + (t - 1) * group["lr_decay"])
+        clr = self.next_step_lr()
         if kind in _BLOCKWISE:
             blocks = self._blocks(g.reshape(-1))
             s["sum"] += blocks.pow(2).mean(dim=1, keepdim=True)
@@ -148,9 +156,9 @@ class FusedUpdate:
         if kind == "SGD":
             p.index_add_(0, rows, values, alpha=-lr)
             return
-        s["step"] += 1
-        t = s["step"].item()
         if kind == "Adam":
+            s["step"] += 1
+            t = s["step"].item()
             beta1, beta2 = group["betas"]
             old_avg, old_sq = s["exp_avg"][rows], s["exp_avg_sq"][rows]
             avg_update = (values - old_avg).mul_(1 - beta1)
@@ -162,7 +170,7 @@ class FusedUpdate:
             step_size = lr * math.sqrt(1 - beta2**t) / (1 - beta1**t)
             p.index_add_(0, rows, numer.div_(denom), alpha=-step_size)
             return
-        clr = lr / (1 + (t - 1) * group["lr_decay"])
+        clr = self.next_step_lr()
         if kind in _BLOCKWISE:
             self._sparse_rowwise(rows, values, clr)
             return

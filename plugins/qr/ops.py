@@ -1,0 +1,89 @@
+"""QR as a ``torch.library`` custom op (namespace ``torchrec_pss``): compose + pool.
+
+``qr_pooled(parts, ids, offsets, weights, collisions, operation, mean, sparse_grads) -> [B, d]``,
+differentiable in every part (dense, or sparse COO for part ``j`` when ``sparse_grads[j]``) and in
+``weights``; ``qr_pooled_backward`` gives the dense part gradients. Default kernels: the reference
+(:mod:`~torchrec_pss_plugins.qr.reference`); CUDA: Triton (:mod:`~torchrec_pss_plugins.qr.triton_kernels`);
+fake kernels for ``torch.compile`` / ``torch.export``.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from torchrec_pss.kernels import optional_module, register_device_kernels
+from torchrec_pss_plugins.qr import reference
+
+_triton = optional_module("torchrec_pss_plugins.qr.triton_kernels")
+
+
+@torch.library.custom_op("torchrec_pss::qr_pooled", mutates_args=())
+def qr_pooled(parts: list[Tensor], ids: Tensor, offsets: Tensor, weights: Tensor | None, collisions: int,
+              operation: str, mean: bool, sparse_grads: list[bool]) -> Tensor:
+    return reference.pooled_forward(parts, ids, offsets, weights, collisions, operation, mean)
+
+
+def _pooled_cuda(kernels: ModuleType, parts: list[Tensor], ids: Tensor, offsets: Tensor, weights: Tensor | None,
+                 collisions: int, operation: str, mean: bool, sparse_grads: list[bool]) -> Tensor:
+    return kernels.qr_pooled_forward(parts, ids, offsets, weights, collisions, operation, mean)
+
+
+register_device_kernels(qr_pooled, lambda *args: reference.pooled_forward(*args[:-1]), cuda=(_triton, _pooled_cuda))
+
+
+@qr_pooled.register_fake
+def _qr_pooled_fake(parts: list[Tensor], ids: Tensor, offsets: Tensor, weights: Tensor | None, collisions: int,
+                    operation: str, mean: bool, sparse_grads: list[bool]) -> Tensor:
+    width = parts[0].shape[1]
+    return parts[0].new_empty(offsets.shape[0] - 1, width * len(parts) if operation == "concat" else width)
+
+
+@torch.library.custom_op("torchrec_pss::qr_pooled_backward", mutates_args=())
+def qr_pooled_backward(grad: Tensor, parts: list[Tensor], ids: Tensor, offsets: Tensor, weights: Tensor | None,
+                       collisions: int, operation: str, mean: bool) -> list[Tensor]:
+    return reference.pooled_backward(grad, parts, ids, offsets, weights, collisions, operation, mean)
+
+
+def _backward_cuda(kernels: ModuleType, grad: Tensor, parts: list[Tensor], ids: Tensor, offsets: Tensor,
+                   weights: Tensor | None, collisions: int, operation: str, mean: bool) -> list[Tensor]:
+    return kernels.qr_pooled_backward(grad, parts, ids, offsets, weights, collisions, operation, mean)
+
+
+register_device_kernels(qr_pooled_backward, reference.pooled_backward, cuda=(_triton, _backward_cuda))
+
+
+@qr_pooled_backward.register_fake
+def _qr_pooled_backward_fake(grad: Tensor, parts: list[Tensor], ids: Tensor, offsets: Tensor,
+                             weights: Tensor | None, collisions: int, operation: str, mean: bool) -> list[Tensor]:
+    return [torch.empty_like(part) for part in parts]
+
+
+def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: Tensor) -> None:
+    parts, ids, offsets, weights, collisions, operation, mean, sparse_grads = inputs
+    ctx.num_parts = len(parts)
+    ctx.save_for_backward(ids, offsets, weights, *parts)
+    ctx.layout = (collisions, operation, mean, list(sparse_grads))
+
+
+def _backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple:
+    ids, offsets, weights, *parts = ctx.saved_tensors
+    collisions, operation, mean, sparse_grads = ctx.layout
+    parts = [part.detach() for part in parts]
+    weights = None if weights is None else weights.detach()
+    part_grads = None
+    if ctx.needs_input_grad[0]:
+        if any(sparse_grads):
+            part_grads = reference.pooled_backward(grad, parts, ids, offsets, weights, collisions, operation, mean,
+                                                   sparse_grads)
+        else:
+            part_grads = qr_pooled_backward(grad, parts, ids, offsets, weights, collisions, operation, mean)
+    weights_grad = None
+    if ctx.needs_input_grad[3]:
+        weights_grad = reference.weights_grad(grad, parts, ids, offsets, collisions, operation, mean).to(weights.dtype)
+    return part_grads, None, None, weights_grad, None, None, None, None
+
+
+qr_pooled.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,212 @@
+"""Triton kernels for QR embeddings: compose rows from the part tables and pool them in one kernel.
+
+Id ``x`` reads row ``(x // c^j) mod c`` of part ``j < k - 1`` and row ``x // c^(k-1)`` of the last part
+(:meth:`QRMemory.digits <torchrec_pss_plugins.qr.qr.QRMemory.digits>`, ids ``>= 0``) and composes the
+rows by ``mult`` / ``add`` (parts ``[rows_j, d]``) or ``concat`` (parts ``[rows_j, d / k]``), then pools
+like :func:`torchrec_pss.pooling.pool` (weights first; MEAN divides by the bag length, empty bags give
+zeros), as the module's ``pooled``. Bags are given by ``offsets`` ``[B + 1]``; each program owns one
+bag and a block of ``BLOCK_D`` columns and walks the bag's ids ``BLOCK_N`` at a time.
+
+Run on CUDA tensors, or on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_N = 8
+"""Ids of a bag handled together by one program (rows of a tile)."""
+MAX_BLOCK_D = 128
+"""Embedding columns per program at most (columns of a tile)."""
+OPERATIONS = {"mult": 0, "add": 1, "concat": 2}
+_MULT = tl.constexpr(OPERATIONS["mult"])
+_CONCAT = tl.constexpr(OPERATIONS["concat"])
+
+
+@triton.jit
+def _digit(x, c, J: tl.constexpr, K: tl.constexpr):
+    """Row of part ``J`` (of ``K``) for int64 ids ``x`` (``>= 0``) and ``c`` collisions."""
+    rest = x
+    for _ in tl.static_range(J):
+        rest = rest // c
+    if J < K - 1:
+        rest = rest % c
+    return rest
+
+
+@triton.jit
+def _part_tile(part, digit, cols, mask, J: tl.constexpr, WIDTH: tl.constexpr, OPERATION: tl.constexpr):
+    """Pointers ``[BLOCK_N, BLOCK_D]`` into part ``J`` for embedding columns ``cols`` and its load mask."""
+    if OPERATION == _CONCAT:
+        local = cols - J * WIDTH
+        mask = mask & (local >= 0)[None, :] & (local < WIDTH)[None, :]
+    else:
+        local = cols
+    return part + digit[:, None] * WIDTH + local[None, :], mask
+
+
+@triton.jit
+def _composed(parts, x, c, cols, mask, K: tl.constexpr, WIDTH: tl.constexpr, OPERATION: tl.constexpr,
+              SKIP: tl.constexpr):
+    """Composed embeddings ``[BLOCK_N, BLOCK_D]`` of ``x``; for ``mult``, part ``SKIP`` (if ``< K``) is left out."""
+    if OPERATION == _MULT:
+        out = tl.full(mask.shape, 1.0, tl.float32)
+    else:
+        out = tl.zeros(mask.shape, tl.float32)
+    for j in tl.static_range(K):
+        if j != SKIP:
+            ptrs, part_mask = _part_tile(parts[j], _digit(x, c, j, K), cols, mask, j, WIDTH, OPERATION)
+            row = tl.load(ptrs, mask=part_mask, other=0.0)
+            if OPERATION == _MULT:
+                out = out * row
+            else:
+                out = out + row
+    return out
+
+
+@triton.jit(do_not_specialize=["c"])
+def _pooled_forward_kernel(
+    parts, ids_ptr, offsets, weights, out, c,
+    K: tl.constexpr, DIM: tl.constexpr, WIDTH: tl.constexpr, OPERATION: tl.constexpr,
+    HAS_WEIGHTS: tl.constexpr, MEAN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    bag = tl.program_id(0)
+    cols = (tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)).to(tl.int64)
+    col_mask = cols < DIM
+    start = tl.load(offsets + bag)
+    end = tl.load(offsets + bag + 1)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    first = start
+    while first < end:
+        rows = first + tl.arange(0, BLOCK_N)
+        row_mask = rows < end
+        x = tl.load(ids_ptr + rows, mask=row_mask, other=0)
+        vals = _composed(parts, x, c, cols, row_mask[:, None] & col_mask[None, :], K, WIDTH, OPERATION, K)
+        if HAS_WEIGHTS:
+            vals = vals * tl.load(weights + rows, mask=row_mask, other=0.0)[:, None]
+        acc += tl.sum(vals, axis=0)
+        first += BLOCK_N
+    if MEAN:
+        acc = acc / tl.maximum(end - start, 1).to(tl.float32)
+    tl.store(out + bag.to(tl.int64) * DIM + cols, acc, mask=col_mask)
+
+
+@triton.jit(do_not_specialize=["c"])
+def _backward_kernel(
+    parts, grads, grad_out, ids_ptr, offsets, weights, c,
+    K: tl.constexpr, DIM: tl.constexpr, WIDTH: tl.constexpr, OPERATION: tl.constexpr,
+    HAS_WEIGHTS: tl.constexpr, MEAN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    bag = tl.program_id(0)
+    cols = (tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)).to(tl.int64)
+    col_mask = cols < DIM
+    start = tl.load(offsets + bag)
+    end = tl.load(offsets + bag + 1)
+    g = tl.load(grad_out + bag.to(tl.int64) * DIM + cols, mask=col_mask, other=0.0)
+    if MEAN:
+        g = g / tl.maximum(end - start, 1).to(tl.float32)
+    first = start
+    while first < end:
+        rows = first + tl.arange(0, BLOCK_N)
+        row_mask = rows < end
+        mask = row_mask[:, None] & col_mask[None, :]
+        x = tl.load(ids_ptr + rows, mask=row_mask, other=0)
+        grad_rows = tl.broadcast_to(g[None, :], [BLOCK_N, BLOCK_D])
+        if HAS_WEIGHTS:
+            grad_rows = grad_rows * tl.load(weights + rows, mask=row_mask, other=0.0)[:, None]
+        for j in tl.static_range(K):
+            ptrs, part_mask = _part_tile(grads[j], _digit(x, c, j, K), cols, mask, j, WIDTH, OPERATION)
+            contribution = grad_rows
+            if OPERATION == _MULT:
+                contribution = contribution * _composed(parts, x, c, cols, mask, K, WIDTH, OPERATION, j)
+            tl.atomic_add(ptrs, contribution, mask=part_mask, sem="relaxed")
+        first += BLOCK_N
+
+
+def _prepare(
+    parts: Sequence[torch.Tensor], ids: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor | None,
+    operation: str,
+) -> tuple[int, int, int]:
+    """Checks the arguments; returns ``(num_bags, dim, width)``."""
+    if operation not in OPERATIONS:
+        raise ValueError(f"operation must be one of {sorted(OPERATIONS)}, got {operation!r}")
+    if len(parts) < 2 or any(p.dim() != 2 or p.shape[1] != parts[0].shape[1] for p in parts):
+        shapes = [tuple(p.shape) for p in parts]
+        raise ValueError(f"parts must be >= 2 tables [rows_j, width] of one width, got {shapes}")
+    if ids.dtype != torch.int64 or offsets.dtype != torch.int64 or ids.dim() != 1 or offsets.dim() != 1:
+        raise ValueError("ids [N] and offsets [B + 1] must be 1-D int64 tensors")
+    if weights is not None and weights.shape != ids.shape:
+        raise ValueError(f"weights must be [N] = {tuple(ids.shape)}, got {tuple(weights.shape)}")
+    width = parts[0].shape[1]
+    dim = width * len(parts) if operation == "concat" else width
+    return offsets.numel() - 1, dim, width
+
+
+def _launch_args(num_bags: int, dim: int) -> tuple[tuple[int, int], int]:
+    block_d = min(triton.next_power_of_2(dim), MAX_BLOCK_D)
+    return (num_bags, triton.cdiv(dim, block_d)), block_d
+
+
+def qr_pooled_forward(
+    parts: Sequence[torch.Tensor],
+    ids: torch.Tensor,
+    offsets: torch.Tensor,
+    weights: torch.Tensor | None,
+    collisions: int,
+    operation: str,
+    mean: bool,
+) -> torch.Tensor:
+    """Pooled QR embeddings ``[B, d]`` (float32) of the bags of ``ids``, compose + pool in one kernel.
+
+    ``parts`` the ``k`` part tables (``QRMemory.parts``, float32 ``[rows_j, width]``; ``d = width`` for
+    mult / add, ``k · width`` for concat); ``ids`` ``[N]`` int64 (``>= 0``); ``offsets`` ``[B + 1]``
+    int64; ``weights`` ``[N]`` or None. Equals ``QRMemory.pooled``.
+    """
+    num_bags, dim, width = _prepare(parts, ids, offsets, weights, operation)
+    out = torch.empty(num_bags, dim, dtype=torch.float32, device=ids.device)
+    if num_bags == 0:
+        return out
+    grid, block_d = _launch_args(num_bags, dim)
+    _pooled_forward_kernel[grid](
+        tuple(p.contiguous() for p in parts), ids.contiguous(), offsets.contiguous(),
+        None if weights is None else weights.to(torch.float32).contiguous(), out, collisions,
+        K=len(parts), DIM=dim, WIDTH=width, OPERATION=OPERATIONS[operation], HAS_WEIGHTS=weights is not None,
+        MEAN=mean, BLOCK_N=BLOCK_N, BLOCK_D=block_d,
+    )
+    return out
+
+
+def qr_pooled_backward(
+    grad_out: torch.Tensor,
+    parts: Sequence[torch.Tensor],
+    ids: torch.Tensor,
+    offsets: torch.Tensor,
+    weights: torch.Tensor | None,
+    collisions: int,
+    operation: str,
+    mean: bool,
+) -> list[torch.Tensor]:
+    """Dense gradients (float32, shaped like ``parts``) of :func:`qr_pooled_forward` wrt every part table.
+
+    ``grad_out`` ``[B, d]``; the other arguments as for the forward (``parts`` are read only for
+    ``mult``, whose gradient of part ``j`` is ``g`` times the product of the other parts' rows). Rows
+    are accumulated with ``tl.atomic_add`` into zeroed buffers (non-deterministic summation order).
+    """
+    num_bags, dim, width = _prepare(parts, ids, offsets, weights, operation)
+    if grad_out.shape != (num_bags, dim):
+        raise ValueError(f"grad_out must be [B, d] = {(num_bags, dim)}, got {tuple(grad_out.shape)}")
+    grads = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in parts]
+    if num_bags == 0:
+        return grads
+    grid, block_d = _launch_args(num_bags, dim)
+    _backward_kernel[grid](
+        tuple(p.contiguous() for p in parts), tuple(grads), grad_out.to(torch.float32).contiguous(),
+        ids.contiguous(), offsets.contiguous(), None if weights is None else weights.to(torch.float32).contiguous(),
+        collisions, K=len(parts), DIM=dim, WIDTH=width, OPERATION=OPERATIONS[operation],
+        HAS_WEIGHTS=weights is not None, MEAN=mean, BLOCK_N=BLOCK_N, BLOCK_D=block_d,
+    )
+    return grads

@@ -1,0 +1,639 @@
+// ROBE-Z on the CPU: fused hash + gather + pool forward, its backward, and the backward fused with
+// SGD / (blockwise) Adagrad. The formulas are the contract of plugins/robe/robe.py's module docstring:
+//
+//   E_t[x, i] = M[(h(t, k, c) + o) mod |M|] * g(t, x, i)
+//   h(t, k, c) = ((A t + B (k mod P) + C c + D) mod P) mod |M|,  P = 2^31 - 1
+//   g(t, x, i) = 1 - 2 (((A' t + B' (x mod P) + C' i + D') mod P) mod 2)
+//
+// Every product is formed from operands already reduced mod P (< 2^62), so any int64 id is exact.
+// Each id reads C runs of R contiguous (circular) elements: Z <= d gives C = d / Z runs of R = Z,
+// Z > d one run of R = d. The backward scatters run by run into memory ranges owned by one thread
+// each, so no update is lost and no atomics are needed.
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <vector>
+
+namespace {
+
+constexpr uint64_t kPrime = (uint64_t{1} << 31) - 1;
+
+// x mod P for any x < 2^64 (2^31 = 1 mod P).
+inline uint64_t reduce(uint64_t x) {
+  x = (x & kPrime) + (x >> 31);  // < 2^34
+  x = (x & kPrime) + (x >> 31);  // < P + 9
+  return x >= kPrime ? x - kPrime : x;
+}
+
+// x mod P for x < 2^34 (a sum of a few residues): one fold.
+inline uint64_t reduce_small(uint64_t x) {
+  x = (x & kPrime) + (x >> 31);  // < P + 8
+  return x >= kPrime ? x - kPrime : x;
+}
+
+// torch.remainder(k, P): in [0, P) for negative k too.
+inline uint64_t mod_prime(int64_t k) {
+  if (k >= 0) {
+    return reduce(static_cast<uint64_t>(k));
+  }
+  const int64_t r = k % static_cast<int64_t>(kPrime);
+  return static_cast<uint64_t>(r < 0 ? r + static_cast<int64_t>(kPrime) : r);
+}
+
+// a mod d without a division (Lemire's fastmod, exact for every 32-bit a and d >= 1).
+struct FastMod {
+  uint64_t magic;
+  uint64_t divisor;
+  explicit FastMod(uint32_t d) : magic(~uint64_t{0} / d + 1), divisor(d) {}
+  uint32_t operator()(uint32_t a) const {
+    const uint64_t low = magic * a;
+    return static_cast<uint32_t>((static_cast<unsigned __int128>(low) * divisor) >> 64);
+  }
+};
+
+template <class T>
+std::unique_ptr<T[]> uninitialized(int64_t n) {
+  return std::unique_ptr<T[]>(new T[std::max<int64_t>(n, 1)]);
+}
+
+// The hash functions of one table, with every per-table and per-chunk term precomputed mod P.
+struct Hasher {
+  int64_t dim, run, chunks, ids_per_block, m;
+  bool use_sign;
+  uint64_t loc_first, loc_b, sign_first, sign_b;
+  std::vector<uint32_t> loc_c;   // (C c) mod P per chunk
+  std::vector<uint32_t> sign_i;  // (C' i) mod P per element
+  FastMod mod_m;
+
+  Hasher(const at::Tensor& location, const at::Tensor& sign, int64_t table_key, int64_t dim_, int64_t chunk_size,
+         bool use_sign_, int64_t memory_size)
+      : dim(dim_),
+        m(memory_size),
+        use_sign(use_sign_),
+        mod_m(static_cast<uint32_t>(std::max<int64_t>(memory_size, 1))) {
+    TORCH_CHECK(dim > 0 && chunk_size > 0, "dim and chunk_size must be positive");
+    TORCH_CHECK(dim % chunk_size == 0 || chunk_size % dim == 0, "chunk_size must divide dim or be a multiple of it");
+    TORCH_CHECK(memory_size > 0 && static_cast<uint64_t>(memory_size) <= kPrime,
+                "memory size must be in [1, 2^31 - 1]");
+    const auto l = coefficients(location), s = coefficients(sign);
+    const uint64_t t = mod_prime(table_key);
+    run = std::min(chunk_size, dim);
+    chunks = dim / run;
+    ids_per_block = chunk_size > dim ? chunk_size / dim : 0;
+    loc_first = reduce_small(reduce(l[0] * t) + l[3]);
+    loc_b = l[1];
+    sign_first = reduce_small(reduce(s[0] * t) + s[3]);
+    sign_b = s[1];
+    for (int64_t c = 0; c < chunks; ++c) {
+      loc_c.push_back(static_cast<uint32_t>(reduce(l[2] * static_cast<uint64_t>(c))));
+    }
+    for (int64_t i = 0; i < dim; ++i) {
+      sign_i.push_back(static_cast<uint32_t>(reduce(s[2] * static_cast<uint64_t>(i))));
+    }
+  }
+
+  static std::vector<uint64_t> coefficients(const at::Tensor& coefficients) {
+    TORCH_CHECK(coefficients.numel() == 4, "hash coefficients must have 4 entries (A, B, C, D)");
+    const auto host = coefficients.to(at::kCPU, at::kLong).contiguous();
+    const int64_t* data = host.data_ptr<int64_t>();
+    return {mod_prime(data[0]), mod_prime(data[1]), mod_prime(data[2]), mod_prime(data[3])};
+  }
+
+  // Start positions (< |M|) of the `chunks` runs of id x.
+  void starts(int64_t x, uint32_t* out) const {
+    if (ids_per_block == 0) {
+      const uint64_t base = loc_first + reduce(loc_b * mod_prime(x));
+      for (int64_t c = 0; c < chunks; ++c) {
+        out[c] = mod_m(static_cast<uint32_t>(reduce_small(base + loc_c[c])));
+      }
+      return;
+    }
+    int64_t k = x / ids_per_block;  // floor division, as torch.div(rounding_mode="floor")
+    if (x % ids_per_block != 0 && x < 0) {
+      --k;
+    }
+    const uint64_t offset = static_cast<uint64_t>(x - k * ids_per_block) * static_cast<uint64_t>(dim);
+    const uint64_t block = mod_m(static_cast<uint32_t>(reduce_small(loc_first + reduce(loc_b * mod_prime(k)))));
+    out[0] = static_cast<uint32_t>((block + offset) % static_cast<uint64_t>(m));
+  }
+
+  // (A' t + B' (x mod P) + D') mod P: the per-id part of the sign hash.
+  uint32_t sign_base(int64_t x) const {
+    return static_cast<uint32_t>(reduce_small(sign_first + reduce(sign_b * mod_prime(x))));
+  }
+
+  // The signs of elements [i0, i0 + len) of the id with sign base `base`, as +-1 floats.
+  void signs(uint32_t base, int64_t i0, int64_t len, float* __restrict__ out) const {
+    const uint32_t* __restrict__ terms = sign_i.data() + i0;
+    for (int64_t k = 0; k < len; ++k) {
+      uint32_t v = base + terms[k];  // < 2P < 2^32
+      v = v >= kPrime ? v - static_cast<uint32_t>(kPrime) : v;
+      out[k] = 1.0f - 2.0f * static_cast<float>(v & 1u);
+    }
+  }
+};
+
+// Calls piece(position, element offset, length) for the contiguous pieces of the circular run
+// M[start : start + run]. With kRun > 0 (then kRun == run) a run that does not wrap is one piece whose length
+// is a compile-time constant (std::integral_constant), so its loops unroll and vectorise fully.
+template <int64_t kRun, class Piece>
+inline void for_pieces(int64_t start, int64_t run, int64_t m, Piece&& piece) {
+  if constexpr (kRun > 0) {
+    if (start + kRun <= m) {
+      piece(start, int64_t{0}, std::integral_constant<int64_t, kRun>{});
+      return;
+    }
+  }
+  int64_t r = 0;
+  int64_t pos = start;
+  while (r < run) {
+    const int64_t len = std::min(run - r, m - pos);
+    piece(pos, r, len);
+    r += len;
+    pos = 0;
+  }
+}
+
+// body(std::integral_constant<int64_t, R>{}) for the common run lengths R, body(integral_constant<0>) otherwise.
+template <class Body>
+void dispatch_run(int64_t run, Body&& body) {
+  switch (run) {
+    case 4:
+      return body(std::integral_constant<int64_t, 4>{});
+    case 8:
+      return body(std::integral_constant<int64_t, 8>{});
+    case 16:
+      return body(std::integral_constant<int64_t, 16>{});
+    case 32:
+      return body(std::integral_constant<int64_t, 32>{});
+    case 64:
+      return body(std::integral_constant<int64_t, 64>{});
+    case 128:
+      return body(std::integral_constant<int64_t, 128>{});
+    default:
+      return body(std::integral_constant<int64_t, 0>{});
+  }
+}
+
+// Prefetches the cache lines of M[a : e) with e = min(start + run, hi, |M|), a = max(start, lo) (the part of a run
+// in [lo, hi) before any wrap), for reading (kWrite = 0) or writing (kWrite = 1).
+template <int kWrite>
+inline void prefetch_run(const float* mem, int64_t start, int64_t run, int64_t lo, int64_t hi) {
+  const int64_t a = std::max(start, lo), e = std::min(start + run, hi);
+  if (a >= e) {
+    return;
+  }
+  for (int64_t p = a; p < e; p += 16) {
+    __builtin_prefetch(mem + p, kWrite, 3);
+  }
+  __builtin_prefetch(mem + e - 1, kWrite, 3);
+}
+
+// Ids read ahead of use: hashing id j + kAhead and prefetching its runs hides the latency of M's random reads.
+constexpr int64_t kAhead = 8;
+constexpr int64_t kRing = 16;  // > kAhead, a power of two
+
+// The run starts of ids [j0, j1) of `ids`, hashed kAhead ids ahead of `at(j)` (j increasing), runs prefetched.
+class StartsPipeline {
+ public:
+  StartsPipeline(const Hasher& h, const int64_t* ids, const float* mem, int64_t j0, int64_t j1)
+      : h_(h), ids_(ids), mem_(mem), next_(j0), end_(j1), ring_(kRing * h.chunks) {}
+
+  const uint32_t* at(int64_t j) {
+    for (const int64_t stop = std::min(j + kAhead + 1, end_); next_ < stop; ++next_) {
+      uint32_t* slot = ring_.data() + (next_ & (kRing - 1)) * h_.chunks;
+      h_.starts(ids_[next_], slot);
+      for (int64_t c = 0; c < h_.chunks; ++c) {
+        prefetch_run<0>(mem_, slot[c], h_.run, 0, h_.m);
+      }
+    }
+    return ring_.data() + (j & (kRing - 1)) * h_.chunks;
+  }
+
+ private:
+  const Hasher& h_;
+  const int64_t* ids_;
+  const float* mem_;
+  int64_t next_, end_;
+  std::vector<uint32_t> ring_;
+};
+
+// A batch of bags: ids [N], offsets [B + 1], optional per-sample weights [N].
+struct Bags {
+  at::Tensor ids_t, offsets_t, weights_t;
+  const int64_t* ids;
+  const int64_t* offsets;
+  const float* weights;
+  int64_t num_bags, num_ids;
+
+  Bags(const at::Tensor& ids_, const at::Tensor& offsets_, const std::optional<at::Tensor>& weights_)
+      : ids_t(ids_.to(at::kLong).contiguous()), offsets_t(offsets_.to(at::kLong).contiguous()) {
+    TORCH_CHECK(ids_t.device().is_cpu() && offsets_t.device().is_cpu(), "ids and offsets must be CPU tensors");
+    TORCH_CHECK(offsets_t.dim() == 1 && offsets_t.numel() >= 1, "offsets must be 1-D with B + 1 entries");
+    ids = ids_t.data_ptr<int64_t>();
+    offsets = offsets_t.data_ptr<int64_t>();
+    num_bags = offsets_t.numel() - 1;
+    num_ids = ids_t.numel();
+    TORCH_CHECK(offsets[0] == 0 && offsets[num_bags] == num_ids, "offsets must run from 0 to the number of ids");
+    for (int64_t b = 0; b < num_bags; ++b) {
+      TORCH_CHECK(offsets[b] <= offsets[b + 1], "offsets must be non-decreasing");
+    }
+    weights = nullptr;
+    if (weights_.has_value() && weights_->defined() && weights_->numel() > 0) {
+      weights_t = weights_->to(at::kFloat).contiguous();
+      TORCH_CHECK(weights_t.numel() == num_ids, "per-sample weights must have one entry per id");
+      weights = weights_t.data_ptr<float>();
+    }
+  }
+
+  float weight(int64_t j) const { return weights == nullptr ? 1.0f : weights[j]; }
+};
+
+void check_memory(const at::Tensor& memory) {
+  TORCH_CHECK(memory.device().is_cpu() && memory.scalar_type() == at::kFloat, "memory must be a float32 CPU tensor");
+  TORCH_CHECK(memory.is_contiguous() && memory.numel() > 0, "memory must be contiguous and non-empty");
+}
+
+at::Tensor checked_grad(const at::Tensor& grad_out, const Bags& bags) {
+  TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == bags.num_bags, "grad_out must be [B, dim]");
+  return grad_out.to(at::kFloat).contiguous();
+}
+
+// Bags per task of at::parallel_for: about 16k elements read per task.
+int64_t bag_grain(const Bags& bags, int64_t dim) {
+  const int64_t per_bag = std::max<int64_t>(1, (bags.num_ids / std::max<int64_t>(bags.num_bags, 1)) * dim);
+  return std::max<int64_t>(1, 16384 / per_bag);
+}
+
+// Per id of a batch: its run starts, its pooling scale (weight, / bag length for MEAN), its bag and sign base.
+struct Plan {
+  std::unique_ptr<uint32_t[]> starts;
+  std::unique_ptr<float[]> scale;
+  std::unique_ptr<int32_t[]> bag;
+  std::unique_ptr<uint32_t[]> sign_base;
+
+  Plan(const Hasher& h, const Bags& bags, bool mean)
+      : starts(uninitialized<uint32_t>(bags.num_ids * h.chunks)),
+        scale(uninitialized<float>(bags.num_ids)),
+        bag(uninitialized<int32_t>(bags.num_ids)),
+        sign_base(uninitialized<uint32_t>(h.use_sign ? bags.num_ids : 0)) {
+    TORCH_CHECK(bags.num_bags < (int64_t{1} << 31), "too many bags");
+    at::parallel_for(0, bags.num_bags, bag_grain(bags, h.dim), [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t first = bags.offsets[b], last = bags.offsets[b + 1];
+        const float divisor = mean ? static_cast<float>(std::max<int64_t>(last - first, 1)) : 1.0f;
+        for (int64_t j = first; j < last; ++j) {
+          const int64_t x = bags.ids[j];
+          h.starts(x, starts.get() + j * h.chunks);
+          scale[j] = bags.weight(j) / divisor;
+          bag[j] = static_cast<int32_t>(b);
+          if (h.use_sign) {
+            sign_base[j] = h.sign_base(x);
+          }
+        }
+      }
+    });
+  }
+};
+
+// Splits [0, |M|) into one range per thread (boundaries on multiples of `align`) and runs body(lo, hi) on each.
+template <class Body>
+void over_memory_ranges(int64_t m, int64_t align, Body&& body) {
+  const int64_t units = (m + align - 1) / align;
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), units));
+  const int64_t span = (units + parts - 1) / parts * align;
+  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t lo = p * span, hi = std::min(m, lo + span);
+      if (lo < hi) {
+        body(lo, hi);
+      }
+    }
+  });
+}
+
+// dst[pos] += alpha_scale * scale_j * sign * grad for every element of every run that falls in [lo, hi);
+// touched(position, length) is called after each contiguous piece.
+template <int64_t kRun, class Touched>
+void scatter_range(const Hasher& h, const Plan& plan, int64_t num_ids, const float* grad, float alpha_scale,
+                   float* dst, int64_t lo, int64_t hi, Touched&& touched) {
+  const int64_t run = kRun > 0 ? kRun : h.run;
+  std::vector<float> sign(h.use_sign ? run : 0);
+  for (int64_t j = 0; j < num_ids; ++j) {
+    if (j + kAhead < num_ids) {
+      const uint32_t* ahead = plan.starts.get() + (j + kAhead) * h.chunks;
+      for (int64_t c = 0; c < h.chunks; ++c) {
+        prefetch_run<1>(dst, ahead[c], run, lo, hi);
+      }
+    }
+    const uint32_t* starts = plan.starts.get() + j * h.chunks;
+    const float alpha = alpha_scale * plan.scale[j];
+    const float* row = grad + static_cast<int64_t>(plan.bag[j]) * h.dim;
+    const auto add = [&](int64_t pos, int64_t i0, auto len) {
+      float* __restrict__ out = dst + pos;
+      const float* __restrict__ g = row + i0;
+      if (h.use_sign) {
+        h.signs(plan.sign_base[j], i0, len, sign.data());
+        const float* __restrict__ s = sign.data();
+        for (int64_t k = 0; k < len; ++k) {
+          out[k] += alpha * s[k] * g[k];
+        }
+      } else {
+        for (int64_t k = 0; k < len; ++k) {
+          out[k] += alpha * g[k];
+        }
+      }
+      touched(pos, static_cast<int64_t>(len));
+    };
+    for (int64_t c = 0; c < h.chunks; ++c) {
+      for_pieces<kRun>(starts[c], run, h.m, [&](int64_t pos, int64_t r, auto len) {
+        if (pos >= lo && pos + len <= hi) {
+          add(pos, c * run + r, len);
+          return;
+        }
+        const int64_t first = std::max(pos, lo), last = std::min<int64_t>(pos + len, hi);
+        if (first < last) {
+          add(first, c * run + r + (first - pos), last - first);
+        }
+      });
+    }
+  }
+}
+
+template <class Touched>
+void scatter(const Hasher& h, const Plan& plan, int64_t num_ids, const float* grad, float alpha_scale, float* dst,
+             int64_t lo, int64_t hi, Touched&& touched) {
+  dispatch_run(h.run, [&](auto run) {
+    scatter_range<decltype(run)::value>(h, plan, num_ids, grad, alpha_scale, dst, lo, hi, touched);
+  });
+}
+
+// out[b] = sum_j w_j * E[ids_j] (/ bag length for MEAN) for the bags [b0, b1).
+template <int64_t kRun>
+void forward_range(const Hasher& h, const Bags& bags, const float* mem, float* out, bool mean, int64_t b0,
+                   int64_t b1) {
+  const int64_t run = kRun > 0 ? kRun : h.run, dim = h.dim;
+  StartsPipeline pipeline(h, bags.ids, mem, bags.offsets[b0], bags.offsets[b1]);
+  std::vector<float> sign(h.use_sign ? dim : 0);
+  for (int64_t b = b0; b < b1; ++b) {
+    float* __restrict__ acc = out + b * dim;
+    std::fill(acc, acc + dim, 0.0f);
+    const int64_t first = bags.offsets[b], last = bags.offsets[b + 1];
+    for (int64_t j = first; j < last; ++j) {
+      const float w = bags.weight(j);
+      const uint32_t* starts = pipeline.at(j);
+      if (h.use_sign) {
+        h.signs(h.sign_base(bags.ids[j]), 0, dim, sign.data());
+      }
+      for (int64_t c = 0; c < h.chunks; ++c) {
+        for_pieces<kRun>(starts[c], run, h.m, [&](int64_t pos, int64_t r, auto len) {
+          const float* __restrict__ src = mem + pos;
+          float* __restrict__ dst = acc + c * run + r;
+          if (h.use_sign) {
+            const float* __restrict__ s = sign.data() + c * run + r;
+            for (int64_t k = 0; k < len; ++k) {
+              dst[k] += w * (s[k] * src[k]);
+            }
+          } else {
+            for (int64_t k = 0; k < len; ++k) {
+              dst[k] += w * src[k];
+            }
+          }
+        });
+      }
+    }
+    if (mean && last > first) {
+      const float divisor = static_cast<float>(last - first);
+      for (int64_t i = 0; i < dim; ++i) {
+        acc[i] /= divisor;
+      }
+    }
+  }
+}
+
+// out[j] = <grad[bag of j], E[ids_j]> (/ bag length for MEAN) for the ids of bags [b0, b1).
+template <int64_t kRun>
+void weights_grad_range(const Hasher& h, const Bags& bags, const float* mem, const float* grad, float* out, bool mean,
+                        int64_t b0, int64_t b1) {
+  const int64_t run = kRun > 0 ? kRun : h.run, dim = h.dim;
+  StartsPipeline pipeline(h, bags.ids, mem, bags.offsets[b0], bags.offsets[b1]);
+  std::vector<float> sign(h.use_sign ? dim : 0);
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t first = bags.offsets[b], last = bags.offsets[b + 1];
+    const float* row = grad + b * dim;
+    for (int64_t j = first; j < last; ++j) {
+      const uint32_t* starts = pipeline.at(j);
+      if (h.use_sign) {
+        h.signs(h.sign_base(bags.ids[j]), 0, dim, sign.data());
+      }
+      float dot = 0.0f;
+      for (int64_t c = 0; c < h.chunks; ++c) {
+        for_pieces<kRun>(starts[c], run, h.m, [&](int64_t pos, int64_t r, auto len) {
+          const float* __restrict__ src = mem + pos;
+          const float* __restrict__ g = row + c * run + r;
+          float part = 0.0f;
+          if (h.use_sign) {
+            const float* __restrict__ s = sign.data() + c * run + r;
+            for (int64_t k = 0; k < len; ++k) {
+              part += g[k] * (s[k] * src[k]);
+            }
+          } else {
+            for (int64_t k = 0; k < len; ++k) {
+              part += g[k] * src[k];
+            }
+          }
+          dot += part;
+        });
+      }
+      out[j] = mean ? dot / static_cast<float>(last - first) : dot;
+    }
+  }
+}
+
+// Dense zero scratch of |M| floats and a touched flag per optimizer block, kept all-zero between calls.
+struct Scratch {
+  std::mutex mutex;
+  std::vector<float> grad;
+  std::vector<uint8_t> touched;
+};
+
+Scratch& scratch() {
+  static Scratch instance;
+  return instance;
+}
+
+}  // namespace
+
+at::Tensor robe_pooled_forward(const at::Tensor& memory, const at::Tensor& ids, const at::Tensor& offsets,
+                               const std::optional<at::Tensor>& weights, const at::Tensor& location_coefficients,
+                               const at::Tensor& sign_coefficients, int64_t table_key, int64_t dim,
+                               int64_t chunk_size, bool use_sign, bool mean) {
+  check_memory(memory);
+  const Bags bags(ids, offsets, weights);
+  const Hasher h(location_coefficients, sign_coefficients, table_key, dim, chunk_size, use_sign, memory.numel());
+  auto out = at::empty({bags.num_bags, dim}, memory.options());
+  const float* mem = memory.data_ptr<float>();
+  float* out_data = out.data_ptr<float>();
+  dispatch_run(h.run, [&](auto run) {
+    at::parallel_for(0, bags.num_bags, bag_grain(bags, dim), [&](int64_t b0, int64_t b1) {
+      forward_range<decltype(run)::value>(h, bags, mem, out_data, mean, b0, b1);
+    });
+  });
+  return out;
+}
+
+at::Tensor robe_pooled_backward(const at::Tensor& grad_out, const at::Tensor& ids, const at::Tensor& offsets,
+                                const std::optional<at::Tensor>& weights, const at::Tensor& location_coefficients,
+                                const at::Tensor& sign_coefficients, int64_t table_key, int64_t memory_size,
+                                int64_t dim, int64_t chunk_size, bool use_sign, bool mean) {
+  const Bags bags(ids, offsets, weights);
+  const auto grad = checked_grad(grad_out, bags);
+  const Hasher h(location_coefficients, sign_coefficients, table_key, dim, chunk_size, use_sign, memory_size);
+  TORCH_CHECK(grad.size(1) == dim, "grad_out must be [B, dim]");
+  const Plan plan(h, bags, mean);
+  auto out = at::zeros({memory_size}, grad.options());
+  float* dst = out.data_ptr<float>();
+  const float* g = grad.data_ptr<float>();
+  over_memory_ranges(memory_size, 1, [&](int64_t lo, int64_t hi) {
+    scatter(h, plan, bags.num_ids, g, 1.0f, dst, lo, hi, [](int64_t, int64_t) {});
+  });
+  return out;
+}
+
+void robe_sgd_update_(at::Tensor& memory, const at::Tensor& grad_out, const at::Tensor& ids, const at::Tensor& offsets,
+                      const std::optional<at::Tensor>& weights, const at::Tensor& location_coefficients,
+                      const at::Tensor& sign_coefficients, int64_t table_key, int64_t chunk_size, bool use_sign,
+                      bool mean, double lr) {
+  check_memory(memory);
+  const Bags bags(ids, offsets, weights);
+  const auto grad = checked_grad(grad_out, bags);
+  const int64_t dim = grad.size(1);
+  const Hasher h(location_coefficients, sign_coefficients, table_key, dim, chunk_size, use_sign, memory.numel());
+  const Plan plan(h, bags, mean);
+  float* dst = memory.data_ptr<float>();
+  const float* g = grad.data_ptr<float>();
+  over_memory_ranges(memory.numel(), 16, [&](int64_t lo, int64_t hi) {
+    scatter(h, plan, bags.num_ids, g, static_cast<float>(-lr), dst, lo, hi, [](int64_t, int64_t) {});
+  });
+}
+
+void robe_adagrad_update_(at::Tensor& memory, at::Tensor& accumulator, const at::Tensor& grad_out,
+                          const at::Tensor& ids, const at::Tensor& offsets, const std::optional<at::Tensor>& weights,
+                          const at::Tensor& location_coefficients, const at::Tensor& sign_coefficients,
+                          int64_t table_key, int64_t chunk_size, bool use_sign, bool mean, double lr, double eps,
+                          int64_t block_size) {
+  check_memory(memory);
+  const int64_t m = memory.numel();
+  TORCH_CHECK(block_size >= 1, "block_size must be positive");
+  const int64_t blocks = (m + block_size - 1) / block_size;
+  TORCH_CHECK(accumulator.device().is_cpu() && accumulator.scalar_type() == at::kFloat &&
+                  accumulator.is_contiguous() && accumulator.numel() == blocks,
+              "accumulator must be a contiguous float32 CPU tensor of ceil(|M| / block_size) entries");
+  const Bags bags(ids, offsets, weights);
+  const auto grad = checked_grad(grad_out, bags);
+  const int64_t dim = grad.size(1);
+  const Hasher h(location_coefficients, sign_coefficients, table_key, dim, chunk_size, use_sign, m);
+  const Plan plan(h, bags, mean);
+  float* param = memory.data_ptr<float>();
+  float* sum = accumulator.data_ptr<float>();
+  const float* g = grad.data_ptr<float>();
+  const float step = static_cast<float>(lr), epsilon = static_cast<float>(eps);
+  const float inv_block = 1.0f / static_cast<float>(block_size);
+  Scratch& s = scratch();
+  std::lock_guard<std::mutex> lock(s.mutex);
+  if (static_cast<int64_t>(s.grad.size()) < m) {
+    s.grad.resize(m, 0.0f);
+  }
+  if (static_cast<int64_t>(s.touched.size()) < blocks) {
+    s.touched.resize(blocks, 0);
+  }
+  float* acc = s.grad.data();
+  uint8_t* flag = s.touched.data();
+  over_memory_ranges(m, block_size, [&](int64_t lo, int64_t hi) {
+    std::vector<int64_t> touched;
+    scatter(h, plan, bags.num_ids, g, 1.0f, acc, lo, hi, [&](int64_t a, int64_t n) {
+      for (int64_t blk = a / block_size; blk <= (a + n - 1) / block_size; ++blk) {
+        if (!flag[blk]) {
+          flag[blk] = 1;
+          touched.push_back(blk);
+        }
+      }
+    });
+    const int64_t count = static_cast<int64_t>(touched.size());
+    for (int64_t i = 0; i < count; ++i) {
+      if (i + kAhead < count) {
+        const int64_t ahead = touched[i + kAhead] * block_size;
+        prefetch_run<1>(acc, ahead, block_size, 0, m);
+        prefetch_run<1>(param, ahead, block_size, 0, m);
+        __builtin_prefetch(sum + touched[i + kAhead], 1, 3);
+      }
+      const int64_t blk = touched[i];
+      const int64_t first = blk * block_size, last = std::min(m, first + block_size);
+      float squares = 0.0f;
+      for (int64_t e = first; e < last; ++e) {
+        squares += acc[e] * acc[e];
+      }
+      sum[blk] += squares * inv_block;
+      const float std_dev = std::sqrt(sum[blk]) + epsilon;
+      for (int64_t e = first; e < last; ++e) {
+        param[e] -= step * (acc[e] / std_dev);
+        acc[e] = 0.0f;
+      }
+      flag[blk] = 0;
+    }
+  });
+}
+
+at::Tensor robe_weights_grad(const at::Tensor& memory, const at::Tensor& grad_out, const at::Tensor& ids,
+                             const at::Tensor& offsets, const at::Tensor& location_coefficients,
+                             const at::Tensor& sign_coefficients, int64_t table_key, int64_t chunk_size,
+                             bool use_sign, bool mean) {
+  check_memory(memory);
+  const Bags bags(ids, offsets, std::nullopt);
+  const auto grad = checked_grad(grad_out, bags);
+  const int64_t dim = grad.size(1);
+  const Hasher h(location_coefficients, sign_coefficients, table_key, dim, chunk_size, use_sign, memory.numel());
+  auto out = at::empty({bags.num_ids}, memory.options());
+  const float* mem = memory.data_ptr<float>();
+  const float* g = grad.data_ptr<float>();
+  float* out_data = out.data_ptr<float>();
+  dispatch_run(h.run, [&](auto run) {
+    at::parallel_for(0, bags.num_bags, bag_grain(bags, dim), [&](int64_t b0, int64_t b1) {
+      weights_grad_range<decltype(run)::value>(h, bags, mem, g, out_data, mean, b0, b1);
+    });
+  });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  namespace py = pybind11;
+  using py::arg;
+  const auto no_gil = py::call_guard<py::gil_scoped_release>();
+  module.doc() = "ROBE-Z CPU kernels (see torchrec_pss_plugins.robe.cpu_kernels)";
+  module.def("robe_pooled_forward", &robe_pooled_forward, no_gil, "Pooled ROBE lookup: [B, dim]", arg("memory"),
+             arg("ids"), arg("offsets"), arg("weights"), arg("location_coefficients"), arg("sign_coefficients"),
+             arg("table_key"), arg("dim"), arg("chunk_size"), arg("use_sign"), arg("mean"));
+  module.def("robe_pooled_backward", &robe_pooled_backward, no_gil, "Dense memory gradient: [|M|]",
+             arg("grad_out"), arg("ids"), arg("offsets"), arg("weights"), arg("location_coefficients"),
+             arg("sign_coefficients"), arg("table_key"), arg("memory_size"), arg("dim"), arg("chunk_size"),
+             arg("use_sign"), arg("mean"));
+  module.def("robe_sgd_update_", &robe_sgd_update_, no_gil, "Backward fused with SGD, in place", arg("memory"),
+             arg("grad_out"), arg("ids"), arg("offsets"), arg("weights"), arg("location_coefficients"),
+             arg("sign_coefficients"), arg("table_key"), arg("chunk_size"), arg("use_sign"), arg("mean"), arg("lr"));
+  module.def("robe_adagrad_update_", &robe_adagrad_update_, no_gil,
+             "Backward fused with (blockwise) Adagrad, in place", arg("memory"), arg("accumulator"), arg("grad_out"),
+             arg("ids"), arg("offsets"), arg("weights"), arg("location_coefficients"), arg("sign_coefficients"),
+             arg("table_key"), arg("chunk_size"), arg("use_sign"), arg("mean"), arg("lr"), arg("eps"),
+             arg("block_size"));
+  module.def("robe_weights_grad", &robe_weights_grad, no_gil, "Gradient of the per-sample weights: [N]",
+             arg("memory"), arg("grad_out"), arg("ids"), arg("offsets"), arg("location_coefficients"),
+             arg("sign_coefficients"), arg("table_key"), arg("chunk_size"), arg("use_sign"), arg("mean"));
+}

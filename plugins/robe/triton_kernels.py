@@ -1,0 +1,395 @@
+"""Triton kernels for ROBE-Z: fused hash + gather + pool forward, atomic backward / SGD, Adagrad.
+
+Every kernel follows the recovery formula of :mod:`torchrec_pss_plugins.robe.robe` exactly (same hash,
+same circular wrap-around of ``M``), so it gives ``RobeMemory.pooled``'s values. Bags are given by
+``offsets`` ``[B + 1]`` (bag ``b`` = ``ids[offsets[b]:offsets[b + 1]]``); each program owns one bag and
+a block of ``BLOCK_D`` embedding columns and walks the bag's ids ``BLOCK_N`` at a time. Within a
+chunk the columns read consecutive memory positions, so the gathers are coalesced. Positions and
+hashes are int64, and every product is reduced mod ``P = 2^31 - 1`` before it is summed, so ids up
+to ``2^63 - 1`` never overflow.
+
+Run on CUDA tensors, or on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1``).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from torchrec_pss.hashing import PRIME
+
+_P = tl.constexpr(PRIME)
+BLOCK_N = 8
+"""Ids of a bag handled together by one program (rows of a tile)."""
+MAX_BLOCK_D = 128
+"""Embedding columns per program at most (columns of a tile)."""
+_ROWS_PER_ADAGRAD_TILE = 1024
+"""Elements per Adagrad program (rounded to whole blocks)."""
+
+
+@triton.jit
+def _floor_divmod(x, n):
+    """``(x // n, x mod n)`` with floor semantics (remainder in ``[0, n)``) for int64 ``x`` of any sign."""
+    r = x % n
+    r = tl.where(r < 0, r + n, r)
+    return (x - r) // n, r
+
+
+@triton.jit
+def _hash_base(coef_ptr, t, k):
+    """``(A·t + B·(k mod P) + D) mod P`` (each product reduced mod P first) for int64 ``k``: ``< P``."""
+    a = tl.load(coef_ptr)
+    b = tl.load(coef_ptr + 1)
+    d = tl.load(coef_ptr + 3)
+    _, k_mod = _floor_divmod(k, _P)
+    return ((a * t) % _P + d + (b * k_mod) % _P) % _P
+
+
+@triton.jit
+def _positions(ids, cols, t, m, loc_ptr, DIM: tl.constexpr, Z: tl.constexpr):
+    """Memory positions ``[BLOCK_N, BLOCK_D]`` (int64, ``< m``) of columns ``cols`` (int64) of ``ids``."""
+    if Z <= DIM:
+        chunk = (tl.load(loc_ptr + 2) * (cols // Z)) % _P
+        h = _hash_base(loc_ptr, t, ids)[:, None] + chunk[None, :]
+        h = tl.where(h >= _P, h - _P, h)
+        pos = (h + (cols % Z)[None, :]) % m
+    else:
+        block, slot = _floor_divmod(ids, Z // DIM)
+        start = _hash_base(loc_ptr, t, block) + slot * DIM
+        pos = (start[:, None] + cols[None, :]) % m
+    return pos
+
+
+@triton.jit
+def _signs(ids, cols, t, sign_ptr):
+    """The signs ``g(t, x, i)`` ``[BLOCK_N, BLOCK_D]`` (float32, ``±1``) of columns ``cols`` of ``ids``."""
+    column = (tl.load(sign_ptr + 2) * cols) % _P
+    s = _hash_base(sign_ptr, t, ids)[:, None] + column[None, :]
+    s = tl.where(s >= _P, s - _P, s)
+    return 1.0 - 2.0 * (s & 1).to(tl.float32)
+
+
+@triton.jit(do_not_specialize=["t", "m"])
+def _pooled_forward_kernel(
+    memory, ids_ptr, offsets, weights, loc_ptr, sign_ptr, out, t, m,
+    DIM: tl.constexpr, Z: tl.constexpr, USE_SIGN: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
+    MEAN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    bag = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_mask = cols < DIM
+    cols64 = cols.to(tl.int64)
+    start = tl.load(offsets + bag)
+    end = tl.load(offsets + bag + 1)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    first = start
+    while first < end:
+        rows = first + tl.arange(0, BLOCK_N)
+        row_mask = rows < end
+        x = tl.load(ids_ptr + rows, mask=row_mask, other=0)
+        pos = _positions(x, cols64, t, m, loc_ptr, DIM, Z)
+        vals = tl.load(memory + pos, mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+        if USE_SIGN:
+            vals = vals * _signs(x, cols64, t, sign_ptr)
+        if HAS_WEIGHTS:
+            vals = vals * tl.load(weights + rows, mask=row_mask, other=0.0)[:, None]
+        acc += tl.sum(vals, axis=0)
+        first += BLOCK_N
+    if MEAN:
+        acc = acc / tl.maximum(end - start, 1).to(tl.float32)
+    tl.store(out + bag.to(tl.int64) * DIM + cols64, acc, mask=col_mask)
+
+
+@triton.jit(do_not_specialize=["t", "m"])
+def _scatter_kernel(
+    target, grad_out, ids_ptr, offsets, weights, loc_ptr, sign_ptr, scale, t, m,
+    DIM: tl.constexpr, Z: tl.constexpr, USE_SIGN: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
+    MEAN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    bag = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_mask = cols < DIM
+    cols64 = cols.to(tl.int64)
+    start = tl.load(offsets + bag)
+    end = tl.load(offsets + bag + 1)
+    g = tl.load(grad_out + bag.to(tl.int64) * DIM + cols64, mask=col_mask, other=0.0)
+    if MEAN:
+        g = g / tl.maximum(end - start, 1).to(tl.float32)
+    first = start
+    while first < end:
+        rows = first + tl.arange(0, BLOCK_N)
+        row_mask = rows < end
+        x = tl.load(ids_ptr + rows, mask=row_mask, other=0)
+        pos = _positions(x, cols64, t, m, loc_ptr, DIM, Z)
+        contribution = tl.broadcast_to(g[None, :], [BLOCK_N, BLOCK_D])
+        if HAS_WEIGHTS:
+            contribution = contribution * tl.load(weights + rows, mask=row_mask, other=0.0)[:, None]
+        if USE_SIGN:
+            contribution = contribution * _signs(x, cols64, t, sign_ptr)
+        tl.atomic_add(target + pos, contribution * scale, mask=row_mask[:, None] & col_mask[None, :], sem="relaxed")
+        first += BLOCK_N
+
+
+@triton.jit(do_not_specialize=["t", "m"])
+def _weights_grad_kernel(
+    memory, grad_out, ids_ptr, offsets, loc_ptr, sign_ptr, out, t, m,
+    DIM: tl.constexpr, Z: tl.constexpr, USE_SIGN: tl.constexpr, MEAN: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    bag = tl.program_id(0)
+    start = tl.load(offsets + bag)
+    end = tl.load(offsets + bag + 1)
+    length = tl.maximum(end - start, 1).to(tl.float32)
+    first = start
+    while first < end:
+        rows = first + tl.arange(0, BLOCK_N)
+        row_mask = rows < end
+        x = tl.load(ids_ptr + rows, mask=row_mask, other=0)
+        dot = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for col0 in range(0, DIM, BLOCK_D):
+            cols = col0 + tl.arange(0, BLOCK_D)
+            col_mask = cols < DIM
+            cols64 = cols.to(tl.int64)
+            g = tl.load(grad_out + bag.to(tl.int64) * DIM + cols64, mask=col_mask, other=0.0)
+            if MEAN:
+                g = g / length
+            pos = _positions(x, cols64, t, m, loc_ptr, DIM, Z)
+            vals = tl.load(memory + pos, mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+            if USE_SIGN:
+                vals = vals * _signs(x, cols64, t, sign_ptr)
+            dot += tl.sum(vals * g[None, :], axis=1)
+        tl.store(out + rows, dot, mask=row_mask)
+        first += BLOCK_N
+
+
+@triton.jit
+def _adagrad_kernel(
+    param, accumulator, grad, clr, eps, numel,
+    BLOCK_SIZE: tl.constexpr, BLOCKS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+):
+    blocks = tl.program_id(0).to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)
+    cols = tl.arange(0, BLOCK_COLS)
+    idx = blocks[:, None] * BLOCK_SIZE + cols[None, :]
+    mask = (cols[None, :] < BLOCK_SIZE) & (idx < numel)
+    g = tl.load(grad + idx, mask=mask, other=0.0)
+    block_mask = blocks * BLOCK_SIZE < numel
+    total = tl.load(accumulator + blocks, mask=block_mask, other=0.0) + tl.sum(g * g, axis=1) / BLOCK_SIZE
+    tl.store(accumulator + blocks, total, mask=block_mask)
+    std = tl.sqrt_rn(total) + eps
+    p = tl.load(param + idx, mask=mask, other=0.0)
+    tl.store(param + idx, p - clr * tl.div_rn(g, std[:, None]), mask=mask)
+
+
+def _check_bags(
+    ids: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor | None, dim: int, chunk_size: int
+) -> None:
+    """Raises on bad dtypes / shapes or a chunk size that neither divides ``dim`` nor is a multiple of it."""
+    if ids.dtype != torch.int64 or offsets.dtype != torch.int64:
+        raise TypeError(f"ids and offsets must be int64, got {ids.dtype} and {offsets.dtype}")
+    if ids.dim() != 1 or offsets.dim() != 1 or offsets.numel() < 1:
+        raise ValueError(f"ids must be [N] and offsets [B + 1], got {tuple(ids.shape)} and {tuple(offsets.shape)}")
+    if weights is not None and weights.shape != ids.shape:
+        raise ValueError(f"weights must be [N] = {tuple(ids.shape)}, got {tuple(weights.shape)}")
+    if dim % chunk_size and chunk_size % dim:
+        raise ValueError(f"chunk_size={chunk_size} must divide dim={dim} or be a multiple of it")
+
+
+def _grid(num_bags: int, dim: int) -> tuple[tuple[int, int], int]:
+    block_d = min(triton.next_power_of_2(dim), MAX_BLOCK_D)
+    return (num_bags, triton.cdiv(dim, block_d)), block_d
+
+
+def _contiguous_weights(weights: torch.Tensor | None) -> torch.Tensor | None:
+    return None if weights is None else weights.to(torch.float32).contiguous()
+
+
+def robe_pooled_forward(
+    memory: torch.Tensor,
+    ids: torch.Tensor,
+    offsets: torch.Tensor,
+    weights: torch.Tensor | None,
+    location_coefficients: torch.Tensor,
+    sign_coefficients: torch.Tensor,
+    table_key: int,
+    dim: int,
+    chunk_size: int,
+    use_sign: bool,
+    mean: bool,
+) -> torch.Tensor:
+    """Pooled ROBE-Z embeddings ``[B, dim]`` (float32) of the bags of ``ids``, one fused kernel.
+
+    ``memory`` ``[|M|]`` float32; ``ids`` ``[N]`` int64; ``offsets`` ``[B + 1]`` int64; ``weights`` ``[N]``
+    or None; ``location_coefficients`` / ``sign_coefficients`` ``[4]`` int64 (rows 0 / 1 of
+    ``RobeMemory.hash_coefficients``); ``table_key`` the table's ``t``. MEAN divides by the bag length
+    (empty bags give zeros). Equals ``RobeMemory.pooled``.
+    """
+    _check_bags(ids, offsets, weights, dim, chunk_size)
+    num_bags = offsets.numel() - 1
+    out = torch.empty(num_bags, dim, dtype=torch.float32, device=memory.device)
+    if num_bags == 0:
+        return out
+    grid, block_d = _grid(num_bags, dim)
+    _pooled_forward_kernel[grid](
+        memory.contiguous(), ids.contiguous(), offsets.contiguous(), _contiguous_weights(weights),
+        location_coefficients.contiguous(), sign_coefficients.contiguous(), out, table_key % PRIME, memory.numel(),
+        DIM=dim, Z=chunk_size, USE_SIGN=use_sign, HAS_WEIGHTS=weights is not None, MEAN=mean,
+        BLOCK_N=BLOCK_N, BLOCK_D=block_d,
+    )
+    return out
+
+
+def _scatter(
+    target: torch.Tensor,
+    scale: float,
+    grad_out: torch.Tensor,
+    ids: torch.Tensor,
+    offsets: torch.Tensor,
+    weights: torch.Tensor | None,
+    location_coefficients: torch.Tensor,
+    sign_coefficients: torch.Tensor,
+    table_key: int,
+    dim: int,
+    chunk_size: int,
+    use_sign: bool,
+    mean: bool,
+) -> None:
+    """``target[pos] += scale · contribution`` for every element every id reads (atomics)."""
+    _check_bags(ids, offsets, weights, dim, chunk_size)
+    num_bags = offsets.numel() - 1
+    if grad_out.shape != (num_bags, dim):
+        raise ValueError(f"grad_out must be [B, dim] = {(num_bags, dim)}, got {tuple(grad_out.shape)}")
+    if num_bags == 0:
+        return
+    grid, block_d = _grid(num_bags, dim)
+    _scatter_kernel[grid](
+        target, grad_out.to(torch.float32).contiguous(), ids.contiguous(), offsets.contiguous(),
+        _contiguous_weights(weights), location_coefficients.contiguous(), sign_coefficients.contiguous(),
+        float(scale), table_key % PRIME, target.numel(),
+        DIM=dim, Z=chunk_size, USE_SIGN=use_sign, HAS_WEIGHTS=weights is not None, MEAN=mean,
+        BLOCK_N=BLOCK_N, BLOCK_D=block_d,
+    )
+
+
+def robe_pooled_backward(
+    grad_out: torch.Tensor,
+    ids: torch.Tensor,
+    offsets: torch.Tensor,
+    weights: torch.Tensor | None,
+    location_coefficients: torch.Tensor,
+    sign_coefficients: torch.Tensor,
+    table_key: int,
+    memory_size: int,
+    dim: int,
+    chunk_size: int,
+    use_sign: bool,
+    mean: bool,
+) -> torch.Tensor:
+    """Dense gradient ``[memory_size]`` (float32) of :func:`robe_pooled_forward` wrt ``memory``.
+
+    ``grad_out`` ``[B, dim]``; the other arguments as for the forward. Every element's contribution is
+    added with ``tl.atomic_add`` into a zeroed buffer (the summation order is not deterministic).
+    """
+    grad = torch.zeros(memory_size, dtype=torch.float32, device=grad_out.device)
+    _scatter(grad, 1.0, grad_out, ids, offsets, weights, location_coefficients, sign_coefficients, table_key,
+             dim, chunk_size, use_sign, mean)
+    return grad
+
+
+def robe_sgd_update_(
+    memory: torch.Tensor,
+    grad_out: torch.Tensor,
+    ids: torch.Tensor,
+    offsets: torch.Tensor,
+    weights: torch.Tensor | None,
+    location_coefficients: torch.Tensor,
+    sign_coefficients: torch.Tensor,
+    table_key: int,
+    dim: int,
+    chunk_size: int,
+    use_sign: bool,
+    mean: bool,
+    lr: float,
+) -> torch.Tensor:
+    """Fused backward + SGD, in place: ``memory -= lr · grad`` without materialising ``grad``; returns ``memory``.
+
+    ``memory`` ``[|M|]`` float32 and contiguous; each contribution ``-lr · g`` is added at its position
+    with ``tl.atomic_add`` (equal to ``memory - lr * robe_pooled_backward(...)`` up to rounding).
+    """
+    if not memory.is_contiguous() or memory.dtype != torch.float32:
+        raise ValueError("memory must be a contiguous float32 tensor (it is updated in place)")
+    _scatter(memory, -lr, grad_out, ids, offsets, weights, location_coefficients, sign_coefficients, table_key,
+             dim, chunk_size, use_sign, mean)
+    return memory
+
+
+def robe_weights_grad(
+    grad_out: torch.Tensor,
+    memory: torch.Tensor,
+    ids: torch.Tensor,
+    offsets: torch.Tensor,
+    location_coefficients: torch.Tensor,
+    sign_coefficients: torch.Tensor,
+    table_key: int,
+    dim: int,
+    chunk_size: int,
+    use_sign: bool,
+    mean: bool,
+) -> torch.Tensor:
+    """Gradient ``[N]`` (float32) of :func:`robe_pooled_forward` wrt the per-sample weights.
+
+    ``grad_weights[j] = <grad_out[bag(j)] (/ bag length for MEAN), E[ids[j]]>``; one program per bag.
+    """
+    _check_bags(ids, offsets, None, dim, chunk_size)
+    num_bags = offsets.numel() - 1
+    if grad_out.shape != (num_bags, dim):
+        raise ValueError(f"grad_out must be [B, dim] = {(num_bags, dim)}, got {tuple(grad_out.shape)}")
+    out = torch.zeros(ids.numel(), dtype=torch.float32, device=memory.device)
+    if num_bags == 0:
+        return out
+    _weights_grad_kernel[(num_bags,)](
+        memory.contiguous(), grad_out.to(torch.float32).contiguous(), ids.contiguous(), offsets.contiguous(),
+        location_coefficients.contiguous(), sign_coefficients.contiguous(), out, table_key % PRIME, memory.numel(),
+        DIM=dim, Z=chunk_size, USE_SIGN=use_sign, MEAN=mean, BLOCK_N=BLOCK_N,
+        BLOCK_D=min(triton.next_power_of_2(dim), MAX_BLOCK_D),
+    )
+    return out
+
+
+def blockwise_adagrad_update_(
+    param: torch.Tensor,
+    accumulator: torch.Tensor,
+    grad: torch.Tensor,
+    lr: float,
+    eps: float,
+    block_size: int,
+    lr_decay: float = 0.0,
+    step: int = 1,
+) -> torch.Tensor:
+    """Blockwise Adagrad step in place on a dense gradient; returns ``param``.
+
+    ``param`` / ``grad`` ``[m]`` (any shape, flattened; float32, contiguous); ``accumulator``
+    ``[ceil(m / block_size)]`` (any shape of that many elements, e.g. FusedUpdate's ``[rows, 1]``;
+    ``block_size = 1``: elementwise Adagrad, shape of ``param``). For every block ``b`` of
+    ``block_size`` consecutive elements (the last one may be partial, counted as zero-padded):
+    ``sum_b += mean(g_b²)``, ``p_b -= clr · g_b / (sqrt(sum_b) + eps)`` with
+    ``clr = lr / (1 + (step - 1) · lr_decay)`` (``step`` counts from 1), as ``FusedUpdate``'s dense step.
+    """
+    numel = param.numel()
+    rows = triton.cdiv(numel, block_size)
+    for name, tensor in (("param", param), ("accumulator", accumulator)):
+        if not tensor.is_contiguous() or tensor.dtype != torch.float32:
+            raise ValueError(f"{name} must be a contiguous float32 tensor (it is updated in place)")
+    if grad.numel() != numel or accumulator.numel() != rows:
+        raise ValueError(
+            f"grad must have {numel} elements and accumulator {rows}, got {grad.numel()} and {accumulator.numel()}"
+        )
+    if numel == 0:
+        return param
+    block_cols = triton.next_power_of_2(block_size)
+    blocks = max(1, _ROWS_PER_ADAGRAD_TILE // block_cols)
+    _adagrad_kernel[(triton.cdiv(rows, blocks),)](
+        param, accumulator, grad.to(torch.float32).contiguous(), lr / (1 + (step - 1) * lr_decay), eps, numel,
+        BLOCK_SIZE=block_size, BLOCKS=blocks, BLOCK_COLS=block_cols,
+    )
+    return param

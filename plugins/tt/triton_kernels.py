@@ -1,0 +1,84 @@
+"""Triton kernel for TT-Rec row reconstruction (the forward of :meth:`TTMemory.rows`).
+
+``E[x, j] = G_1[i_1, :, j_1, :] · G_2[i_2, :, j_2, :] ··· G_N[i_N, :, j_N, :]`` with the mixed-radix
+digits ``i`` of the row ``x`` (base ``p``, most significant first; the first digit is ``x // ∏_{k>1} p_k``
+unreduced, as in ``TTMemory.rows``) and ``j`` of the column (base ``q``). Each program owns one id and a
+block of ``BLOCK_D`` columns and carries, per column, the running row vector ``[R_k]`` of the chain
+product (padded to ``R_PAD``) from core to core. The backward stays with torch's autograd of
+``TTMemory.rows`` (the reference).
+
+Run on CUDA tensors, or on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+TILE_ELEMENTS = 8192
+"""``BLOCK_D · R_PAD²`` at most (the per-program slice of a core), unless ``R_PAD²`` alone is larger."""
+
+
+@triton.jit
+def _tt_rows_kernel(
+    cores, ids_ptr, out,
+    P: tl.constexpr, P_STRIDES: tl.constexpr, Q: tl.constexpr, Q_STRIDES: tl.constexpr, RANKS: tl.constexpr,
+    NUM_CORES: tl.constexpr, DIM: tl.constexpr, R_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = (tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)).to(tl.int64)
+    col_mask = cols < DIM
+    r = tl.arange(0, R_PAD)
+    x = tl.load(ids_ptr + row)
+    first = x // P_STRIDES[0]
+    j = (cols // Q_STRIDES[0]) % Q[0]
+    v = tl.load(
+        cores[0] + (first * Q[0] + j[:, None]) * RANKS[1] + r[None, :],
+        mask=col_mask[:, None] & (r < RANKS[1])[None, :], other=0.0,
+    )
+    for k in tl.static_range(1, NUM_CORES):
+        i = (x // P_STRIDES[k]) % P[k]
+        j = (cols // Q_STRIDES[k]) % Q[k]
+        offsets = ((i * RANKS[k] + r[None, :, None]) * Q[k] + j[:, None, None]) * RANKS[k + 1] + r[None, None, :]
+        mask = col_mask[:, None, None] & (r < RANKS[k])[None, :, None] & (r < RANKS[k + 1])[None, None, :]
+        core = tl.load(cores[k] + offsets, mask=mask, other=0.0)
+        v = tl.sum(v[:, :, None] * core, axis=1)
+    tl.store(out + row * DIM + cols, tl.sum(v, axis=1), mask=col_mask)
+
+
+def _strides(factors: Sequence[int]) -> tuple[int, ...]:
+    """``∏_{l>k} factors[l]`` for every ``k``."""
+    return tuple(math.prod(factors[k + 1:]) for k in range(len(factors)))
+
+
+def tt_rows(cores: Sequence[torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
+    """Rows ``[U, d]`` (float32) of ``ids`` ``[U]`` (int64, ``0 <= id < ∏ p_k``) contracted from ``cores``.
+
+    ``cores`` are ``TTMemory.cores``: core ``k`` ``[p_k, R_{k-1}, q_k, R_k]`` float32 with ``R_0 = R_N = 1``
+    and ``d = ∏ q_k``. Equals ``TTMemory.rows(ids)``.
+    """
+    if len(cores) < 2 or any(core.dim() != 4 for core in cores):
+        raise ValueError(f"cores must be >= 2 tensors [p, R_in, q, R_out], got {[tuple(c.shape) for c in cores]}")
+    ranks = (cores[0].shape[1], *(core.shape[3] for core in cores))
+    if ranks[0] != 1 or ranks[-1] != 1 or any(c.shape[1] != r for c, r in zip(cores[1:], ranks[1:-1], strict=True)):
+        raise ValueError(f"core ranks do not chain from 1 to 1: {[tuple(c.shape) for c in cores]}")
+    if ids.dtype != torch.int64 or ids.dim() != 1:
+        raise ValueError(f"ids must be a 1-D int64 tensor, got {ids.dtype} {tuple(ids.shape)}")
+    p = tuple(core.shape[0] for core in cores)
+    q = tuple(core.shape[2] for core in cores)
+    dim = math.prod(q)
+    out = torch.empty(ids.numel(), dim, dtype=torch.float32, device=ids.device)
+    if ids.numel() == 0:
+        return out
+    r_pad = triton.next_power_of_2(max(ranks))
+    block_d = max(1, min(triton.next_power_of_2(dim), TILE_ELEMENTS // (r_pad * r_pad)))
+    _tt_rows_kernel[(ids.numel(), triton.cdiv(dim, block_d))](
+        tuple(core.contiguous() for core in cores), ids.contiguous(), out,
+        P=p, P_STRIDES=_strides(p), Q=q, Q_STRIDES=_strides(q), RANKS=ranks,
+        NUM_CORES=len(cores), DIM=dim, R_PAD=r_pad, BLOCK_D=block_d,
+    )
+    return out

@@ -1,0 +1,205 @@
+"""Triton kernels (ROBE, QR, TT, Adagrad) against the reference modules.
+
+Without CUDA the kernels run in the Triton interpreter on CPU tensors; with CUDA they are compiled and
+run on CUDA tensors (the references always run on the CPU).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
+
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec_pss_plugins.qr.triton_kernels import qr_pooled_backward, qr_pooled_forward
+from torchrec_pss_plugins.robe.triton_kernels import (
+    blockwise_adagrad_update_,
+    robe_pooled_backward,
+    robe_pooled_forward,
+    robe_sgd_update_,
+    robe_weights_grad,
+)
+from torchrec_pss_plugins.tt.triton_kernels import tt_rows
+
+from torchrec_pss import (
+    CompressedEmbeddingBagCollection,
+    QRConfig,
+    RobeConfig,
+    TTConfig,
+)
+from torchrec_pss.optim import BlockwiseAdagrad
+from torchrec_pss.optim.fused_update import FusedUpdate
+
+DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+D = 8
+BIG = 2**62
+LENGTHS = [0, 3, 1, 12, 0, 5, 2]
+"""Bag lengths: empty bags first and in the middle, one bag longer than a tile (BLOCK_N = 8)."""
+TOL = {"rtol": 1e-5, "atol": 1e-6}
+
+
+def bags(num_embeddings: int, seed: int, lengths: list[int] = LENGTHS) -> tuple[torch.Tensor, ...]:
+    """``(ids [N], lengths [B], offsets [B + 1], weights [N])`` on the CPU; ids reach ``num_embeddings - 1``."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths_t = torch.tensor(lengths, dtype=torch.int64)
+    n = int(lengths_t.sum())
+    low = max(0, num_embeddings - 10**6)
+    ids = torch.randint(low, num_embeddings, (n,), generator=generator, dtype=torch.int64)
+    if n:
+        ids[0] = num_embeddings - 1
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths_t.cumsum(0)])
+    return ids, lengths_t, offsets, torch.randn(n, generator=generator) * 2
+
+
+def robe(z: int, use_sign: bool, memory_size: int = 97, dim: int = D):
+    tables = [EmbeddingBagConfig(name="t1", embedding_dim=dim, num_embeddings=BIG, feature_names=["f1"])]
+    config = RobeConfig(memory_size=memory_size, chunk_size=z, use_sign=use_sign, seed=3, gradient="dense")
+    torch.manual_seed(0)
+    return CompressedEmbeddingBagCollection(tables, {"t1": config}).pss_memories["robe_default"]
+
+
+def robe_args(memory, z: int, use_sign: bool, mean: bool, dim: int = D) -> dict:
+    return {
+        "location_coefficients": memory.hash_coefficients[0].to(DEVICE),
+        "sign_coefficients": memory.hash_coefficients[1].to(DEVICE),
+        "table_key": memory._table_keys["t1"], "dim": dim, "chunk_size": z, "use_sign": use_sign, "mean": mean,
+    }
+
+
+def on_device(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    return [None if t is None else t.detach().to(DEVICE) for t in tensors]
+
+
+@pytest.mark.parametrize("z", [1, 4, D, 2 * D])
+@pytest.mark.parametrize("use_sign", [False, True])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("mean", [False, True])
+def test_robe_matches_reference(z: int, use_sign: bool, weighted: bool, mean: bool) -> None:
+    """Forward, dense memory gradient, weights gradient and fused SGD, for ids up to 2^62."""
+    memory = robe(z, use_sign)
+    ids, lengths, offsets, weights = bags(BIG, seed=z + 10 * use_sign)
+    weights = weights.requires_grad_() if weighted else None
+    expected = memory.pooled("t1", ids, lengths, weights, mean)
+    grad_out = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1))
+    inputs = [memory.weight] + ([weights] if weighted else [])
+    expected_grads = torch.autograd.grad((expected * grad_out).sum(), inputs)
+
+    args = robe_args(memory, z, use_sign, mean)
+    m, ids_d, offsets_d, weights_d, grad_d = on_device(memory.weight, ids, offsets, weights, grad_out)
+    out = robe_pooled_forward(m, ids_d, offsets_d, weights_d, **args)
+    torch.testing.assert_close(out.cpu(), expected.detach(), **TOL)
+    assert torch.all(out[0] == 0) and torch.all(out[4] == 0), "empty bags pool to zeros"
+    grad = robe_pooled_backward(grad_d, ids_d, offsets_d, weights_d, memory_size=m.numel(), **args)
+    torch.testing.assert_close(grad.cpu(), expected_grads[0].to_dense(), **TOL)
+    updated = robe_sgd_update_(m.clone(), grad_d, ids_d, offsets_d, weights_d, lr=0.1, **args)
+    torch.testing.assert_close(updated.cpu(), memory.weight.detach() - 0.1 * expected_grads[0].to_dense(), **TOL)
+    if weighted:
+        weights_grad = robe_weights_grad(grad_d, m, ids_d, offsets_d, **args)
+        torch.testing.assert_close(weights_grad.cpu(), expected_grads[1], **TOL)
+
+
+@pytest.mark.parametrize("dim, z", [(12, 3), (12, 24), (256, 32)])
+def test_robe_odd_and_wide_dims(dim: int, z: int) -> None:
+    """Column blocks with masked columns (d = 12) and several column blocks per bag (d = 256)."""
+    memory = robe(z, use_sign=True, memory_size=1009, dim=dim)
+    ids, lengths, offsets, weights = bags(BIG, seed=dim)
+    weights.requires_grad_()
+    expected = memory.pooled("t1", ids, lengths, weights, True)
+    grad_out = torch.randn(expected.shape, generator=torch.Generator().manual_seed(4))
+    expected_grads = torch.autograd.grad((expected * grad_out).sum(), [memory.weight, weights])
+    args = robe_args(memory, z, True, True, dim)
+    m, ids_d, offsets_d, weights_d, grad_d = on_device(memory.weight, ids, offsets, weights, grad_out)
+    out = robe_pooled_forward(m, ids_d, offsets_d, weights_d, **args)
+    torch.testing.assert_close(out.cpu(), expected.detach(), **TOL)
+    grad = robe_pooled_backward(grad_d, ids_d, offsets_d, weights_d, memory_size=m.numel(), **args)
+    torch.testing.assert_close(grad.cpu(), expected_grads[0].to_dense(), **TOL)
+    weights_grad = robe_weights_grad(grad_d, m, ids_d, offsets_d, **args)
+    torch.testing.assert_close(weights_grad.cpu(), expected_grads[1], **TOL)
+
+
+@pytest.mark.parametrize("z", [4, 2 * D, 4 * D])
+def test_robe_runs_wrap_around_a_small_memory(z: int) -> None:
+    """|M| = 5 is smaller than a chunk: every run wraps around the end of M, some several times."""
+    memory = robe(z, use_sign=False, memory_size=5)
+    ids, lengths, offsets, _ = bags(BIG, seed=z)
+    expected = memory.pooled("t1", ids, lengths, None, False)
+    grad_out = torch.randn(expected.shape, generator=torch.Generator().manual_seed(2))
+    (expected_grad,) = torch.autograd.grad((expected * grad_out).sum(), [memory.weight])
+    args = robe_args(memory, z, False, False)
+    m, ids_d, offsets_d, grad_d = on_device(memory.weight, ids, offsets, grad_out)
+    torch.testing.assert_close(robe_pooled_forward(m, ids_d, offsets_d, None, **args).cpu(), expected.detach(), **TOL)
+    grad = robe_pooled_backward(grad_d, ids_d, offsets_d, None, memory_size=5, **args)
+    torch.testing.assert_close(grad.cpu(), expected_grad.to_dense(), **TOL)
+
+
+def test_robe_without_ids_or_bags() -> None:
+    memory = robe(4, use_sign=True)
+    args = robe_args(memory, 4, True, True)
+    m, ids, offsets = on_device(memory.weight, torch.zeros(0, dtype=torch.int64), torch.zeros(4, dtype=torch.int64))
+    assert torch.equal(robe_pooled_forward(m, ids, offsets, None, **args).cpu(), torch.zeros(3, D))
+    grad = robe_pooled_backward(torch.ones(3, D, device=DEVICE), ids, offsets, None, memory_size=97, **args)
+    assert torch.equal(grad.cpu(), torch.zeros(97))
+    no_bags = torch.zeros(1, dtype=torch.int64, device=DEVICE)
+    assert robe_pooled_forward(m, ids, no_bags, None, **args).shape == (0, D)
+
+
+@pytest.mark.parametrize(
+    "optimizer, block_size", [(torch.optim.Adagrad, 1), (BlockwiseAdagrad, 4), (BlockwiseAdagrad, 5)]
+)
+def test_adagrad_matches_fused_update(optimizer: type, block_size: int) -> None:
+    """Two steps with lr_decay; |M| = 97 leaves a partial last block for block sizes 4 and 5."""
+    param = torch.nn.Parameter(torch.randn(97, generator=torch.Generator().manual_seed(0)))
+    kwargs = {"lr": 0.05, "lr_decay": 0.1, "eps": 1e-8, "initial_accumulator_value": 0.1}
+    reference = FusedUpdate("p", param, optimizer, kwargs, block_size)
+    p, accumulator = on_device(param, reference.state["sum"])
+    for step in (1, 2):
+        grad = torch.randn(97, generator=torch.Generator().manual_seed(step))
+        reference.apply(grad)
+        blockwise_adagrad_update_(p, accumulator, grad.to(DEVICE), 0.05, 1e-8, block_size, lr_decay=0.1, step=step)
+        torch.testing.assert_close(accumulator.cpu(), reference.state["sum"], **TOL)
+        torch.testing.assert_close(p.cpu(), param.detach(), **TOL)
+
+
+@pytest.mark.parametrize("num_partitions", [2, 3])
+@pytest.mark.parametrize("operation", ["mult", "add", "concat"])
+@pytest.mark.parametrize("weighted, mean", [(False, False), (True, False), (False, True), (True, True)])
+def test_qr_matches_reference(num_partitions: int, operation: str, weighted: bool, mean: bool) -> None:
+    n, d = 1000, 12
+    table = EmbeddingBagConfig(name="t", embedding_dim=d, num_embeddings=n, feature_names=["f"])
+    config = QRConfig(collisions=7, operation=operation, num_partitions=num_partitions)
+    memory = CompressedEmbeddingBagCollection([table], {"t": config}).memory_for("t")
+    ids, lengths, offsets, weights = bags(n, seed=num_partitions)
+    weights = weights if weighted else None
+    expected = memory.pooled("t", ids, lengths, weights, mean)
+    grad_out = torch.randn(expected.shape, generator=torch.Generator().manual_seed(3))
+    expected_grads = torch.autograd.grad((expected * grad_out).sum(), list(memory.parts))
+
+    parts = on_device(*memory.parts)
+    ids_d, offsets_d, weights_d, grad_d = on_device(ids, offsets, weights, grad_out)
+    out = qr_pooled_forward(parts, ids_d, offsets_d, weights_d, memory.collisions, operation, mean)
+    torch.testing.assert_close(out.cpu(), expected.detach(), **TOL)
+    grads = qr_pooled_backward(grad_d, parts, ids_d, offsets_d, weights_d, memory.collisions, operation, mean)
+    for grad, expected_grad in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad.cpu(), expected_grad.to_dense(), **TOL)
+
+
+@pytest.mark.parametrize("n, d, config", [
+    (1000, 12, TTConfig(ranks=3, num_cores=2, seed=0)),
+    (1000, 16, TTConfig(ranks=(3, 5), num_cores=3, seed=0)),
+    (5000, 24, TTConfig(ranks=4, num_cores=4, seed=0)),
+    (40_000_000, 128, TTConfig(ranks=16, seed=0)),
+])
+def test_tt_rows_match_reference(n: int, d: int, config: TTConfig) -> None:
+    table = EmbeddingBagConfig(name="t", embedding_dim=d, num_embeddings=n, feature_names=["f"])
+    memory = CompressedEmbeddingBagCollection([table], {"t": config}).memory_for("t")
+    ids = bags(n, seed=d, lengths=[5])[0]
+    ids[1] = 0
+    expected = memory.rows(ids).detach()
+    out = tt_rows(on_device(*memory.cores), ids.to(DEVICE))
+    torch.testing.assert_close(out.cpu(), expected, **TOL)
+    assert tt_rows(on_device(*memory.cores), ids[:0].to(DEVICE)).shape == (0, d)
