@@ -91,14 +91,19 @@ def baseline_step(n: int, d: int, kjt: KeyedJaggedTensor, device: torch.device) 
     return tbe_step(n, d, kjt, EmbOptimType.EXACT_SGD)
 
 
-def tbe_step(n: int, d: int, kjt: KeyedJaggedTensor, optimizer: EmbOptimType) -> Callable[[], None]:
-    """One FBGEMM CPU TBE step (forward + backward with ``optimizer`` fused into backward)."""
-    tbe = SplitTableBatchedEmbeddingBagsCodegen(
+def cpu_tbe(n: int, d: int, optimizer: EmbOptimType) -> SplitTableBatchedEmbeddingBagsCodegen:
+    """FBGEMM's CPU TBE over one ``n x d`` table (SUM pooling) with ``optimizer`` fused into backward."""
+    return SplitTableBatchedEmbeddingBagsCodegen(
         embedding_specs=[(n, d, EmbeddingLocation.HOST, ComputeDevice.CPU)],
         optimizer=optimizer,
         learning_rate=LR,
         pooling_mode=PoolingMode.SUM,
     )
+
+
+def tbe_step(n: int, d: int, kjt: KeyedJaggedTensor, optimizer: EmbOptimType) -> Callable[[], None]:
+    """One FBGEMM CPU TBE step (forward + backward with ``optimizer`` fused into backward)."""
+    tbe = cpu_tbe(n, d, optimizer)
     indices, offsets = kjt.values(), kjt.offsets()
     return lambda: tbe(indices, offsets).sum().backward()
 

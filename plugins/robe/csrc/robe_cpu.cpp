@@ -5,10 +5,16 @@
 //   h(t, k, c) = ((A t + B (k mod P) + C c + D) mod P) mod |M|,  P = 2^31 - 1
 //   g(t, x, i) = 1 - 2 (((A' t + B' (x mod P) + C' i + D') mod P) mod 2)
 //
-// Every product is formed from operands already reduced mod P (< 2^62), so any int64 id is exact.
-// Each id reads C runs of R contiguous (circular) elements: Z <= d gives C = d / Z runs of R = Z,
-// Z > d one run of R = d. The backward scatters run by run into memory ranges owned by one thread
-// each, so no update is lost and no atomics are needed.
+// Every product is formed from operands already reduced mod P (< 2^62), so any int64 id is exact; the
+// mod-P reductions use P's Mersenne form and the mod-|M| one a multiply (no divisions). Each id reads C
+// runs of R contiguous (circular) elements: Z <= d gives C = d / Z runs of R = Z, Z > d one run of R = d.
+//
+// A Plan hashes every (id, chunk) once per call (in parallel over bags). The forward pools bags in
+// parallel, one run of R columns at a time with its accumulators in registers (R a compile-time
+// constant for R in {4, ..., 128}), prefetching runs about a bag ahead. The backward scatters run by
+// run into memory ranges owned by one thread each (every thread scans all runs and keeps the pieces in
+// its range), so no update is lost and no atomics are needed. Adagrad first sums the batch's gradient
+// into a persistent zero scratch of |M| floats, then updates and re-zeroes only the touched blocks.
 
 #include <torch/extension.h>
 
@@ -130,14 +136,11 @@ struct Hasher {
     return static_cast<uint32_t>(reduce_small(sign_first + reduce(sign_b * mod_prime(x))));
   }
 
-  // The signs of elements [i0, i0 + len) of the id with sign base `base`, as +-1 floats.
-  void signs(uint32_t base, int64_t i0, int64_t len, float* __restrict__ out) const {
-    const uint32_t* __restrict__ terms = sign_i.data() + i0;
-    for (int64_t k = 0; k < len; ++k) {
-      uint32_t v = base + terms[k];  // < 2P < 2^32
-      v = v >= kPrime ? v - static_cast<uint32_t>(kPrime) : v;
-      out[k] = 1.0f - 2.0f * static_cast<float>(v & 1u);
-    }
+  // The sign (+-1) of element i of the id with sign base `base`.
+  float sign(uint32_t base, int64_t i) const {
+    uint32_t v = base + sign_i[i];  // < 2P < 2^32
+    v = v >= kPrime ? v - static_cast<uint32_t>(kPrime) : v;
+    return 1.0f - 2.0f * static_cast<float>(v & 1u);
   }
 };
 
@@ -197,34 +200,10 @@ inline void prefetch_run(const float* mem, int64_t start, int64_t run, int64_t l
   __builtin_prefetch(mem + e - 1, kWrite, 3);
 }
 
-// Ids read ahead of use: hashing id j + kAhead and prefetching its runs hides the latency of M's random reads.
+// Ids read ahead of use: prefetching the runs of id j + kAhead hides the latency of M's random accesses.
 constexpr int64_t kAhead = 8;
-constexpr int64_t kRing = 16;  // > kAhead, a power of two
-
-// The run starts of ids [j0, j1) of `ids`, hashed kAhead ids ahead of `at(j)` (j increasing), runs prefetched.
-class StartsPipeline {
- public:
-  StartsPipeline(const Hasher& h, const int64_t* ids, const float* mem, int64_t j0, int64_t j1)
-      : h_(h), ids_(ids), mem_(mem), next_(j0), end_(j1), ring_(kRing * h.chunks) {}
-
-  const uint32_t* at(int64_t j) {
-    for (const int64_t stop = std::min(j + kAhead + 1, end_); next_ < stop; ++next_) {
-      uint32_t* slot = ring_.data() + (next_ & (kRing - 1)) * h_.chunks;
-      h_.starts(ids_[next_], slot);
-      for (int64_t c = 0; c < h_.chunks; ++c) {
-        prefetch_run<0>(mem_, slot[c], h_.run, 0, h_.m);
-      }
-    }
-    return ring_.data() + (j & (kRing - 1)) * h_.chunks;
-  }
-
- private:
-  const Hasher& h_;
-  const int64_t* ids_;
-  const float* mem_;
-  int64_t next_, end_;
-  std::vector<uint32_t> ring_;
-};
+// Floats per cache line: the memory ranges of different threads never share a line.
+constexpr int64_t kLine = 16;
 
 // A batch of bags: ids [N], offsets [B + 1], optional per-sample weights [N].
 struct Bags {
@@ -326,7 +305,6 @@ template <int64_t kRun, class Touched>
 void scatter_range(const Hasher& h, const Plan& plan, int64_t num_ids, const float* grad, float alpha_scale,
                    float* dst, int64_t lo, int64_t hi, Touched&& touched) {
   const int64_t run = kRun > 0 ? kRun : h.run;
-  std::vector<float> sign(h.use_sign ? run : 0);
   for (int64_t j = 0; j < num_ids; ++j) {
     if (j + kAhead < num_ids) {
       const uint32_t* ahead = plan.starts.get() + (j + kAhead) * h.chunks;
@@ -341,10 +319,9 @@ void scatter_range(const Hasher& h, const Plan& plan, int64_t num_ids, const flo
       float* __restrict__ out = dst + pos;
       const float* __restrict__ g = row + i0;
       if (h.use_sign) {
-        h.signs(plan.sign_base[j], i0, len, sign.data());
-        const float* __restrict__ s = sign.data();
+        const uint32_t base = plan.sign_base[j];
         for (int64_t k = 0; k < len; ++k) {
-          out[k] += alpha * s[k] * g[k];
+          out[k] += alpha * (h.sign(base, i0 + k) * g[k]);
         }
       } else {
         for (int64_t k = 0; k < len; ++k) {
@@ -376,44 +353,83 @@ void scatter(const Hasher& h, const Plan& plan, int64_t num_ids, const float* gr
   });
 }
 
-// out[b] = sum_j w_j * E[ids_j] (/ bag length for MEAN) for the bags [b0, b1).
+// Prefetches the runs of id j for reading.
+inline void prefetch_id(const Hasher& h, const Plan& plan, const float* mem, int64_t j) {
+  const uint32_t* starts = plan.starts.get() + j * h.chunks;
+  for (int64_t c = 0; c < h.chunks; ++c) {
+    prefetch_run<0>(mem, starts[c], h.run, 0, h.m);
+  }
+}
+
+// Points at the run M[start : start + run] (circular): M itself, or `gathered` filled when the run wraps
+// (element by element: no library call, so callers' accumulators can stay in registers).
+inline const float* run_at(const Hasher& h, const float* mem, uint32_t start, int64_t run, float* gathered) {
+  if (start + run <= h.m) {
+    return mem + start;
+  }
+  int64_t pos = start;
+  for (int64_t k = 0; k < run; ++k) {
+    gathered[k] = mem[pos];
+    pos = pos + 1 == h.m ? 0 : pos + 1;
+  }
+  return gathered;
+}
+
+// out[b] = sum_j w_j * E[ids_j] (/ bag length for MEAN) for the bags [b0, b1), one run of columns at a time
+// (accumulated in registers when kRun > 0) over the ids of the bag. Runs are prefetched one per run read, in
+// id order, from kAhead ids past the current bag up to kAhead ids past the next one, so each arrives about
+// a bag ahead of its use.
 template <int64_t kRun>
-void forward_range(const Hasher& h, const Bags& bags, const float* mem, float* out, bool mean, int64_t b0,
-                   int64_t b1) {
-  const int64_t run = kRun > 0 ? kRun : h.run, dim = h.dim;
-  StartsPipeline pipeline(h, bags.ids, mem, bags.offsets[b0], bags.offsets[b1]);
-  std::vector<float> sign(h.use_sign ? dim : 0);
-  for (int64_t b = b0; b < b1; ++b) {
-    float* __restrict__ acc = out + b * dim;
-    std::fill(acc, acc + dim, 0.0f);
-    const int64_t first = bags.offsets[b], last = bags.offsets[b + 1];
-    for (int64_t j = first; j < last; ++j) {
-      const float w = bags.weight(j);
-      const uint32_t* starts = pipeline.at(j);
-      if (h.use_sign) {
-        h.signs(h.sign_base(bags.ids[j]), 0, dim, sign.data());
-      }
-      for (int64_t c = 0; c < h.chunks; ++c) {
-        for_pieces<kRun>(starts[c], run, h.m, [&](int64_t pos, int64_t r, auto len) {
-          const float* __restrict__ src = mem + pos;
-          float* __restrict__ dst = acc + c * run + r;
-          if (h.use_sign) {
-            const float* __restrict__ s = sign.data() + c * run + r;
-            for (int64_t k = 0; k < len; ++k) {
-              dst[k] += w * (s[k] * src[k]);
-            }
-          } else {
-            for (int64_t k = 0; k < len; ++k) {
-              dst[k] += w * src[k];
-            }
-          }
-        });
-      }
+void forward_range(const Hasher& h, const Bags& bags, const Plan& plan, const float* mem, float* out, bool mean,
+                   int64_t b0, int64_t b1) {
+  const int64_t run = kRun > 0 ? kRun : h.run, dim = h.dim, chunks = h.chunks;
+  const int64_t end_run = bags.offsets[b1] * chunks;
+  std::vector<float> gathered(run);
+  int64_t prefetched = bags.offsets[b0] * chunks;  // runs are numbered id * chunks + chunk, as in plan.starts
+  const auto prefetch_until = [&](int64_t stop) {
+    for (stop = std::min(stop, end_run); prefetched < stop; ++prefetched) {
+      prefetch_run<0>(mem, plan.starts[prefetched], run, 0, h.m);
     }
-    if (mean && last > first) {
-      const float divisor = static_cast<float>(last - first);
-      for (int64_t i = 0; i < dim; ++i) {
-        acc[i] /= divisor;
+  };
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t first = bags.offsets[b], last = bags.offsets[b + 1];
+    prefetch_until((last + kAhead) * chunks);
+    const int64_t limit = ((b + 2 <= b1 ? bags.offsets[b + 2] : last) + kAhead) * chunks;
+    const float divisor = mean && last > first ? static_cast<float>(last - first) : 1.0f;
+    // acc[k] += w_j * sign * M[start_jc + k] over the ids j of the bag, k < len (a constant when kRun > 0).
+    const auto accumulate = [&](float* __restrict__ acc, int64_t c, auto len) {
+      for (int64_t j = first; j < last; ++j) {
+        if (prefetched < limit) {
+          prefetch_until(prefetched + 1);
+        }
+        const float w = bags.weight(j);
+        const float* __restrict__ src = run_at(h, mem, plan.starts[j * chunks + c], run, gathered.data());
+        if (h.use_sign) {
+          const uint32_t base = plan.sign_base[j];
+          for (int64_t k = 0; k < len; ++k) {
+            acc[k] += w * (h.sign(base, c * len + k) * src[k]);
+          }
+        } else {
+          for (int64_t k = 0; k < len; ++k) {
+            acc[k] += w * src[k];
+          }
+        }
+      }
+    };
+    for (int64_t c = 0; c < chunks; ++c) {
+      float* __restrict__ dst = out + b * dim + c * run;
+      if constexpr (kRun > 0) {
+        float acc[kRun] = {};
+        accumulate(acc, c, std::integral_constant<int64_t, kRun>{});
+        for (int64_t k = 0; k < kRun; ++k) {
+          dst[k] = acc[k] / divisor;
+        }
+      } else {
+        std::fill(dst, dst + run, 0.0f);
+        accumulate(dst, c, run);
+        for (int64_t k = 0; k < run; ++k) {
+          dst[k] /= divisor;
+        }
       }
     }
   }
@@ -421,40 +437,37 @@ void forward_range(const Hasher& h, const Bags& bags, const float* mem, float* o
 
 // out[j] = <grad[bag of j], E[ids_j]> (/ bag length for MEAN) for the ids of bags [b0, b1).
 template <int64_t kRun>
-void weights_grad_range(const Hasher& h, const Bags& bags, const float* mem, const float* grad, float* out, bool mean,
-                        int64_t b0, int64_t b1) {
-  const int64_t run = kRun > 0 ? kRun : h.run, dim = h.dim;
-  StartsPipeline pipeline(h, bags.ids, mem, bags.offsets[b0], bags.offsets[b1]);
-  std::vector<float> sign(h.use_sign ? dim : 0);
-  for (int64_t b = b0; b < b1; ++b) {
-    const int64_t first = bags.offsets[b], last = bags.offsets[b + 1];
-    const float* row = grad + b * dim;
-    for (int64_t j = first; j < last; ++j) {
-      const uint32_t* starts = pipeline.at(j);
-      if (h.use_sign) {
-        h.signs(h.sign_base(bags.ids[j]), 0, dim, sign.data());
-      }
-      float dot = 0.0f;
-      for (int64_t c = 0; c < h.chunks; ++c) {
-        for_pieces<kRun>(starts[c], run, h.m, [&](int64_t pos, int64_t r, auto len) {
-          const float* __restrict__ src = mem + pos;
-          const float* __restrict__ g = row + c * run + r;
-          float part = 0.0f;
-          if (h.use_sign) {
-            const float* __restrict__ s = sign.data() + c * run + r;
-            for (int64_t k = 0; k < len; ++k) {
-              part += g[k] * (s[k] * src[k]);
-            }
-          } else {
-            for (int64_t k = 0; k < len; ++k) {
-              part += g[k] * src[k];
-            }
-          }
-          dot += part;
-        });
-      }
-      out[j] = mean ? dot / static_cast<float>(last - first) : dot;
+void weights_grad_range(const Hasher& h, const Bags& bags, const Plan& plan, const float* mem, const float* grad,
+                        float* out, int64_t b0, int64_t b1) {
+  const int64_t run = kRun > 0 ? kRun : h.run;
+  const int64_t j0 = bags.offsets[b0], j1 = bags.offsets[b1];
+  std::vector<float> gathered(run);
+  for (int64_t j = j0; j < std::min(j0 + kAhead, j1); ++j) {
+    prefetch_id(h, plan, mem, j);
+  }
+  for (int64_t j = j0; j < j1; ++j) {
+    if (j + kAhead < j1) {
+      prefetch_id(h, plan, mem, j + kAhead);
     }
+    const float* row = grad + static_cast<int64_t>(plan.bag[j]) * h.dim;
+    float dot = 0.0f;
+    for (int64_t c = 0; c < h.chunks; ++c) {
+      const float* __restrict__ src = run_at(h, mem, plan.starts[j * h.chunks + c], run, gathered.data());
+      const float* __restrict__ g = row + c * run;
+      float part = 0.0f;
+      if (h.use_sign) {
+        const uint32_t base = plan.sign_base[j];
+        for (int64_t k = 0; k < run; ++k) {
+          part += g[k] * (h.sign(base, c * run + k) * src[k]);
+        }
+      } else {
+        for (int64_t k = 0; k < run; ++k) {
+          part += g[k] * src[k];
+        }
+      }
+      dot += part;
+    }
+    out[j] = dot * plan.scale[j];
   }
 }
 
@@ -482,9 +495,10 @@ at::Tensor robe_pooled_forward(const at::Tensor& memory, const at::Tensor& ids, 
   auto out = at::empty({bags.num_bags, dim}, memory.options());
   const float* mem = memory.data_ptr<float>();
   float* out_data = out.data_ptr<float>();
+  const Plan plan(h, bags, mean);
   dispatch_run(h.run, [&](auto run) {
     at::parallel_for(0, bags.num_bags, bag_grain(bags, dim), [&](int64_t b0, int64_t b1) {
-      forward_range<decltype(run)::value>(h, bags, mem, out_data, mean, b0, b1);
+      forward_range<decltype(run)::value>(h, bags, plan, mem, out_data, mean, b0, b1);
     });
   });
   return out;
@@ -502,7 +516,7 @@ at::Tensor robe_pooled_backward(const at::Tensor& grad_out, const at::Tensor& id
   auto out = at::zeros({memory_size}, grad.options());
   float* dst = out.data_ptr<float>();
   const float* g = grad.data_ptr<float>();
-  over_memory_ranges(memory_size, 1, [&](int64_t lo, int64_t hi) {
+  over_memory_ranges(memory_size, kLine, [&](int64_t lo, int64_t hi) {
     scatter(h, plan, bags.num_ids, g, 1.0f, dst, lo, hi, [](int64_t, int64_t) {});
   });
   return out;
@@ -520,7 +534,7 @@ void robe_sgd_update_(at::Tensor& memory, const at::Tensor& grad_out, const at::
   const Plan plan(h, bags, mean);
   float* dst = memory.data_ptr<float>();
   const float* g = grad.data_ptr<float>();
-  over_memory_ranges(memory.numel(), 16, [&](int64_t lo, int64_t hi) {
+  over_memory_ranges(memory.numel(), kLine, [&](int64_t lo, int64_t hi) {
     scatter(h, plan, bags.num_ids, g, static_cast<float>(-lr), dst, lo, hi, [](int64_t, int64_t) {});
   });
 }
@@ -546,7 +560,7 @@ void robe_adagrad_update_(at::Tensor& memory, at::Tensor& accumulator, const at:
   float* sum = accumulator.data_ptr<float>();
   const float* g = grad.data_ptr<float>();
   const float step = static_cast<float>(lr), epsilon = static_cast<float>(eps);
-  const float inv_block = 1.0f / static_cast<float>(block_size);
+  const float block = static_cast<float>(block_size);
   Scratch& s = scratch();
   std::lock_guard<std::mutex> lock(s.mutex);
   if (static_cast<int64_t>(s.grad.size()) < m) {
@@ -581,7 +595,7 @@ void robe_adagrad_update_(at::Tensor& memory, at::Tensor& accumulator, const at:
       for (int64_t e = first; e < last; ++e) {
         squares += acc[e] * acc[e];
       }
-      sum[blk] += squares * inv_block;
+      sum[blk] += squares / block;
       const float std_dev = std::sqrt(sum[blk]) + epsilon;
       for (int64_t e = first; e < last; ++e) {
         param[e] -= step * (acc[e] / std_dev);
@@ -605,9 +619,10 @@ at::Tensor robe_weights_grad(const at::Tensor& memory, const at::Tensor& grad_ou
   const float* mem = memory.data_ptr<float>();
   const float* g = grad.data_ptr<float>();
   float* out_data = out.data_ptr<float>();
+  const Plan plan(h, bags, mean);  // no weights: scale = 1 / bag length for MEAN
   dispatch_run(h.run, [&](auto run) {
     at::parallel_for(0, bags.num_bags, bag_grain(bags, dim), [&](int64_t b0, int64_t b1) {
-      weights_grad_range<decltype(run)::value>(h, bags, mem, g, out_data, mean, b0, b1);
+      weights_grad_range<decltype(run)::value>(h, bags, plan, mem, g, out_data, b0, b1);
     });
   });
   return out;

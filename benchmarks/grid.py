@@ -1,0 +1,439 @@
+"""The PSS paper's Figure-3 grid: forward and training-step time of every method against the baselines.
+
+For each logical table of ``n`` rows (``--rows``) and ``d`` = 128 columns and each pooling factor ``L``
+(``--pooling``), one batch of ``B`` bags of ``L`` uniform random ids (B = 4096 on the CPU, 10240 on CUDA)
+is timed, in the same process and on the same device, through:
+
+- the baseline: FBGEMM's CPU TBE with ``EXACT_SGD`` fused into backward. With ``--device cuda`` it is
+  ``torch.nn.EmbeddingBag(sparse=True)`` with SGD fused into backward, because FBGEMM's CUDA wheel cannot
+  be installed on the lent GPU machine (the outputs say so);
+- ``torchrec.EmbeddingBagCollection`` (dense table gradient) with SGD fused into backward;
+- every method at every asked compression (``--compressions``), as ``CompressedEmbeddingBagCollection``
+  with ``apply_optimizer_in_backward(torch.optim.SGD)``: ROBE at every chunk size Z (``--chunk-sizes``)
+  and gradient layout (``--gradients``); QR (mult), the hashing trick and MLET (the widest low-rank
+  table reaching the ratio) at every gradient layout; TT (the largest rank <= 32 reaching the ratio;
+  it has no gradient switch).
+
+Every cell reports the median forward time (under ``torch.no_grad``) and the median training step
+(forward + backward + fused SGD, loss = sum of the pooled outputs) over ``--steps`` timed steps after
+``--warmup`` untimed ones, and both as ratios to the baseline (lower is better). A method that cannot
+reach a ratio is recorded as unreachable (a dash in the tables). A (rows, L) setting whose baseline table
+does not fit in the device's free memory is recorded as skipped with the reason, as is the EBC alone when
+its table plus dense gradient does not fit. Each cell's modules are freed before the next.
+
+    python benchmarks/grid.py                 # full CPU grid: 4M-256M rows, 10x-10000x, Z 1-32, L 1 and 20
+    python benchmarks/grid.py --quick         # a tiny grid (under 2 minutes on 2 CPU cores)
+    python benchmarks/grid.py --device cuda
+
+writes ``benchmarks/results/grid_<device>.json`` and ``.md`` (``grid_<device>_quick.*`` with ``--quick``) and
+one plot per (rows, L) setting, ``grid_<device>_n<rows>_L<L>.png`` (time vs asked compression, log-log, one
+line per method variant); with ``--out STEM`` the files are ``STEM.json``, ``STEM.md`` and
+``STEM_n<rows>_L<L>.png``.
+The outputs are rewritten after every (rows, L) setting, so an interrupted run keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import gc
+import json
+import platform
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import matplotlib
+import torch
+from fbgemm_gpu.split_embedding_configs import EmbOptimType
+from matplotlib.figure import Figure
+from torchrec import EmbeddingBagCollection
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.optim import apply_optimizer_in_backward
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from lookup import LR, cpu_tbe, mlet_config, qr_config, time_steps, tt_config
+from torchrec_pss import CompressedEmbeddingBagCollection, HashingConfig, MethodConfig, RobeConfig
+
+METHODS = ("robe", "qr", "tt", "hashing", "mlet")
+GRADIENT_METHODS = ("robe", "qr", "hashing", "mlet")
+MEMORY_FRACTION = 0.8  # a table must fit in this share of the device's free memory
+FLOAT_BYTES = 4
+BASELINES = {
+    "cpu": "FBGEMM CPU TBE (SplitTableBatchedEmbeddingBagsCodegen, EXACT_SGD fused into backward)",
+    "cuda": "torch.nn.EmbeddingBag(sparse=True) + SGD fused into backward on CUDA (FBGEMM's CUDA wheel "
+            "cannot be installed on the lent GPU machine, so it replaces FBGEMM's CUDA TBE)",
+}
+FULL = {
+    "rows": [4_000_000, 16_000_000, 64_000_000, 256_000_000],
+    "compressions": [10.0, 100.0, 1000.0, 10000.0],
+    "chunk_sizes": [1, 4, 8, 16, 32],
+    "pooling": [1, 20],
+    "steps": 5,
+    "warmup": 2,
+}
+QUICK = {
+    "rows": [100_000],
+    "compressions": [10.0, 1000.0],
+    "chunk_sizes": [1, 32],
+    "pooling": [1],
+    "steps": 3,
+    "warmup": 1,
+}
+
+Steps = tuple[Callable[[], None], Callable[[], None]]  # (forward only, training step)
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One method configuration of the grid; ``config`` builds it for a table at an asked ratio."""
+
+    method: str
+    chunk_size: int | None = None
+    gradient: str | None = None
+
+    @property
+    def label(self) -> str:
+        chunk = [] if self.chunk_size is None else [f"Z={self.chunk_size}"]
+        return " ".join([self.method, *chunk, *([self.gradient] if self.gradient else [])])
+
+    def row(self, ratio: float) -> dict[str, Any]:
+        """The fields naming this variant at ``ratio`` in a result row."""
+        return {"method": self.method, "label": self.label, "chunk_size": self.chunk_size,
+                "gradient": self.gradient, "asked": ratio}
+
+    def config(self, table: EmbeddingBagConfig, ratio: float) -> MethodConfig | None:
+        """The method config at ``ratio``x, or None where the benchmark's rule finds none reaching it."""
+        if self.method == "robe":
+            return RobeConfig(compression=ratio, chunk_size=self.chunk_size, gradient=self.gradient)
+        if self.method == "hashing":
+            return HashingConfig(compression=ratio, gradient=self.gradient)
+        if self.method == "tt":
+            return tt_config(table, ratio)
+        config = qr_config(table, ratio) if self.method == "qr" else mlet_config(table, ratio)
+        return None if config is None else dataclasses.replace(config, gradient=self.gradient)
+
+
+def variants(methods: list[str], chunk_sizes: list[int], gradients: list[str]) -> list[Variant]:
+    """Every ROBE (Z, gradient), every (method, gradient) of QR, hashing and MLET, and TT."""
+    out: list[Variant] = []
+    for method in methods:
+        if method == "robe":
+            out += [Variant(method, chunk, gradient) for chunk in chunk_sizes for gradient in gradients]
+        elif method in GRADIENT_METHODS:
+            out += [Variant(method, gradient=gradient) for gradient in gradients]
+        else:
+            out.append(Variant(method))
+    return out
+
+
+def free_bytes(device: torch.device) -> int:
+    """Free memory of ``device``: ``torch.cuda.mem_get_info`` on CUDA, ``MemAvailable`` of /proc/meminfo on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("/proc/meminfo has no MemAvailable line")
+
+
+def does_not_fit(what: str, needed: int, device: torch.device) -> str | None:
+    """Why ``needed`` bytes for ``what`` cannot be allocated now, or None when they fit."""
+    free = free_bytes(device)
+    if needed <= MEMORY_FRACTION * free:
+        return None
+    return (f"{what} needs {needed / 2**30:.1f} GiB, more than {MEMORY_FRACTION:.0%} of the "
+            f"{free / 2**30:.1f} GiB free on {device.type}")
+
+
+def release(device: torch.device) -> None:
+    """Collect the last cell's modules (in-backward optimizers make reference cycles) and cached CUDA blocks."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def make_kjt(n: int, pooling: int, batch: int, device: torch.device) -> KeyedJaggedTensor:
+    """``batch`` bags of ``pooling`` uniform random ids in ``[0, n)``, offsets included (seeded)."""
+    lengths = torch.full((batch,), pooling)
+    return KeyedJaggedTensor(
+        keys=["f"],
+        values=torch.randint(0, n, (batch * pooling,), generator=torch.Generator().manual_seed(0)),
+        lengths=lengths,
+        offsets=torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)]),
+    ).to(device)
+
+
+def fused_sgd_steps(forward: Callable[[], torch.Tensor], module: torch.nn.Module | None) -> Steps:
+    """Forward under ``no_grad`` and a training step, with SGD fused into backward for ``module``'s parameters.
+
+    ``module`` None: the forward's module fuses its own optimizer (FBGEMM's TBE).
+    """
+    if module is not None:
+        apply_optimizer_in_backward(torch.optim.SGD, module.parameters(), {"lr": LR})
+
+    def infer() -> None:
+        with torch.no_grad():
+            forward()
+
+    return infer, lambda: forward().sum().backward()
+
+
+def measure(steps: Steps, warmup: int, iters: int, device: torch.device) -> dict[str, float]:
+    """Median forward and training-step milliseconds of ``steps``."""
+    infer, train = steps
+    return {"forward_ms": time_steps(infer, warmup, iters, device), "step_ms": time_steps(train, warmup, iters, device)}
+
+
+def baseline_cell(n: int, d: int, kjt: KeyedJaggedTensor, warmup: int, iters: int,
+                  device: torch.device) -> dict[str, float]:
+    """FBGEMM's CPU TBE (EXACT_SGD); ``nn.EmbeddingBag`` with sparse gradients + fused SGD on CUDA."""
+    indices, offsets = kjt.values(), kjt.offsets()
+    if device.type == "cuda":
+        bag = torch.nn.EmbeddingBag(n, d, mode="sum", sparse=True, include_last_offset=True, device=device)
+        return measure(fused_sgd_steps(lambda: bag(indices, offsets), bag), warmup, iters, device)
+    tbe = cpu_tbe(n, d, EmbOptimType.EXACT_SGD)
+    return measure(fused_sgd_steps(lambda: tbe(indices, offsets), None), warmup, iters, device)
+
+
+def ebc_cell(table: EmbeddingBagConfig, kjt: KeyedJaggedTensor, warmup: int, iters: int,
+             device: torch.device) -> dict[str, float]:
+    """``torchrec.EmbeddingBagCollection`` (dense table gradient) with SGD fused into backward."""
+    ebc = EmbeddingBagCollection([table], device=device)
+    return measure(fused_sgd_steps(lambda: ebc(kjt).values(), ebc), warmup, iters, device)
+
+
+def compressed_cell(table: EmbeddingBagConfig, config: MethodConfig, kjt: KeyedJaggedTensor, warmup: int,
+                    iters: int, device: torch.device) -> dict[str, float]:
+    """Achieved compression and median times of one compressed module (ValueError: the ratio is unreachable)."""
+    module = CompressedEmbeddingBagCollection([table], {"t": config}, device)
+    stored = module.memory_for("t").num_bytes()
+    times = measure(fused_sgd_steps(lambda: module(kjt).values(), module), warmup, iters, device)
+    return {"compression": table.num_embeddings * table.embedding_dim * FLOAT_BYTES / stored, **times}
+
+
+def with_ratios(row: dict[str, Any], base: dict[str, float]) -> dict[str, Any]:
+    """``row`` plus its forward and step times over the baseline's."""
+    return {**row, "forward_ratio": row["forward_ms"] / base["forward_ms"], "step_ratio": row["step_ms"] / base["step_ms"]}
+
+
+def run_setting(n: int, pooling: int, grid: list[Variant], ratios: list[float], batch: int, dim: int,
+                warmup: int, iters: int, device: torch.device) -> list[dict[str, Any]]:
+    """Every cell of one (rows, L) setting: baseline, EBC, then every variant at every ratio."""
+    table = EmbeddingBagConfig(name="t", embedding_dim=dim, num_embeddings=n, feature_names=["f"])
+    common: dict[str, Any] = {"rows": n, "pooling": pooling, "batch": batch, "dim": dim}
+    logical = n * dim * FLOAT_BYTES
+    cells = [(variant, ratio) for ratio in ratios for variant in grid]
+    skipped = does_not_fit(f"the {n:,} x {dim} baseline table", logical, device)
+    if skipped:
+        print(f"n={n:,} L={pooling}: skipped, {skipped}", flush=True)
+        return [{**common, "method": name, "label": name, "asked": 1.0, "status": "skipped", "reason": skipped}
+                for name in ("baseline", "ebc")] + [{**common, **v.row(r), "status": "skipped", "reason": skipped}
+                                               for v, r in cells]
+    kjt = make_kjt(n, pooling, batch, device)
+    base = baseline_cell(n, dim, kjt, warmup, iters, device)
+    release(device)
+    rows = [with_ratios({**common, "method": "baseline", "label": "baseline", "asked": 1.0, "compression": 1.0,
+                         "status": "ok", **base}, base)]
+    print(f"n={n:,} L={pooling} baseline: fwd {base['forward_ms']:.2f} ms, step {base['step_ms']:.2f} ms", flush=True)
+    ebc: dict[str, Any] = {**common, "method": "ebc", "label": "ebc", "asked": 1.0}
+    reason = does_not_fit("the EBC's table and dense gradient", 2 * logical, device)
+    if reason:
+        rows.append({**ebc, "status": "skipped", "reason": reason})
+    else:
+        rows.append(with_ratios({**ebc, "compression": 1.0, "status": "ok", **ebc_cell(table, kjt, warmup, iters,
+                                                                                          device)}, base))
+        release(device)
+    report(rows[-1])
+    for variant, ratio in cells:
+        row = {**common, **variant.row(ratio)}
+        try:
+            config = variant.config(table, ratio)
+            if config is None:
+                raise ValueError("no configuration of this method reaches the ratio")
+            row["config"] = repr(config)
+            row = with_ratios({**row, "status": "ok", **compressed_cell(table, config, kjt, warmup, iters, device)},
+                              base)
+        except ValueError as error:
+            row.update(status="unreachable", reason=str(error))
+        except torch.OutOfMemoryError as error:
+            row.update(status="skipped", reason=f"out of memory: {error}".splitlines()[0])
+        release(device)
+        rows.append(row)
+        report(row)
+    return rows
+
+
+def report(row: dict[str, Any]) -> None:
+    """One progress line per cell."""
+    head = f"n={row['rows']:,} L={row['pooling']} {row['label']}" + (
+        f" {row['asked']:g}x" if row["method"] not in ("baseline", "ebc") else "")
+    if row["status"] != "ok":
+        print(f"{head}: {row['status']} ({row['reason']})", flush=True)
+        return
+    print(f"{head}: fwd {row['forward_ms']:.2f} ms ({row['forward_ratio']:.2f}x), "
+          f"step {row['step_ms']:.2f} ms ({row['step_ratio']:.2f}x)", flush=True)
+
+
+def _cell_text(row: dict[str, Any], kind: str) -> str:
+    """``ratio (ms)`` of a table cell, with the achieved compression when it is off the asked one by > 5%."""
+    if row["status"] != "ok":
+        return "-" if row["status"] == "unreachable" else "skipped"
+    achieved = "" if abs(row["compression"] / row["asked"] - 1) <= 0.05 else f", {row['compression']:.0f}x"
+    return f"{row[f'{kind}_ratio']:.2f} ({row[f'{kind}_ms']:.2f} ms{achieved})"
+
+
+def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    """The baselines table, then one table of ratios per timed quantity (training step, forward)."""
+    ratios = sorted({r["asked"] for r in results if r["method"] not in ("baseline", "ebc")})
+    lines = [
+        f"# PSS grid on {meta['device']}",
+        "",
+        f"Generated by `python benchmarks/grid.py {' '.join(meta['argv'])}` on {meta['date']}. Baseline: "
+        f"{meta['baseline']}. Batch {meta['batch']} bags of L uniform random ids, d = {meta['dim']}, SGD "
+        f"(lr {LR}) fused into backward everywhere; medians of {meta['steps']} timed steps after "
+        f"{meta['warmup']} warm-up steps; torch {meta['torch']}, {meta['threads']} threads, {meta['machine']}.",
+        "",
+        "## Baselines",
+        "",
+        "| rows | L | baseline fwd ms | baseline step ms | EBC fwd ms | EBC step ms | EBC step / baseline |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    settings = list(dict.fromkeys((r["rows"], r["pooling"]) for r in results))
+    by_setting = {s: [r for r in results if (r["rows"], r["pooling"]) == s] for s in settings}
+    for (n, pooling), rows in by_setting.items():
+        base, ebc = (next(r for r in rows if r["method"] == m) for m in ("baseline", "ebc"))
+        if base["status"] != "ok":
+            lines.append(f"| {n:,} | {pooling} | skipped: {base['reason']} | | | | |")
+            continue
+        ebc_cells = (f"{ebc['forward_ms']:.2f} | {ebc['step_ms']:.2f} | {ebc['step_ratio']:.2f}"
+                     if ebc["status"] == "ok" else f"skipped: {ebc['reason']} | | ")
+        lines.append(f"| {n:,} | {pooling} | {base['forward_ms']:.2f} | {base['step_ms']:.2f} | {ebc_cells} |")
+    for kind, title in (("step", "Training step (forward + backward + fused SGD)"), ("forward", "Forward only")):
+        lines += [
+            "",
+            f"## {title}: time / baseline (ms)",
+            "",
+            "Lower is better; a dash: the method cannot reach the asked ratio; the achieved compression is "
+            "shown where it is more than 5% off the asked one.",
+            "",
+            "| rows | L | method | " + " | ".join(f"{r:g}x" for r in ratios) + " |",
+            "|---|---|---|" + "---|" * len(ratios),
+        ]
+        for (n, pooling), rows in by_setting.items():
+            if rows[0]["status"] == "skipped":
+                continue
+            labels = list(dict.fromkeys(r["label"] for r in rows if r["method"] not in ("baseline", "ebc")))
+            for label in labels:
+                by_ratio = {r["asked"]: r for r in rows if r["label"] == label}
+                cells = [_cell_text(by_ratio[r], kind) if r in by_ratio else "" for r in ratios]
+                lines.append(f"| {n:,} | {pooling} | {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: list[dict[str, Any]], meta: dict[str, Any], stem: Path) -> list[Path]:
+    """One PNG per measured (rows, L): forward and training-step ms vs asked compression, log-log."""
+    paths = []
+    settings = dict.fromkeys((r["rows"], r["pooling"]) for r in results if r["method"] == "baseline"
+                             and r["status"] == "ok")
+    for n, pooling in settings:
+        rows = [r for r in results if (r["rows"], r["pooling"]) == (n, pooling) and r["status"] == "ok"]
+        labels = list(dict.fromkeys(r["label"] for r in rows if r["method"] not in ("baseline", "ebc")))
+        colors = matplotlib.colormaps["tab20"]
+        figure = Figure(figsize=(15, 5.5))
+        axes = figure.subplots(1, 2)
+        for ax, kind, title in zip(axes, ("forward", "step"), ("forward only", "training step (fwd + bwd + SGD)")):
+            for i, label in enumerate(labels):
+                points = sorted((r["asked"], r[f"{kind}_ms"]) for r in rows if r["label"] == label)
+                style = "--" if label.endswith("sparse") else ":" if label.endswith("auto") else "-"
+                ax.plot([x for x, _ in points], [y for _, y in points], style, marker="o", color=colors(i % 20),
+                        label=label)
+            for method, color in (("baseline", "black"), ("ebc", "grey")):
+                for r in rows:
+                    if r["method"] == method:
+                        ax.axhline(r[f"{kind}_ms"], color=color, linewidth=2, label=method)
+            ax.set(xscale="log", yscale="log", xlabel="compression (asked)", ylabel="ms (median)", title=title)
+            ax.grid(True, which="both", alpha=0.3)
+        handles, names = axes[1].get_legend_handles_labels()
+        figure.legend(handles, names, loc="center right", fontsize=8)
+        figure.suptitle(f"{meta['device']}: n = {n:,}, L = {pooling}, B = {meta['batch']}, d = {meta['dim']}; "
+                        f"baseline = {meta['baseline'].split(' (')[0]}", fontsize=10)
+        figure.tight_layout(rect=(0, 0, 0.84, 1))
+        path = stem.parent / f"{stem.name}_n{n}_L{pooling}.png"
+        figure.savefig(path, dpi=100)
+        paths.append(path)
+    return paths
+
+
+def write_outputs(results: list[dict[str, Any]], meta: dict[str, Any], stem: Path) -> str:
+    """Write ``STEM.json``, ``STEM.md`` and the plots; return the markdown."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    table = markdown(results, meta)
+    stem.with_suffix(".md").write_text(table)
+    plot(results, meta, stem)
+    return table
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The CLI; grid options left out take the full grid's values, or the quick grid's with ``--quick``."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", type=torch.device, default=torch.device("cpu"))
+    parser.add_argument("--rows", type=int, nargs="+", help=f"logical rows (default {FULL['rows']})")
+    parser.add_argument("--compressions", type=float, nargs="+", help="asked ratios (default 10 100 1000 10000)")
+    parser.add_argument("--chunk-sizes", type=int, nargs="+", help="ROBE chunk sizes Z (default 1 4 8 16 32)")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--gradients", nargs="+", choices=("dense", "sparse", "auto"), default=["dense", "sparse"],
+                        help="gradient layouts of ROBE, QR, hashing and MLET")
+    parser.add_argument("--pooling", type=int, nargs="+", help="pooling factors L (default 1 20)")
+    parser.add_argument("--steps", type=int, help="timed steps per cell (default 5)")
+    parser.add_argument("--warmup", type=int, help="untimed steps before them (default 2)")
+    parser.add_argument("--batch", type=int, help="bags per batch (default 4096 on the CPU, 10240 on CUDA)")
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--quick", action="store_true",
+                        help=f"a tiny grid: {', '.join(f'{k}={v}' for k, v in QUICK.items())}")
+    parser.add_argument("--out", type=Path, help="path stem (default benchmarks/results/grid_<device>[_quick])")
+    args = parser.parse_args(argv)
+    for name, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.batch is None:
+        args.batch = 10240 if args.device.type == "cuda" else 4096
+    if args.out is None:
+        args.out = Path(__file__).parent / "results" / f"grid_{args.device.type}{'_quick' if args.quick else ''}"
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    args = parse_args(argv)
+    torch.manual_seed(0)
+    cuda = args.device.type == "cuda"
+    meta = {
+        "argv": args.argv,
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "device": torch.cuda.get_device_name(args.device) if cuda else "cpu",
+        "baseline": BASELINES[args.device.type],
+        "batch": args.batch,
+        "dim": args.dim,
+        "steps": args.steps,
+        "warmup": args.warmup,
+    }
+    grid = variants(args.methods, args.chunk_sizes, args.gradients)
+    results: list[dict[str, Any]] = []
+    table = ""
+    for n in args.rows:
+        for pooling in args.pooling:
+            results += run_setting(n, pooling, grid, args.compressions, args.batch, args.dim, args.warmup,
+                                   args.steps, args.device)
+            table = write_outputs(results, meta, args.out)
+    print(table)
+    return results
+
+
+if __name__ == "__main__":
+    main()

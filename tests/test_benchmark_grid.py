@@ -1,0 +1,42 @@
+"""benchmarks/grid.py --quick on a 10k-row table: every (method, compression) cell is recorded and written out."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RATIOS = (10.0, 1000.0)
+LABELS = ("robe Z=1 dense", "robe Z=1 sparse", "robe Z=32 dense", "robe Z=32 sparse", "qr dense", "qr sparse",
+          "tt", "hashing dense", "hashing sparse", "mlet dense", "mlet sparse")
+UNREACHABLE = {("qr dense", 1000.0), ("qr sparse", 1000.0), ("mlet dense", 1000.0), ("mlet sparse", 1000.0)}
+
+
+def test_quick_grid_writes_every_cell(tmp_path: Path) -> None:
+    stem = tmp_path / "grid"
+    subprocess.run(
+        [sys.executable, "benchmarks/grid.py", "--quick", "--rows", "10000", "--steps", "2", "--batch", "512",
+         "--out", str(stem)],
+        cwd=ROOT, check=True, timeout=120, capture_output=True, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},  # one thread: no OpenMP spin-waits when the CPUs are busy
+    )
+    results = json.loads(stem.with_suffix(".json").read_text())["results"]
+    for method in ("baseline", "ebc"):
+        (row,) = [r for r in results if r["method"] == method]
+        assert row["status"] == "ok" and row["forward_ms"] > 0 and row["step_ms"] > 0
+    cells = {(r["label"], r["asked"]): r for r in results if r["method"] not in ("baseline", "ebc")}
+    assert len(cells) == len(results) - 2 == len(LABELS) * len(RATIOS)
+    assert set(cells) == {(label, ratio) for label in LABELS for ratio in RATIOS}
+    for key, row in cells.items():
+        if key in UNREACHABLE:
+            assert row["status"] == "unreachable", key
+            continue
+        assert row["status"] == "ok", (key, row.get("reason"))
+        for field in ("forward_ms", "step_ms", "forward_ratio", "step_ratio", "compression"):
+            assert row[field] > 0, (key, field)
+    markdown = stem.with_suffix(".md").read_text()
+    assert "| rows | L | method | 10x | 1000x |" in markdown and "| 10,000 | 1 | robe Z=32 dense |" in markdown
+    assert (tmp_path / "grid_n10000_L1.png").stat().st_size > 0
