@@ -50,3 +50,8 @@ def per_id_scale(offsets: torch.Tensor, weights: torch.Tensor | None, mean: bool
         per_id = 1.0 / lengths.index_select(0, offsets_to_bag_index(offsets, num_ids))
         scale = per_id if scale is None else scale * per_id
     return scale
+
+
+def lengths_to_offsets(lengths: torch.Tensor) -> torch.Tensor:
+    """Bag offsets ``[S + 1]`` (``0, l_0, l_0 + l_1, ...``) of bag ``lengths`` ``[S]``."""
+    return torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])

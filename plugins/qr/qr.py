@@ -15,6 +15,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
 from torchrec_pss.contract import PSSMemory
 from torchrec_pss.gradient_layout import use_sparse_gradient
+from torchrec_pss.pooling import lengths_to_offsets
 from torchrec_pss.registry import register_method
 from torchrec_pss_plugins.qr import ops, reference
 from torchrec_pss_plugins.qr.config import QRConfig
@@ -106,5 +107,5 @@ class QRMemory(PSSMemory):
 
     def pooled(self, table: str, ids: torch.Tensor, lengths: torch.Tensor, weights: torch.Tensor | None,
                mean: bool) -> torch.Tensor:
-        offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+        offsets = lengths_to_offsets(lengths)
         return self._bags(ids, offsets, None if weights is None else weights.to(self.parts[0].dtype), mean)

@@ -32,6 +32,7 @@ from torchrec_pss.gradient_layout import use_sparse_gradient
 from torchrec_pss.hashing import PRIME, hash_coefficients, table_key
 from torchrec_pss.kernels import reference_only
 from torchrec_pss.optim import FusedUpdate
+from torchrec_pss.pooling import lengths_to_offsets
 from torchrec_pss.registry import register_method
 from torchrec_pss_plugins.robe import ops, reference
 from torchrec_pss_plugins.robe.config import RobeConfig
@@ -194,6 +195,6 @@ class RobeMemory(PSSMemory):
         weights: torch.Tensor | None,
         mean: bool,
     ) -> torch.Tensor:
-        offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+        offsets = lengths_to_offsets(lengths)
         weights = None if weights is None else weights.to(self.weight.dtype)
         return self._bags(table, ids, offsets, weights, mean)
