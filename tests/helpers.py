@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable
 
 import torch
+from torchmetrics.classification import BinaryAUROC
+from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 
@@ -33,3 +36,19 @@ def random_bags(rng: random.Random, num_embeddings: int, batch: int, max_len: in
 
 def random_weights(rng: random.Random, bags: list[list[int]]) -> list[list[float]]:
     return [[rng.uniform(-2.0, 2.0) for _ in bag] for bag in bags]
+
+
+def train_dlrm_and_auc(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train: Iterable[Batch],
+                       test: Iterable[Batch]) -> float:
+    """Train a torchrec ``DLRM`` on ``train`` (BCE on the logit, one optimizer step per batch); its AUC on ``test``."""
+    for batch in train:
+        logits = model(batch.dense_features, batch.sparse_features).squeeze(1)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, batch.labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    auroc = BinaryAUROC()
+    with torch.no_grad():
+        for batch in test:
+            auroc.update(torch.sigmoid(model(batch.dense_features, batch.sparse_features).squeeze(1)), batch.labels.long())
+    return auroc.compute().item()

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
-from torchmetrics.classification import BinaryAUROC
 from torchrec.models.dlrm import DLRM, DLRM_DCN
 
+from helpers import train_dlrm_and_auc
 from torchrec_pss import compress_, parse_compression_flag
 from torchrec_pss.datasets import SyntheticCriteo
 from torchrec_pss.models import MLPERF_NUM_EMBEDDINGS, PRESETS
@@ -50,14 +50,6 @@ def test_small_preset_learns_the_planted_signal_when_compressed() -> None:
     assert isinstance(model, DLRM) and model.sparse_arch.embedding_bag_collection.compression
     data = SyntheticCriteo(preset.num_embeddings, seed=0)
     optimizer = torch.optim.Adagrad(model.parameters(), lr=preset.learning_rate)
-    for batch in data.batches(preset.batch_size, 150):
-        logits = model(batch.dense_features, batch.sparse_features).squeeze(1)
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, batch.labels)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    auroc = BinaryAUROC()
-    with torch.no_grad():
-        for batch in SyntheticCriteo(preset.num_embeddings, seed=0, stream=1).batches(2048, 2):
-            auroc.update(torch.sigmoid(model(batch.dense_features, batch.sparse_features).squeeze(1)), batch.labels.long())
-    assert auroc.compute().item() > 0.65  # 0.766 when written
+    auc = train_dlrm_and_auc(model, optimizer, data.batches(preset.batch_size, 150),
+                             SyntheticCriteo(preset.num_embeddings, seed=0, stream=1).batches(2048, 2))
+    assert auc > 0.65  # 0.766 when written
