@@ -17,6 +17,7 @@ pytest.importorskip("triton")
 
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec_pss_plugins.qr.triton_kernels import qr_pooled_backward, qr_pooled_forward
+from torchrec_pss_plugins.robe import triton_kernels as robe_triton
 from torchrec_pss_plugins.robe.triton_kernels import (
     blockwise_adagrad_update_,
     robe_pooled_backward,
@@ -79,8 +80,13 @@ def on_device(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
 @pytest.mark.parametrize("use_sign", [False, True])
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("mean", [False, True])
-def test_robe_matches_reference(z: int, use_sign: bool, weighted: bool, mean: bool) -> None:
-    """Forward, dense memory gradient, weights gradient and fused SGD, for ids up to 2^62."""
+@pytest.mark.parametrize("wide", [False, True])
+def test_robe_matches_reference(z: int, use_sign: bool, weighted: bool, mean: bool, wide: bool,
+                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Forward, dense memory gradient, weights gradient and fused SGD, for ids up to 2^62; ``wide``: the
+    64-bit position path that memories of 2^31 elements or more take."""
+    if wide:
+        monkeypatch.setattr(robe_triton, "NARROW_LIMIT", 0)
     memory = robe(z, use_sign)
     ids, lengths, offsets, weights = bags(BIG, seed=z + 10 * use_sign)
     weights = weights.requires_grad_() if weighted else None

@@ -25,6 +25,8 @@ BLOCK_N = 8
 MAX_BLOCK_D = 128
 """Embedding columns per program at most (columns of a tile)."""
 _ROWS_PER_ADAGRAD_TILE = 1024
+NARROW_LIMIT = 2**31
+"""``M`` sizes (and chunk + row widths) below this use 32-bit positions."""
 """Elements per Adagrad program (rounded to whole blocks)."""
 
 
@@ -47,25 +49,42 @@ def _hash_base(coef_ptr, t, k):
 
 
 @triton.jit
-def _positions(ids, cols, t, m, loc_ptr, DIM: tl.constexpr, Z: tl.constexpr):
-    """Memory positions ``[BLOCK_N, BLOCK_D]`` (int64, ``< m``) of columns ``cols`` (int64) of ``ids``."""
+def _column_terms(cols, loc_ptr, sign_ptr, DIM: tl.constexpr, Z: tl.constexpr):
+    """The per-column parts of positions and signs, computed once per program: ``[BLOCK_D]`` int64 each.
+
+    ``(C·(col // Z) mod P, col mod Z, C'·col mod P)`` for ``Z <= d``; ``(0, col, C'·col mod P)`` for ``Z > d``.
+    """
+    sign_term = (tl.load(sign_ptr + 2) * cols) % _P
     if Z <= DIM:
-        chunk = (tl.load(loc_ptr + 2) * (cols // Z)) % _P
-        h = _hash_base(loc_ptr, t, ids)[:, None] + chunk[None, :]
-        h = tl.where(h >= _P, h - _P, h)
-        pos = (h + (cols % Z)[None, :]) % m
+        return (tl.load(loc_ptr + 2) * (cols // Z)) % _P, cols % Z, sign_term
+    return cols * 0, cols, sign_term
+
+
+@triton.jit
+def _positions(ids, chunk_term, run_offset, t, m, loc_ptr, DIM: tl.constexpr, Z: tl.constexpr,
+               NARROW: tl.constexpr):
+    """Memory positions ``[BLOCK_N, BLOCK_D]`` (``< m``) of ``ids`` at the columns of ``_column_terms``.
+
+    ``NARROW`` (``m < 2^31``, ``Z + d < 2^31``): the reduction mod ``m`` runs in uint32 (int64 otherwise);
+    the positions are int64 either way.
+    """
+    if Z <= DIM:
+        h = _hash_base(loc_ptr, t, ids)[:, None] + chunk_term[None, :]
+        base = tl.where(h >= _P, h - _P, h)
     else:
         block, slot = _floor_divmod(ids, Z // DIM)
-        start = _hash_base(loc_ptr, t, block) + slot * DIM
-        pos = (start[:, None] + cols[None, :]) % m
+        base = (_hash_base(loc_ptr, t, block) + slot * DIM)[:, None]
+    if NARROW:
+        pos = ((base.to(tl.uint32) + run_offset.to(tl.uint32)[None, :]) % m.to(tl.uint32)).to(tl.int64)
+    else:
+        pos = (base + run_offset[None, :]) % m
     return pos
 
 
 @triton.jit
-def _signs(ids, cols, t, sign_ptr):
-    """The signs ``g(t, x, i)`` ``[BLOCK_N, BLOCK_D]`` (float32, ``±1``) of columns ``cols`` of ``ids``."""
-    column = (tl.load(sign_ptr + 2) * cols) % _P
-    s = _hash_base(sign_ptr, t, ids)[:, None] + column[None, :]
+def _signs(ids, sign_term, t, sign_ptr):
+    """The signs ``g(t, x, i)`` ``[BLOCK_N, BLOCK_D]`` (float32, ``±1``) at the columns of ``sign_term``."""
+    s = _hash_base(sign_ptr, t, ids)[:, None] + sign_term[None, :]
     s = tl.where(s >= _P, s - _P, s)
     return 1.0 - 2.0 * (s & 1).to(tl.float32)
 
@@ -74,12 +93,13 @@ def _signs(ids, cols, t, sign_ptr):
 def _pooled_forward_kernel(
     memory, ids_ptr, offsets, weights, loc_ptr, sign_ptr, out, t, m,
     DIM: tl.constexpr, Z: tl.constexpr, USE_SIGN: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
-    MEAN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    MEAN: tl.constexpr, NARROW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     bag = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_mask = cols < DIM
     cols64 = cols.to(tl.int64)
+    chunk_term, run_offset, sign_term = _column_terms(cols64, loc_ptr, sign_ptr, DIM, Z)
     start = tl.load(offsets + bag)
     end = tl.load(offsets + bag + 1)
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -88,10 +108,10 @@ def _pooled_forward_kernel(
         rows = first + tl.arange(0, BLOCK_N)
         row_mask = rows < end
         x = tl.load(ids_ptr + rows, mask=row_mask, other=0)
-        pos = _positions(x, cols64, t, m, loc_ptr, DIM, Z)
+        pos = _positions(x, chunk_term, run_offset, t, m, loc_ptr, DIM, Z, NARROW)
         vals = tl.load(memory + pos, mask=row_mask[:, None] & col_mask[None, :], other=0.0)
         if USE_SIGN:
-            vals = vals * _signs(x, cols64, t, sign_ptr)
+            vals = vals * _signs(x, sign_term, t, sign_ptr)
         if HAS_WEIGHTS:
             vals = vals * tl.load(weights + rows, mask=row_mask, other=0.0)[:, None]
         acc += tl.sum(vals, axis=0)
@@ -105,12 +125,13 @@ def _pooled_forward_kernel(
 def _scatter_kernel(
     target, grad_out, ids_ptr, offsets, weights, loc_ptr, sign_ptr, scale, t, m,
     DIM: tl.constexpr, Z: tl.constexpr, USE_SIGN: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
-    MEAN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    MEAN: tl.constexpr, NARROW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     bag = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_mask = cols < DIM
     cols64 = cols.to(tl.int64)
+    chunk_term, run_offset, sign_term = _column_terms(cols64, loc_ptr, sign_ptr, DIM, Z)
     start = tl.load(offsets + bag)
     end = tl.load(offsets + bag + 1)
     g = tl.load(grad_out + bag.to(tl.int64) * DIM + cols64, mask=col_mask, other=0.0)
@@ -121,12 +142,12 @@ def _scatter_kernel(
         rows = first + tl.arange(0, BLOCK_N)
         row_mask = rows < end
         x = tl.load(ids_ptr + rows, mask=row_mask, other=0)
-        pos = _positions(x, cols64, t, m, loc_ptr, DIM, Z)
+        pos = _positions(x, chunk_term, run_offset, t, m, loc_ptr, DIM, Z, NARROW)
         contribution = tl.broadcast_to(g[None, :], [BLOCK_N, BLOCK_D])
         if HAS_WEIGHTS:
             contribution = contribution * tl.load(weights + rows, mask=row_mask, other=0.0)[:, None]
         if USE_SIGN:
-            contribution = contribution * _signs(x, cols64, t, sign_ptr)
+            contribution = contribution * _signs(x, sign_term, t, sign_ptr)
         tl.atomic_add(target + pos, contribution * scale, mask=row_mask[:, None] & col_mask[None, :], sem="relaxed")
         first += BLOCK_N
 
@@ -134,7 +155,7 @@ def _scatter_kernel(
 @triton.jit(do_not_specialize=["t", "m"])
 def _weights_grad_kernel(
     memory, grad_out, ids_ptr, offsets, loc_ptr, sign_ptr, out, t, m,
-    DIM: tl.constexpr, Z: tl.constexpr, USE_SIGN: tl.constexpr, MEAN: tl.constexpr,
+    DIM: tl.constexpr, Z: tl.constexpr, USE_SIGN: tl.constexpr, MEAN: tl.constexpr, NARROW: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     bag = tl.program_id(0)
@@ -151,13 +172,14 @@ def _weights_grad_kernel(
             cols = col0 + tl.arange(0, BLOCK_D)
             col_mask = cols < DIM
             cols64 = cols.to(tl.int64)
+            chunk_term, run_offset, sign_term = _column_terms(cols64, loc_ptr, sign_ptr, DIM, Z)
             g = tl.load(grad_out + bag.to(tl.int64) * DIM + cols64, mask=col_mask, other=0.0)
             if MEAN:
                 g = g / length
-            pos = _positions(x, cols64, t, m, loc_ptr, DIM, Z)
+            pos = _positions(x, chunk_term, run_offset, t, m, loc_ptr, DIM, Z, NARROW)
             vals = tl.load(memory + pos, mask=row_mask[:, None] & col_mask[None, :], other=0.0)
             if USE_SIGN:
-                vals = vals * _signs(x, cols64, t, sign_ptr)
+                vals = vals * _signs(x, sign_term, t, sign_ptr)
             dot += tl.sum(vals * g[None, :], axis=1)
         tl.store(out + rows, dot, mask=row_mask)
         first += BLOCK_N
@@ -195,9 +217,19 @@ def _check_bags(
         raise ValueError(f"chunk_size={chunk_size} must divide dim={dim} or be a multiple of it")
 
 
-def _grid(num_bags: int, dim: int) -> tuple[tuple[int, int], int]:
-    block_d = min(triton.next_power_of_2(dim), MAX_BLOCK_D)
-    return (num_bags, triton.cdiv(dim, block_d)), block_d
+def _launch(num_ids: int, num_bags: int, dim: int, chunk_size: int, memory_size: int) -> dict[str, int | bool]:
+    """The tile constants of one launch: ``BLOCK_N`` (ids per step, up to ``BLOCK_N`` and no more than the
+    mean bag length needs), ``BLOCK_D`` and ``NARROW`` (32-bit positions when ``M`` and a run fit in them)."""
+    mean_length = triton.cdiv(num_ids, max(num_bags, 1))
+    return {
+        "BLOCK_N": max(2, min(BLOCK_N, triton.next_power_of_2(mean_length))),
+        "BLOCK_D": min(triton.next_power_of_2(dim), MAX_BLOCK_D),
+        "NARROW": memory_size < NARROW_LIMIT and chunk_size + dim < NARROW_LIMIT,
+    }
+
+
+def _grid(num_bags: int, dim: int, tiles: dict[str, int | bool]) -> tuple[int, int]:
+    return num_bags, triton.cdiv(dim, tiles["BLOCK_D"])
 
 
 def _contiguous_weights(weights: torch.Tensor | None) -> torch.Tensor | None:
@@ -229,12 +261,11 @@ def robe_pooled_forward(
     out = torch.empty(num_bags, dim, dtype=torch.float32, device=memory.device)
     if num_bags == 0:
         return out
-    grid, block_d = _grid(num_bags, dim)
-    _pooled_forward_kernel[grid](
+    tiles = _launch(ids.numel(), num_bags, dim, chunk_size, memory.numel())
+    _pooled_forward_kernel[_grid(num_bags, dim, tiles)](
         memory.contiguous(), ids.contiguous(), offsets.contiguous(), _contiguous_weights(weights),
         location_coefficients.contiguous(), sign_coefficients.contiguous(), out, table_key % PRIME, memory.numel(),
-        DIM=dim, Z=chunk_size, USE_SIGN=use_sign, HAS_WEIGHTS=weights is not None, MEAN=mean,
-        BLOCK_N=BLOCK_N, BLOCK_D=block_d,
+        DIM=dim, Z=chunk_size, USE_SIGN=use_sign, HAS_WEIGHTS=weights is not None, MEAN=mean, **tiles,
     )
     return out
 
@@ -261,13 +292,12 @@ def _scatter(
         raise ValueError(f"grad_out must be [B, dim] = {(num_bags, dim)}, got {tuple(grad_out.shape)}")
     if num_bags == 0:
         return
-    grid, block_d = _grid(num_bags, dim)
-    _scatter_kernel[grid](
+    tiles = _launch(ids.numel(), num_bags, dim, chunk_size, target.numel())
+    _scatter_kernel[_grid(num_bags, dim, tiles)](
         target, grad_out.to(torch.float32).contiguous(), ids.contiguous(), offsets.contiguous(),
         _contiguous_weights(weights), location_coefficients.contiguous(), sign_coefficients.contiguous(),
         float(scale), table_key % PRIME, target.numel(),
-        DIM=dim, Z=chunk_size, USE_SIGN=use_sign, HAS_WEIGHTS=weights is not None, MEAN=mean,
-        BLOCK_N=BLOCK_N, BLOCK_D=block_d,
+        DIM=dim, Z=chunk_size, USE_SIGN=use_sign, HAS_WEIGHTS=weights is not None, MEAN=mean, **tiles,
     )
 
 
@@ -350,8 +380,8 @@ def robe_weights_grad(
     _weights_grad_kernel[(num_bags,)](
         memory.contiguous(), grad_out.to(torch.float32).contiguous(), ids.contiguous(), offsets.contiguous(),
         location_coefficients.contiguous(), sign_coefficients.contiguous(), out, table_key % PRIME, memory.numel(),
-        DIM=dim, Z=chunk_size, USE_SIGN=use_sign, MEAN=mean, BLOCK_N=BLOCK_N,
-        BLOCK_D=min(triton.next_power_of_2(dim), MAX_BLOCK_D),
+        DIM=dim, Z=chunk_size, USE_SIGN=use_sign, MEAN=mean,
+        **_launch(ids.numel(), num_bags, dim, chunk_size, memory.numel()),
     )
     return out
 
