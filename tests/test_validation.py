@@ -10,7 +10,15 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from helpers import make_kjt
-from torchrec_pss import CompressedEmbeddingBagCollection, MethodConfig, RobeConfig
+from torchrec_pss import (
+    CompressedEmbeddingBagCollection,
+    HashingConfig,
+    MethodConfig,
+    MLETConfig,
+    QRConfig,
+    RobeConfig,
+    TTConfig,
+)
 
 
 def tables():
@@ -31,7 +39,7 @@ def test_out_of_range_ids_name_table_and_feature(compressed: bool, bad_id: int) 
 def test_float_ids_are_a_type_error() -> None:
     module = CompressedEmbeddingBagCollection(tables(), {"t1": RobeConfig(compression=2)})
     kjt = KeyedJaggedTensor(keys=["f1", "f2"], values=torch.tensor([1.0, 2.0]), lengths=torch.tensor([1, 1]))
-    with pytest.raises(TypeError, match="table 't1', feature 'f1': ids must be int32 or int64"):
+    with pytest.raises(TypeError, match=r"features \['f1', 'f2'\]: ids must be int32 or int64, got torch.float32"):
         module(kjt)
 
 
@@ -41,16 +49,111 @@ def test_missing_feature_is_named() -> None:
         module(make_kjt({"f1": [[1]]}))
 
 
+def test_unknown_feature_is_named() -> None:
+    module = CompressedEmbeddingBagCollection(tables(), {"t1": RobeConfig(compression=2)})
+    with pytest.raises(ValueError, match=r"features \['f9'\] that no table of this module reads"):
+        module(make_kjt({"f1": [[1]], "f2": [[1]], "f9": [[3]]}))
+
+
+@pytest.mark.parametrize("compressed", [True, False])
+def test_lengths_that_do_not_match_the_ids(compressed: bool) -> None:
+    module = CompressedEmbeddingBagCollection(tables(), {"t1": RobeConfig(compression=2)} if compressed else {})
+    kjt = KeyedJaggedTensor(keys=["f1", "f2"], values=torch.tensor([1, 2, 3]), lengths=torch.tensor([1, 1]))
+    with pytest.raises(ValueError, match="lengths sum to 2 but there are 3 ids"):
+        module(kjt)
+
+
+def test_lengths_not_a_multiple_of_the_keys() -> None:
+    module = CompressedEmbeddingBagCollection(tables(), {"t1": RobeConfig(compression=2)})
+    kjt = KeyedJaggedTensor(keys=["f1", "f2"], values=torch.tensor([1, 2, 3]), lengths=torch.tensor([1, 1, 1]))
+    with pytest.raises(ValueError, match="3 lengths, not a multiple of its 2 keys"):
+        module(kjt)
+
+
+def test_negative_length_is_named() -> None:
+    module = CompressedEmbeddingBagCollection(tables(), {"t1": RobeConfig(compression=2)})
+    kjt = KeyedJaggedTensor(keys=["f1", "f2"], values=torch.tensor([1, 2, 3]), lengths=torch.tensor([2, 0, -1, 2]))
+    with pytest.raises(ValueError, match="table 't2', feature 'f2': bag 0 has negative length -1"):
+        module(kjt)
+
+
+def test_out_of_range_id_names_its_position() -> None:
+    module = CompressedEmbeddingBagCollection(tables(), {"t1": RobeConfig(compression=2)})
+    with pytest.raises(ValueError, match=r"table 't2', feature 'f2': id 12 is outside \[0, 10\) \(position 2"):
+        module(make_kjt({"f1": [[1], [2]], "f2": [[1, 2], [12]]}))
+
+
+def weighted_kjt(weights: list[float]) -> KeyedJaggedTensor:
+    return KeyedJaggedTensor(keys=["f1", "f2"], values=torch.tensor([1, 2, 3]), lengths=torch.tensor([2, 1]),
+                             weights=torch.tensor(weights))
+
+
+@pytest.mark.parametrize("compressed", [True, False])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_weights_are_named(compressed: bool, bad: float) -> None:
+    module = CompressedEmbeddingBagCollection(tables(), {"t1": RobeConfig(compression=2)} if compressed else {},
+                                              is_weighted=True)
+    with pytest.raises(ValueError, match=rf"table 't1', feature 'f1': weight {bad} at position 1 is not finite"):
+        module(weighted_kjt([1.0, bad, 2.0]))
+
+
+def test_weights_of_the_wrong_length() -> None:
+    module = CompressedEmbeddingBagCollection(tables(), {"t1": RobeConfig(compression=2)}, is_weighted=True)
+    with pytest.raises(ValueError, match="2 weights for 3 ids"):
+        module(weighted_kjt([1.0, 2.0]))
+
+
+def test_integer_weights_are_a_type_error() -> None:
+    module = CompressedEmbeddingBagCollection(tables(), {"t1": RobeConfig(compression=2)}, is_weighted=True)
+    kjt = KeyedJaggedTensor(keys=["f1", "f2"], values=torch.tensor([1, 2, 3]), lengths=torch.tensor([2, 1]),
+                            weights=torch.tensor([1, 2, 3]))
+    with pytest.raises(TypeError, match="weights must be floating point, got torch.int64"):
+        module(kjt)
+
+
+@pytest.mark.parametrize("compressed", [True, False])
+def test_empty_batch_gives_no_rows(compressed: bool) -> None:
+    module = CompressedEmbeddingBagCollection(tables(), {"t1": RobeConfig(compression=2)} if compressed else {})
+    kjt = KeyedJaggedTensor(keys=["f1", "f2"], values=torch.tensor([], dtype=torch.int64),
+                            lengths=torch.tensor([], dtype=torch.int64))
+    out = module(kjt)
+    assert out.values().shape == (0, 16) and out.keys() == ["f1", "f2"]
+
+
+def test_bad_input_changes_nothing() -> None:
+    """A refused batch leaves parameters and optimizer state as they were (nothing half-applied)."""
+    module = CompressedEmbeddingBagCollection(tables(), {"t1": RobeConfig(compression=2)})
+    before = {k: v.clone() for k, v in module.state_dict().items() if isinstance(v, torch.Tensor)}
+    with pytest.raises(ValueError):
+        module(make_kjt({"f1": [[1]], "f2": [[10]]})).values().sum().backward()
+    for key, value in module.state_dict().items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, before[key]), key
+
+
+def test_validation_can_be_switched_off() -> None:
+    """With ``validate_inputs=False`` the checks are skipped: good batches give the same outputs."""
+    checked = CompressedEmbeddingBagCollection(tables(), {"t1": RobeConfig(compression=2)})
+    unchecked = CompressedEmbeddingBagCollection(tables(), {"t1": RobeConfig(compression=2)}, validate_inputs=False)
+    unchecked.load_state_dict(checked.state_dict())
+    kjt = make_kjt({"f1": [[1, 2], [3]], "f2": [[4], []]})
+    torch.testing.assert_close(unchecked(kjt).values(), checked(kjt).values(), rtol=0, atol=0)
+    unchecked(make_kjt({"f1": [[1]], "f2": [[2]], "f9": [[3]]}))  # an unknown feature is not looked at
+
+
 def test_weighted_module_needs_weights() -> None:
     module = CompressedEmbeddingBagCollection(tables(), {"t1": RobeConfig(compression=2)}, is_weighted=True)
     with pytest.raises(ValueError, match="weighted"):
         module(make_kjt({"f1": [[1]], "f2": [[1]]}))
 
 
-def test_all_empty_bags_give_zeros() -> None:
-    module = CompressedEmbeddingBagCollection(tables(), {"t1": RobeConfig(compression=2), "t2": RobeConfig(compression=3, share_group="b")})
+@pytest.mark.parametrize("config", [RobeConfig(compression=2), QRConfig(collisions=3), TTConfig(ranks=2),
+                                    MLETConfig(inner_dim=4), HashingConfig(num_buckets=3)], ids=lambda c: type(c).__name__)
+def test_all_empty_bags_give_zeros(config: MethodConfig) -> None:
+    module = CompressedEmbeddingBagCollection(tables(), {"t1": config, "t2": RobeConfig(compression=3, share_group="b")})
     out = module(make_kjt({"f1": [[], []], "f2": [[], []]})).values()
     assert out.shape == (2, 16) and torch.equal(out, torch.zeros(2, 16))
+    out.sum().backward()
 
 
 @pytest.mark.parametrize(
@@ -114,3 +217,30 @@ def test_half_precision_tables_are_refused_for_compression() -> None:
 def test_required_fields_may_not_be_none() -> None:
     with pytest.raises(ValueError, match="RobeConfig.chunk_size is required, got None"):
         RobeConfig(compression=2, chunk_size=None)
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: QRConfig(collisions=1), r"QRConfig.collisions must be an int >= 2, got 1"),
+        (lambda: QRConfig(compression=2, operation="xor"), r"QRConfig.operation must be one of .*'xor'"),
+        (lambda: QRConfig(compression=2, num_partitions=1), r"QRConfig.num_partitions must be an int >= 2"),
+        (lambda: TTConfig(ranks=0), r"TTConfig.ranks must be ints >= 1, got 0"),
+        (lambda: TTConfig(num_cores=5), r"TTConfig.num_cores must be an int in \[2, 4\], got 5"),
+        (lambda: MLETConfig(inner_dim=0), r"MLETConfig.inner_dim must be an int >= 1, got 0"),
+        (lambda: MLETConfig(inner_dim=4, init_std=float("inf")), r"MLETConfig.init_std must be a finite number > 0"),
+        (lambda: HashingConfig(num_buckets=0), r"HashingConfig.num_buckets must be an int >= 1, got 0"),
+        (lambda: HashingConfig(compression=0.1), r"HashingConfig.compression must be a finite number >= 1"),
+    ],
+)
+def test_impossible_configs_of_every_method(make, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_environment_switch_sets_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORCHREC_PSS_VALIDATE", "0")
+    assert not CompressedEmbeddingBagCollection(tables()).validate_inputs
+    assert CompressedEmbeddingBagCollection(tables(), validate_inputs=True).validate_inputs
+    monkeypatch.setenv("TORCHREC_PSS_VALIDATE", "1")
+    assert CompressedEmbeddingBagCollection(tables()).validate_inputs

@@ -21,8 +21,10 @@ def rows(cores: list[torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
     u = ids.numel()
     first, *rest_cores = cores
     out = first.index_select(0, digits[0]).reshape(u, first.shape[2], first.shape[3])
+    width = first.shape[2]
     for core, digit in zip(rest_cores, digits[1:]):
         _, r_in, q, r_out = core.shape
         out = torch.bmm(out, core.index_select(0, digit).reshape(u, r_in, q * r_out))
-        out = out.reshape(u, -1, r_out)
-    return out.reshape(u, -1)
+        width *= q
+        out = out.reshape(u, width, r_out)
+    return out.reshape(u, width)

@@ -42,6 +42,7 @@ from torchrec.streamable import Multistreamable
 from torchrec_pss.distributed.constraints import REPLICATED_KERNEL
 from torchrec_pss.distributed.gradient_sync import ReplicatedGradientSync
 from torchrec_pss.modules.compressed_embedding_bag_collection import CompressedEmbeddingBagCollection
+from torchrec_pss.modules.input_checks import check_structure, check_values
 from torchrec_pss.optim import BlockwiseAdagrad, FusedUpdate, PSSFusedOptimizer
 
 _PLAIN = "_plain"
@@ -93,7 +94,12 @@ class ShardedCompressedEmbeddingBagCollection(
         # The compressed tables' pooling, reading this module's memories; held in a list so that it stays
         # out of the module tree (the memories are registered once, as ``pss_memories``).
         self._local = [CompressedEmbeddingBagCollection(compressed, module.compression, "meta",
-                                                        is_weighted=module.is_weighted())] if compressed else []
+                                                        is_weighted=module.is_weighted(), validate_inputs=False)
+                       ] if compressed else []
+        self._tables = module.embedding_bag_configs()
+        self._feature_names = module._flat_feature_names
+        self._is_weighted = module.is_weighted()
+        self.validate_inputs = module.validate_inputs
         if self._local:
             self._local[0].pss_memories = module.pss_memories
         self._optimizer_tags = {  # kept: materialising meta parameters replaces them, dropping their attributes
@@ -170,7 +176,11 @@ class ShardedCompressedEmbeddingBagCollection(
         """TorchRec's input dist for the plain tables, then the features as they are for the replicas.
 
         One ``KJTListSplitsAwaitable``, as TrainPipelineSparseDist needs to fuse the splits all-to-alls.
+        The features are checked first, against every table (``validate_inputs``, as the unsharded module).
         """
+        if self.validate_inputs:
+            check_structure(features, self._feature_names, self._is_weighted)
+            check_values(features.to_dict(), self._tables, self._is_weighted)
         awaitables: list = []
         plain = getattr(self, _PLAIN, None)
         if plain is not None:

@@ -19,6 +19,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, Keyed
 from torchrec.sparse.tensor_dict import maybe_td_to_kjt
 
 from torchrec_pss.contract import MethodConfig, PSSMemory
+from torchrec_pss.modules.input_checks import check_structure, check_values, inputs_checked_by_default
 from torchrec_pss.optim import FusedUpdate, PSSFusedOptimizer
 from torchrec_pss.pooling import bag_mean
 from torchrec_pss.registry import method_for_config
@@ -39,7 +40,13 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOpt
 
     Pooling: SUM or MEAN; with ``is_weighted`` every embedding is multiplied by its KJT weight before
     pooling (a weighted MEAN divides the weighted sum by the bag length, as FBGEMM's TBE does);
-    empty bags give zeros. Ids outside ``[0, num_embeddings)`` raise ``ValueError``.
+    empty bags give zeros, and a batch of no bags gives ``[0, d]`` blocks.
+
+    Input checks (``validate_inputs``; by default on unless the environment sets
+    ``TORCHREC_PSS_VALIDATE=0``; the attribute can be changed at any time, e.g. off in benchmarks): features missing from or unknown to the module, non-integer ids, lengths that do not
+    match the ids, negative lengths, ids outside ``[0, num_embeddings)``, weights of the wrong count or
+    dtype, NaN / inf weights each raise ``ValueError`` / ``TypeError`` naming the table, feature and value
+    (see :mod:`torchrec_pss.modules.input_checks`; a good batch costs one device synchronisation).
 
     Fused optimizers, the TorchRec way: ``torchrec.optim.apply_optimizer_in_backward(cls, module.parameters(),
     kwargs)`` makes the update of those parameters run inside backward (their ``.grad`` stays None);
@@ -54,8 +61,10 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOpt
         device: torch.device | str | None = None,
         *,
         is_weighted: bool = False,
+        validate_inputs: bool | None = None,
     ) -> None:
         super().__init__()
+        self.validate_inputs = inputs_checked_by_default() if validate_inputs is None else validate_inputs
         compression = dict(compression or {})
         _validate_tables(tables, compression)
         self._device = torch.device(device) if device is not None else torch.device("cpu")
@@ -168,21 +177,21 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOpt
     def pool(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """The forward pass without taking over in-backward optimizers (for wrappers that own them)."""
         features = maybe_td_to_kjt(features, None)
-        if self._is_weighted and features.weights_or_none() is None:
-            raise ValueError("this CompressedEmbeddingBagCollection is weighted but the KJT has no weights")
-        missing = [f for f in self._flat_feature_names if f not in features.keys()]
-        if missing:
-            raise ValueError(f"KJT lacks features {missing} read by this module; it has {features.keys()}")
+        if self.validate_inputs:
+            check_structure(features, self._flat_feature_names, self._is_weighted)
+        if features.lengths().numel() == 0:  # no bags (KJT.to_dict cannot split an empty batch)
+            return KeyedTensor(keys=self._embedding_names, length_per_key=self._lengths_per_embedding,
+                               values=torch.zeros(0, sum(self._lengths_per_embedding), device=features.values().device))
         inverse_indices = reorder_inverse_indices(
             inverse_indices=features.inverse_indices_or_none(),
             feature_names=self._flat_feature_names,
         )
         feature_dict = features.to_dict()
+        if self.validate_inputs:
+            check_values(feature_dict, self._embedding_bag_configs, self._is_weighted)
         pooled: list[torch.Tensor] = []
         for table in self._embedding_bag_configs:
             jagged = [feature_dict[f] for f in table.feature_names]
-            for name, jt in zip(table.feature_names, jagged):
-                _check_ids(table, name, jt.values())
             if table.name in self.embedding_bags:
                 pooled.extend(self._pooled_plain(table, jt) for jt in jagged)
             else:
@@ -267,20 +276,6 @@ def _validate_tables(tables: Sequence[EmbeddingBagConfig], compression: Mapping[
     for name, config in compression.items():
         if not isinstance(config, MethodConfig):
             raise TypeError(f"compression[{name!r}] must be a registered method config, got {config!r}")
-
-
-def _check_ids(table: EmbeddingBagConfig, feature: str, ids: torch.Tensor) -> None:
-    """Integer ids within ``[0, num_embeddings)`` or a ``TypeError``/``ValueError`` naming table, feature and id."""
-    if ids.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"table {table.name!r}, feature {feature!r}: ids must be int32 or int64, got {ids.dtype}")
-    if ids.numel() == 0:
-        return
-    low, high = torch.aminmax(ids)
-    if low < 0 or high >= table.num_embeddings:
-        bad = int(low) if low < 0 else int(high)
-        raise ValueError(
-            f"table {table.name!r}, feature {feature!r}: id {bad} is outside [0, {table.num_embeddings})"
-        )
 
 
 def _check_state_dict_before_load(
