@@ -3,10 +3,13 @@ of the 2-rank DLRM job."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,11 +22,14 @@ from torchrec.optim import apply_optimizer_in_backward
 from helpers import make_kjt, random_bags
 from torchrec_pss import CompressedEmbeddingBagCollection, RobeConfig
 from torchrec_pss.checkpoint import (
+    MANIFEST,
+    Progress,
     checkpoint_path,
     complete_checkpoints,
     latest_checkpoint,
     load_training_state,
     save_training_state,
+    verify_checkpoint,
 )
 
 
@@ -77,13 +83,15 @@ def test_round_trip_through_an_iopath_uri_restores_model_and_fused_optimizer(tmp
     trained = build(seed=0)
     for step in range(3):
         train_step(trained, step)
-    path = save_training_state("scratch://ckpt", 3, trained, {"fused": trained.fused_optimizer}, manager)
+    path = save_training_state("scratch://ckpt", 3, trained, {"fused": trained.fused_optimizer}, manager,
+                               data_position=7)
     assert path == "scratch://ckpt/step_00000003" and (tmp_path / "ckpt" / "step_00000003" / ".metadata").is_file()
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step_00000003"]  # no staging left behind
     assert latest_checkpoint("scratch://ckpt", manager) == (3, path)
 
     restored = build(seed=0)
     train_step(restored, 99)  # different weights and accumulators before loading
-    assert load_training_state(path, restored, {"fused": restored.fused_optimizer}, manager) == 3
+    assert load_training_state(path, restored, {"fused": restored.fused_optimizer}, manager) == Progress(3, 7)
     for key, value in trained.state_dict().items():
         if isinstance(value, torch.Tensor):
             assert torch.equal(restored.state_dict()[key], value), key
@@ -108,19 +116,73 @@ def test_only_complete_checkpoints_count(tmp_path: Path) -> None:
     root = str(tmp_path / "run")
     assert latest_checkpoint(root) is None
     save_training_state(root, 5, module, {})
-    save_training_state(root, 10, module, {})
-    (Path(checkpoint_path(root, 10)) / ".metadata").unlink()  # as if killed before DCP finished step 10
-    (tmp_path / "run" / "step_00000020").mkdir()
+    (tmp_path / "run" / "step_00000010.partial-0123456789ab").mkdir()  # as if killed while saving step 10
+    (tmp_path / "run" / "step_00000020").mkdir()  # no manifest
     (tmp_path / "run" / "notes").mkdir()
     assert complete_checkpoints(root) == [(5, checkpoint_path(root, 5))]
     assert latest_checkpoint(root) == (5, checkpoint_path(root, 5))
 
 
+def damage_truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def damage_flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def damage_manifest(path: Path) -> None:
+    (path.parent / MANIFEST).write_text('{"files": ')
+
+
+@pytest.mark.parametrize("damage, reason", [(damage_truncate, "truncated"), (damage_flip_a_byte, "corrupt"),
+                                            (damage_manifest, "unreadable"), (Path.unlink, "missing")])
+def test_damaged_newest_checkpoint_falls_back_to_the_previous_good_one(tmp_path: Path, damage, reason: str) -> None:
+    module = build(seed=0)
+    root = str(tmp_path / "run")
+    save_training_state(root, 5, module, {})
+    train_step(module, 0)
+    save_training_state(root, 10, module, {})
+    data_files = [p for p in Path(checkpoint_path(root, 10)).iterdir() if p.suffix == ".distcp"]
+    damage(data_files[0])
+    assert verify_checkpoint(checkpoint_path(root, 5)) is None and reason in verify_checkpoint(checkpoint_path(root, 10))
+    with pytest.warns(UserWarning, match=rf"step_00000010 is not usable .*{reason}"):
+        assert latest_checkpoint(root) == (5, checkpoint_path(root, 5))
+    restored = build(seed=0)
+    assert load_training_state(checkpoint_path(root, 5), restored, {}).step == 5
+
+
+def test_saving_a_step_again_replaces_it_whole(tmp_path: Path) -> None:
+    module = build(seed=0)
+    root = str(tmp_path / "run")
+    save_training_state(root, 5, module, {})
+    train_step(module, 0)
+    save_training_state(root, 5, module, {})
+    restored = build(seed=0)
+    load_training_state(latest_checkpoint(root)[1], restored, {})
+    assert sorted(p.name.split("-")[0] for p in (tmp_path / "run").iterdir()) == ["step_00000005",
+                                                                                  "step_00000005.replaced"]
+    assert torch.equal(restored.pss_memories["robe_default"].weight, module.pss_memories["robe_default"].weight)
+
+
+STEPS, EVERY = 24, 3
+PSS = ["--pss", "robe:compression=50,chunk_size=8,min_rows=10000"]
+
+
+def job(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            "-m", "torchrec_pss.app.dlrm_main", "--steps", str(STEPS), "--checkpoint-every", str(EVERY),
+            "--batch-size", "64", "--eval-batches", "1", *PSS, *args]
+
+
+JOB_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
 def torchrun(*args: str) -> None:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "torchrec_pss.app.dlrm_main", "--steps", "12", "--batch-size", "64", "--eval-batches", "1",
-               *args]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    run = subprocess.run(job(*args), capture_output=True, text=True, timeout=600, env=JOB_ENV)
     assert run.returncode == 0, run.stderr[-4000:]
 
 
@@ -129,19 +191,30 @@ def flat_checkpoint(path: str, tmp_path: Path, name: str) -> dict:
     return torch.load(tmp_path / name, weights_only=False)
 
 
-def test_two_rank_job_resumes_bit_identically(tmp_path: Path) -> None:
-    """12 steps straight vs 6 steps, a new job resuming at step 6, 6 more: the same parameters and
-    optimizer states (sharded TorchRec tables, replicated ROBE memories, fused and dense Adagrad)."""
-    pss = ["--pss", "robe:compression=50,chunk_size=8,min_rows=10000"]
-    torchrun(*pss, "--checkpoint-dir", str(tmp_path / "straight"))
-    torchrun(*pss, "--checkpoint-dir", str(tmp_path / "resumed"), "--steps", "6")
-    assert latest_checkpoint(str(tmp_path / "resumed"))[0] == 6
-    torchrun(*pss, "--checkpoint-dir", str(tmp_path / "resumed"), "--summary", str(tmp_path / "s.json"))
-    assert '"resumed_from_step": 6' in (tmp_path / "s.json").read_text()
+def test_job_killed_mid_run_resumes_to_bit_identical_parameters(tmp_path: Path) -> None:
+    """A 2-rank job SIGKILLed (launcher and workers) after its second checkpoint, then restarted, ends with
+    the same parameters and optimizer states as an uninterrupted job (sharded TorchRec tables, replicated
+    ROBE memories, fused and dense Adagrad)."""
+    torchrun("--checkpoint-dir", str(tmp_path / "straight"))
+    killed = str(tmp_path / "killed")
+    process = subprocess.Popen(job("--checkpoint-dir", killed), env=JOB_ENV, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    while not any(step >= 2 * EVERY for step, _ in complete_checkpoints(killed)):
+        assert process.poll() is None, f"the job ended before it could be killed: {process.stderr.read()[-4000:]}"
+        assert time.monotonic() < deadline, "no second checkpoint within 10 minutes"
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    process.stderr.close()
+    assert latest_checkpoint(killed)[0] < STEPS, "the job was killed before its end"
 
-    straight = flat_checkpoint(checkpoint_path(str(tmp_path / "straight"), 12), tmp_path, "a.pt")
-    resumed = flat_checkpoint(checkpoint_path(str(tmp_path / "resumed"), 12), tmp_path, "b.pt")
-    six = flat_checkpoint(checkpoint_path(str(tmp_path / "resumed"), 6), tmp_path, "c.pt")
+    torchrun("--checkpoint-dir", killed, "--summary", str(tmp_path / "s.json"))
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert 2 * EVERY <= summary["resumed_from_step"] < STEPS
+    straight = flat_checkpoint(checkpoint_path(str(tmp_path / "straight"), STEPS), tmp_path, "a.pt")
+    resumed = flat_checkpoint(checkpoint_path(killed, STEPS), tmp_path, "b.pt")
+    early = flat_checkpoint(checkpoint_path(killed, summary["resumed_from_step"]), tmp_path, "c.pt")
     tensors = [key for key, value in straight.items() if isinstance(value, torch.Tensor)]
     assert any("pss_memories" in key for key in tensors) and any("embedding_bags" in key for key in tensors)
     assert any(key.startswith("optimizers.fused") for key in tensors)
@@ -149,4 +222,5 @@ def test_two_rank_job_resumes_bit_identically(tmp_path: Path) -> None:
     assert straight.keys() == resumed.keys()
     for key in tensors:
         assert torch.equal(straight[key], resumed[key]), key
-    assert any(not torch.equal(straight[key], six[key]) for key in tensors if key.startswith("model."))
+    assert any(not torch.equal(straight[key], early[key]) for key in tensors if key.startswith("model."))
+    assert early["progress.data_position"] == summary["resumed_from_step"]

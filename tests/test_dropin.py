@@ -66,8 +66,11 @@ def test_weighted_sum_plain_table_matches_ebc() -> None:
     ebc = EmbeddingBagCollection(sum_tables, is_weighted=True)
     module = CompressedEmbeddingBagCollection(sum_tables, is_weighted=True)
     module.load_state_dict(ebc.state_dict(), strict=False)
-    kjt = batch(weighted=True)
+    full = batch(weighted=True)
+    kjt = KeyedJaggedTensor.from_jt_dict({f: full[f] for f in ["f1", "f3"]})  # unknown keys are refused (see below)
     torch.testing.assert_close(module(kjt).values(), ebc(kjt).values())
+    with pytest.raises(ValueError, match=r"features \['shared', 'f2'\] that no table of this module reads"):
+        module(full)  # torchrec's EBC ignores them
 
 
 def synthetic_click_batch(generator: torch.Generator, batch_size: int, num_embeddings: int,

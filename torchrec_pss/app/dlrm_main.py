@@ -164,17 +164,17 @@ def main(argv: list[str] | None = None) -> dict:
     pipeline = TrainPipelineSparseDist(dmp, dense, device)
 
     optimizers = {"fused": dmp.fused_optimizer, "dense": dense}
-    first_step = 0
+    first_step = data_position = 0
     if args.checkpoint_dir:
         found = latest_checkpoint(args.checkpoint_dir)
         if found is not None:
-            first_step = load_training_state(found[1], dmp, optimizers)
+            first_step, data_position = load_training_state(found[1], dmp, optimizers)
             if rank == 0:
-                print(f"resumed from {found[1]} (step {first_step})")
+                print(f"resumed from {found[1]} (step {first_step}, data position {data_position})")
     elif args.checkpoint_every:
         raise ValueError("--checkpoint-every needs --checkpoint-dir")
 
-    train_batches, eval_batches = data_streams(args, preset.num_embeddings, batch_size, rank, world, first_step)
+    train_batches, eval_batches = data_streams(args, preset.num_embeddings, batch_size, rank, world, data_position)
     start = time.perf_counter()
     losses, history = [], []
     for step in tqdm(range(first_step + 1, args.steps + 1), disable=rank != 0, desc=f"train {args.preset}",

@@ -2,20 +2,26 @@
 
 from torchrec_pss.checkpoint.iopath_storage import IopathFileSystem, IopathReader, IopathWriter
 from torchrec_pss.checkpoint.training_state import (
+    MANIFEST,
+    Progress,
     checkpoint_path,
     complete_checkpoints,
     latest_checkpoint,
     load_training_state,
     save_training_state,
+    verify_checkpoint,
 )
 
 __all__ = [
+    "MANIFEST",
     "IopathFileSystem",
     "IopathReader",
     "IopathWriter",
+    "Progress",
     "checkpoint_path",
     "complete_checkpoints",
     "latest_checkpoint",
     "load_training_state",
     "save_training_state",
+    "verify_checkpoint",
 ]

@@ -1,18 +1,28 @@
-"""Training checkpoints: model, optimizer states and progress, saved with ``torch.distributed.checkpoint``.
+"""Crash-safe training checkpoints: model, optimizer states and progress, saved with ``torch.distributed.checkpoint``.
 
-A checkpoint of step ``s`` is the DCP directory ``<root>/step_<s:08d>`` (an iopath location); it is
-complete once DCP has written its ``.metadata`` file, which happens last, so a run killed while
-saving leaves a directory that :func:`latest_checkpoint` ignores. Sharded TorchRec tables are saved
-shard by shard; replicated compressed memories once.
+A checkpoint of step ``s`` is the DCP directory ``<root>/step_<s:08d>`` (an iopath location). It is
+written atomically: every rank saves into a staging directory ``step_<s>.partial-<token>``; then the
+first rank writes ``MANIFEST.json`` (every file's size and CRC-32; through a temporary name and a
+rename) and renames the staging directory to its final name. A run killed while saving leaves only a
+staging directory, which is never read. :func:`latest_checkpoint` also re-reads the newest
+checkpoint's files against its manifest: a truncated, corrupt or incomplete one is skipped with a
+warning and the previous good one is used. Sharded TorchRec tables are saved shard by shard;
+replicated compressed memories once. The progress part holds the step and the data-loader position
+(batches each rank has consumed).
 """
 
 from __future__ import annotations
 
+import json
 import posixpath
 import re
-from typing import Any, Mapping
+import uuid
+import warnings
+import zlib
+from typing import Any, Mapping, NamedTuple
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from iopath.common.file_io import PathManager, g_pathmgr
 from torch.optim import Optimizer
@@ -20,6 +30,15 @@ from torch.optim import Optimizer
 from torchrec_pss.checkpoint.iopath_storage import IopathReader, IopathWriter
 
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
+MANIFEST = "MANIFEST.json"
+_CHUNK_BYTES = 1 << 22
+
+
+class Progress(NamedTuple):
+    """Where a checkpoint was taken: the optimizer ``step`` and the ``data_position`` (batches per rank)."""
+
+    step: int
+    data_position: int
 
 
 def checkpoint_path(root: str, step: int) -> str:
@@ -28,30 +47,103 @@ def checkpoint_path(root: str, step: int) -> str:
 
 
 def complete_checkpoints(root: str, path_manager: PathManager | None = None) -> list[tuple[int, str]]:
-    """``(step, path)`` of every complete checkpoint under ``root``, oldest first (``[]`` if none)."""
+    """``(step, path)`` of every checkpoint under ``root`` that has a manifest, oldest first (``[]`` if none).
+
+    Its files are not re-read here (see :func:`verify_checkpoint`).
+    """
     pm = path_manager or g_pathmgr
     if not pm.exists(root):
         return []
     found = []
     for name in pm.ls(root):
-        match = _STEP_DIR.match(posixpath.basename(name.rstrip("/")))
-        path = posixpath.join(root, posixpath.basename(name.rstrip("/")))
-        if match and pm.exists(posixpath.join(path, ".metadata")):
+        base = posixpath.basename(name.rstrip("/"))
+        match = _STEP_DIR.match(base)
+        path = posixpath.join(root, base)
+        if match and pm.exists(posixpath.join(path, MANIFEST)):
             found.append((int(match.group(1)), path))
     return sorted(found)
 
 
+def verify_checkpoint(path: str, path_manager: PathManager | None = None) -> str | None:
+    """Why the checkpoint at ``path`` cannot be trusted (a file missing, truncated or changed since it was
+    written, or an unreadable manifest), or None when every file matches its manifest entry."""
+    pm = path_manager or g_pathmgr
+    try:
+        with pm.open(posixpath.join(path, MANIFEST), "r") as stream:
+            files = json.load(stream)["files"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"unreadable {MANIFEST}: {error}"
+    for name, entry in files.items():
+        file = posixpath.join(path, name)
+        if not pm.exists(file):
+            return f"{name} is missing"
+        size, crc = _size_and_crc(file, pm)
+        if size != entry["bytes"]:
+            return f"{name} has {size} bytes, the manifest says {entry['bytes']} (truncated?)"
+        if crc != entry["crc32"]:
+            return f"{name} has CRC-32 {crc:08x}, the manifest says {entry['crc32']:08x} (corrupt)"
+    return None
+
+
 def latest_checkpoint(root: str, path_manager: PathManager | None = None) -> tuple[int, str] | None:
-    """The newest complete checkpoint ``(step, path)`` under ``root``, or None."""
-    found = complete_checkpoints(root, path_manager)
-    return found[-1] if found else None
+    """The newest checkpoint ``(step, path)`` under ``root`` whose files match its manifest, or None.
+
+    Each newer checkpoint that fails :func:`verify_checkpoint` is skipped with a ``UserWarning`` naming
+    it and the reason.
+    """
+    for step, path in reversed(complete_checkpoints(root, path_manager)):
+        reason = verify_checkpoint(path, path_manager)
+        if reason is None:
+            return step, path
+        warnings.warn(f"checkpoint {path} is not usable ({reason}); falling back to an older one", stacklevel=2)
+    return None
 
 
-def _training_state(model: torch.nn.Module, optimizers: Mapping[str, Optimizer], step: int) -> dict[str, Any]:
+def _size_and_crc(path: str, pm: PathManager) -> tuple[int, int]:
+    size, crc = 0, 0
+    with pm.open(path, "rb") as stream:
+        while chunk := stream.read(_CHUNK_BYTES):
+            size += len(chunk)
+            crc = zlib.crc32(chunk, crc)
+    return size, crc
+
+
+def _write_manifest(path: str, pm: PathManager) -> None:
+    """``MANIFEST.json`` of every file in ``path`` (written to a temporary name, then renamed)."""
+    files = {}
+    for name in sorted(pm.ls(path)):
+        name = posixpath.basename(name.rstrip("/"))
+        size, crc = _size_and_crc(posixpath.join(path, name), pm)
+        files[name] = {"bytes": size, "crc32": crc}
+    temporary = posixpath.join(path, MANIFEST + ".tmp")
+    with pm.open(temporary, "w") as stream:
+        json.dump({"files": files}, stream, indent=1)
+    if not pm.mv(temporary, posixpath.join(path, MANIFEST)):
+        raise OSError(f"could not rename {temporary} to {MANIFEST}")
+
+
+def _first_rank() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _shared_token() -> str:
+    """A random token, the same on every rank (the first rank's)."""
+    token = [uuid.uuid4().hex[:12]]
+    if dist.is_initialized():
+        dist.broadcast_object_list(token, src=0)
+    return token[0]
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _training_state(model: torch.nn.Module, optimizers: Mapping[str, Optimizer], progress: Progress) -> dict[str, Any]:
     return {
         "model": model.state_dict(),
         "optimizers": {name: optimizer.state_dict() for name, optimizer in optimizers.items()},
-        "progress": {"step": step},
+        "progress": progress._asdict(),
     }
 
 
@@ -90,25 +182,39 @@ def _assign(tree: Any, path: Path, value: Any) -> None:
 
 
 def save_training_state(root: str, step: int, model: torch.nn.Module, optimizers: Mapping[str, Optimizer],
-                        path_manager: PathManager | None = None) -> str:
-    """Save ``model`` and ``optimizers`` (keyed, e.g. TorchRec's fused and dense ones) as step ``step``.
+                        path_manager: PathManager | None = None, data_position: int | None = None) -> str:
+    """Save ``model``, ``optimizers`` (keyed, e.g. TorchRec's fused and dense ones) and the progress as step
+    ``step`` (``data_position``: batches each rank has consumed, default ``step``), atomically.
 
-    Collective: every rank of the default process group calls it. Returns the checkpoint directory.
+    Collective: every rank of the default process group calls it. Returns the checkpoint directory. A
+    checkpoint of the same step already there is moved aside (``step_<s>.replaced-<token>``), not mixed.
     """
-    path = checkpoint_path(root, step)
-    flat, _ = _flatten(_training_state(model, optimizers, step))
-    dcp.save(flat, storage_writer=IopathWriter(path, path_manager))
-    return path
+    pm = path_manager or g_pathmgr
+    final = checkpoint_path(root, step)
+    token = _shared_token()
+    staging = f"{final}.partial-{token}"
+    progress = Progress(step, step if data_position is None else data_position)
+    flat, _ = _flatten(_training_state(model, optimizers, progress))
+    dcp.save(flat, storage_writer=IopathWriter(staging, pm))
+    if _first_rank():
+        _write_manifest(staging, pm)
+        if pm.exists(final) and not pm.mv(final, f"{final}.replaced-{token}"):
+            raise OSError(f"could not move the older {final} aside")
+        if not pm.mv(staging, final):
+            raise OSError(f"could not rename {staging} to {final}")
+    _barrier()
+    return final
 
 
 def load_training_state(path: str, model: torch.nn.Module, optimizers: Mapping[str, Optimizer],
-                        path_manager: PathManager | None = None) -> int:
-    """Load the checkpoint at ``path`` into ``model`` and ``optimizers`` in place; returns its step.
+                        path_manager: PathManager | None = None) -> Progress:
+    """Load the checkpoint at ``path`` into ``model`` and ``optimizers`` in place; returns its progress.
 
     Collective, like :func:`save_training_state`. The model's and optimizers' own ``load_state_dict``
-    run last, so their checks (e.g. a compressed table's method and hash constants) apply.
+    run last, so their checks (e.g. a compressed table's method and hash constants) apply. Use
+    :func:`latest_checkpoint` to pick a checkpoint whose files have been verified.
     """
-    state = _training_state(model, optimizers, -1)
+    state = _training_state(model, optimizers, Progress(-1, -1))
     flat, paths = _flatten(state)
     dcp.load(flat, storage_reader=IopathReader(path, path_manager))
     for key, value in flat.items():  # tensors were loaded in place; other values were replaced
@@ -116,4 +222,4 @@ def load_training_state(path: str, model: torch.nn.Module, optimizers: Mapping[s
     model.load_state_dict(state["model"])
     for name, optimizer in optimizers.items():
         optimizer.load_state_dict(state["optimizers"][name])
-    return int(state["progress"]["step"])
+    return Progress(**{field: int(state["progress"][field]) for field in Progress._fields})

@@ -1,0 +1,111 @@
+"""Warm start (PSS paper §2.4): a signed ROBE memory ``M = S·E`` sketched from trained tables.
+
+Flatten the tables of one ROBE memory into ``e`` (``N = Σ_t n_t·d_t`` elements). ROBE's recovery is
+``Ẽ = Sᵀ M`` for the sparse matrix ``S ∈ {0, ±1}^{|M| × N}`` with one non-zero per column,
+``S[h(t, x, i), (t, x, i)] = g(t, x, i)`` (position and sign hashes of
+:mod:`torchrec_pss_plugins.robe.robe`): a one-row CountSketch, the sparse JLT that §2.5 of the paper puts
+in place of the dense Gaussian ``S`` of theorem 5. So ``M = S·e`` — every element ``E_t[x, i]`` added
+with its sign at its position — is the memory that recovers ``Sᵀ S e``, the paper's
+``M(M, x) = (S e_x)ᵀ M``.
+
+Error. A query ``<E[x], v>`` is ``<u, e>`` with ``u = e_x ⊗ v``; the sketched model answers ``<S u, S e>``.
+With pairwise independent signs and uniform positions the error ``<Ẽ[x], v> - <E[x], v>`` has mean 0 and
+
+    Var = (‖u‖²‖e‖² + <u, e>² - 2 Σ_k u_k² e_k²) / |M|
+        = (‖E‖_F² + <E[x], v>² - 2 Σ_i v_i² E[x, i]²) / |M|     (‖v‖ = 1)
+        ≈ ‖E‖_F² / |M|,
+
+with ``‖E‖_F`` over every table sharing the memory. This is the JLT condition of definition 4 for the pair
+``(u, e)``: theorem 5 applied to the flattened table (``d = 1``, ``σ(E) = ‖E‖_F``) with corollary 6's
+``k = |M| = Ω(σ²(E)/ε² · log(n/δ))`` bounds the error of all ``n`` ids at once by
+``ε ≈ ‖E‖_F · sqrt(c · log(n/δ) / |M|)``: the typical error ``‖E‖_F / sqrt(|M|)`` times a union-bound
+factor. The sketch is unbiased only with signs (``use_sign=True``): without them every colliding element
+adds its value, a bias of ``Σ E / |M|`` per element, so unsigned configs are refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torchrec import EmbeddingBagCollection
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec_pss_plugins.robe import RobeConfig, RobeMemory
+
+from torchrec_pss.compress import ConfigChoice, _mapping
+from torchrec_pss.modules.compressed_embedding_bag_collection import CompressedEmbeddingBagCollection
+
+DEFAULT_ROWS_PER_CHUNK = 1 << 16
+
+
+@torch.no_grad()
+def sketch_from_pretrained(
+    ebc: EmbeddingBagCollection | CompressedEmbeddingBagCollection,
+    config: ConfigChoice,
+    rows_per_chunk: int = DEFAULT_ROWS_PER_CHUNK,
+) -> CompressedEmbeddingBagCollection:
+    """A ``CompressedEmbeddingBagCollection`` whose ROBE memories are sketched from ``ebc``'s trained tables.
+
+    ``config`` chooses the tables exactly as in :func:`torchrec_pss.compress_`: one ``RobeConfig`` for every
+    plain table, a mapping table -> ``RobeConfig``, or a callable ``(EmbeddingBagConfig) -> RobeConfig | None``
+    (e.g. a parsed flag); every chosen config must be a ``RobeConfig`` with ``use_sign=True``. Tables sharing
+    a ``share_group`` are summed into one memory, ``M = Σ_t S_t·E_t`` (see the module docstring for the
+    error). Tables not chosen stay plain and keep their weights; in a ``CompressedEmbeddingBagCollection``
+    its compressed tables keep their method and memory (a sketched table may not join their group).
+
+    One pass over the rows, ``rows_per_chunk`` at a time: extra memory ``|M|`` float64 accumulators plus
+    ``rows_per_chunk · d`` positions and signs. The accumulation runs in float64; ``M`` is float32.
+    """
+    if rows_per_chunk < 1:
+        raise ValueError(f"rows_per_chunk must be >= 1, got {rows_per_chunk}")
+    tables = ebc.embedding_bag_configs()
+    previous = ebc.compression if isinstance(ebc, CompressedEmbeddingBagCollection) else {}
+    chosen = _robe_configs(config, [t for t in tables if t.name not in previous], previous)
+    module = CompressedEmbeddingBagCollection(tables, {**previous, **chosen}, ebc.device,
+                                              is_weighted=ebc.is_weighted())
+    for name, bag in module.embedding_bags.items():
+        bag.weight.copy_(ebc.embedding_bags[name].weight)
+    for group, memory in module.pss_memories.items():
+        names = set(memory.tables)
+        if names.isdisjoint(chosen):
+            memory.load_state_dict(ebc.pss_memories[group].state_dict())
+        elif names <= set(chosen):
+            _sketch_(memory, {name: ebc.embedding_bags[name].weight for name in memory.tables}, rows_per_chunk)
+        else:
+            raise ValueError(
+                f"memory group {group!r} would hold sketched tables {sorted(names & set(chosen))} and tables "
+                f"{sorted(names - set(chosen))} that are already compressed; give the sketched ones another share_group"
+            )
+    return module
+
+
+def _robe_configs(config: ConfigChoice, plain: list[EmbeddingBagConfig],
+                  previous: Mapping[str, object]) -> dict[str, RobeConfig]:
+    """The signed ``RobeConfig`` of every plain table ``config`` chooses (ValueError for anything else)."""
+    if isinstance(config, Mapping):
+        compressed = sorted(set(config) & set(previous))
+        if compressed:
+            raise ValueError(f"tables {compressed} are already compressed; only plain tables can be sketched")
+    chosen = _mapping(config, plain)
+    for name, table_config in chosen.items():
+        if not isinstance(table_config, RobeConfig):
+            raise ValueError(f"table {name!r}: sketch_from_pretrained builds ROBE memories, got {table_config!r}")
+        if not table_config.use_sign:
+            raise ValueError(
+                f"table {name!r}: RobeConfig.use_sign=False; the sketch M = S·E is an unbiased estimate only with "
+                "hashed signs (unsigned collisions add a bias of sum(E) / |M| per element); set use_sign=True"
+            )
+    return chosen
+
+
+def _sketch_(memory: RobeMemory, weights: Mapping[str, torch.Tensor], rows_per_chunk: int) -> None:
+    """``memory.weight = Σ_t S_t·E_t``: each ``E_t[x, i]`` (``weights[t]`` ``[n_t, d_t]``) added times
+    ``g(t, x, i)`` at ``h(t, x, i)``."""
+    total = torch.zeros(memory.memory_size, dtype=torch.float64, device=memory.weight.device)
+    for name, weight in weights.items():
+        for start in range(0, weight.shape[0], rows_per_chunk):
+            rows = weight[start : start + rows_per_chunk].to(total)
+            ids = torch.arange(start, start + rows.shape[0], device=total.device)
+            signed = rows * memory.signs(name, ids).to(total)
+            total.index_add_(0, memory.positions(name, ids).reshape(-1), signed.reshape(-1))
+    memory.weight.copy_(total)
