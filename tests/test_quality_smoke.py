@@ -50,3 +50,16 @@ def test_robe_100x_on_real_criteo_trains_and_beats_chance(tmp_path: Path) -> Non
     assert "| robe 100x | 1 |" in report
     assert (tmp_path / "quality_auc_vs_bytes.png").stat().st_size > 0
     assert (tmp_path / "quality_auc_vs_time.png").stat().st_size > 0
+
+    other = json.loads(out.read_text())
+    other["datasets"] = {"movielens": other["datasets"].pop("criteo8k")}
+    other["meta"]["argv"] = ["--datasets", "movielens"]
+    for cell in other["cells"]:
+        cell["dataset"] = "movielens"
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    merged = quality.main(["--report-only", "--merge", str(out), str(tmp_path / "other.json"),
+                           "--json", str(tmp_path / "all.json"), "--report", str(tmp_path / "all.md")])
+    assert list(merged["datasets"]) == ["criteo8k", "movielens"] and len(merged["cells"]) == 4
+    assert "Merged with `python benchmarks/quality.py --datasets movielens`" in (tmp_path / "all.md").read_text()
+    with pytest.raises(ValueError, match=r"datasets \['criteo8k'\] are already in an earlier run"):
+        quality.merge_runs([out, out])
