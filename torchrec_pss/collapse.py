@@ -1,9 +1,15 @@
-"""``collapse``: turn training-time factorised tables (e.g. MLET) into ordinary tables for inference."""
+"""``collapse``: turn training-time factorised tables (e.g. MLET) into ordinary tables for inference.
+
+:func:`with_plain_tables` is the copy both ``collapse`` and :func:`torchrec_pss.decompress` make.
+"""
 
 from __future__ import annotations
 
+from typing import Collection
+
 import torch
 from torchrec import EmbeddingBagCollection
+from torchrec.modules.embedding_configs import PoolingType
 
 from torchrec_pss.modules.compressed_embedding_bag_collection import CompressedEmbeddingBagCollection
 
@@ -11,26 +17,44 @@ from torchrec_pss.modules.compressed_embedding_bag_collection import CompressedE
 def collapse(module: CompressedEmbeddingBagCollection) -> EmbeddingBagCollection | CompressedEmbeddingBagCollection:
     """A copy of ``module`` whose tables held by a method with ``collapses_for_inference`` are plain tables.
 
-    Each such table is materialised in float64 (``PSSMemory.materialize``) and cast to float32. The
-    result is a ``torchrec.EmbeddingBagCollection`` when no compressed table is left, otherwise a
-    ``CompressedEmbeddingBagCollection`` with the remaining compressed tables (their memories copied).
-    Outputs equal the module's up to float32 rounding.
+    See :func:`with_plain_tables` for the result's type and values.
     """
-    tables = module.embedding_bag_configs()
-    keep = {
-        name: config
-        for name, config in module.compression.items()
-        if not type(module.memory_for(name)).collapses_for_inference
-    }
+    return with_plain_tables(
+        module, [name for name in module.compression if type(module.memory_for(name)).collapses_for_inference]
+    )
+
+
+def with_plain_tables(
+    module: CompressedEmbeddingBagCollection, tables: Collection[str]
+) -> EmbeddingBagCollection | CompressedEmbeddingBagCollection:
+    """A copy of ``module`` in which the compressed ``tables`` are plain ``[n, d]`` float32 tables.
+
+    Each is materialised in float64 (``PSSMemory.materialize``) and cast to float32, so outputs equal the
+    module's up to float32 rounding. Plain tables keep copies of their weights; the other compressed
+    tables keep copies of their memories (a share group of which only some tables became plain keeps its
+    whole memory, so the rest read the same values). The result is a ``torchrec.EmbeddingBagCollection``
+    when no compressed table is left, except for a weighted module with a MEAN table (``nn.EmbeddingBag``
+    refuses per-sample weights with MEAN): that, and a module with compressed tables left, is a
+    ``CompressedEmbeddingBagCollection`` (same keys, ``embedding_bags.<table>.weight`` for plain tables).
+    """
+    configs = module.embedding_bag_configs()
+    made_plain = set(tables)
+    keep = {name: config for name, config in module.compression.items() if name not in made_plain}
     device = next(module.parameters()).device
-    if keep:
-        result = CompressedEmbeddingBagCollection(tables, keep, device, is_weighted=module.is_weighted())
-        for group, memory in result.pss_memories.items():
-            memory.load_state_dict(module.pss_memories[group].state_dict())
+    weighted_mean = module.is_weighted() and any(t.pooling == PoolingType.MEAN for t in configs)
+    if keep or weighted_mean:
+        result = CompressedEmbeddingBagCollection(configs, keep, device, is_weighted=module.is_weighted(),
+                                                  validate_inputs=module.validate_inputs)
+        for group, memory in list(result.pss_memories.items()):
+            source = module.pss_memories[group]
+            if memory.tables.keys() != source.tables.keys():
+                memory = type(source)(source.config, list(source.tables.values()), device)
+                result.pss_memories[group] = memory
+            memory.load_state_dict(source.state_dict())
     else:
-        result = EmbeddingBagCollection(tables, is_weighted=module.is_weighted(), device=device)
+        result = EmbeddingBagCollection(configs, is_weighted=module.is_weighted(), device=device)
     with torch.no_grad():
-        for table in tables:
+        for table in configs:
             memory = module.memory_for(table.name)
             if memory is None:
                 weight = module.embedding_bags[table.name].weight

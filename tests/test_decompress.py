@@ -1,0 +1,124 @@
+"""``decompress``: compressed tables served as plain tables give the compressed module's outputs; the
+memory limit refuses before allocating; unknown tables; partial decompression keeps the rest compressed."""
+
+from __future__ import annotations
+
+import importlib
+import random
+
+import pytest
+import torch
+from torchrec import EmbeddingBagCollection
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from helpers import make_kjt, random_bags, random_weights
+from torchrec_pss import (CompressedEmbeddingBagCollection, HashingConfig, MLETConfig, QRConfig, RobeConfig, TTConfig,
+                          decompress)
+from torchrec_pss.contract import PSSMemory
+from torchrec_pss.decompress import DEFAULT_MAX_BYTES
+
+METHODS = {
+    "robe": RobeConfig(memory_size=300, chunk_size=4),  # a and b share one memory
+    "qr": QRConfig(collisions=20),
+    "tt": TTConfig(ranks=4),
+    "hashing": HashingConfig(num_buckets=50),
+    "mlet": MLETConfig(inner_dim=4),
+}
+
+
+def tables() -> list[EmbeddingBagConfig]:
+    return [
+        EmbeddingBagConfig(name="a", embedding_dim=8, num_embeddings=300, feature_names=["fa", "fb"]),
+        EmbeddingBagConfig(name="b", embedding_dim=8, num_embeddings=200, feature_names=["fc"], pooling=PoolingType.MEAN),
+        EmbeddingBagConfig(name="c", embedding_dim=8, num_embeddings=50, feature_names=["fd"]),
+    ]
+
+
+def batch(weighted: bool) -> KeyedJaggedTensor:
+    rng = random.Random(0)
+    bags = {f: random_bags(rng, 50, batch=16, max_len=5) for f in ["fa", "fb", "fc", "fd"]}
+    return make_kjt(bags, {f: random_weights(rng, b) for f, b in bags.items()} if weighted else None)
+
+
+def assert_same_outputs(served: torch.nn.Module, module: CompressedEmbeddingBagCollection) -> None:
+    features = batch(module.is_weighted())
+    expected, actual = module(features), served(features)
+    assert actual.keys() == expected.keys() and actual.length_per_key() == expected.length_per_key()
+    torch.testing.assert_close(actual.values(), expected.values(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_decompressed_tables_give_equal_outputs(method: str, weighted: bool) -> None:
+    torch.manual_seed(0)
+    config = METHODS[method]
+    module = CompressedEmbeddingBagCollection(tables(), {"a": config, "b": config}, is_weighted=weighted)
+    served = decompress(module)
+    # nn.EmbeddingBag refuses per-sample weights with MEAN (table b): that module stays a CEBC of plain tables
+    assert type(served) is (CompressedEmbeddingBagCollection if weighted else EmbeddingBagCollection)
+    assert not getattr(served, "compression", {})
+    for name in ("a", "b"):
+        exact = module.memory_for(name).materialize(name).float()
+        assert torch.equal(served.embedding_bags[name].weight, exact)
+    assert torch.equal(served.embedding_bags["c"].weight, module.embedding_bags["c"].weight)
+    assert_same_outputs(served, module)
+
+
+def test_partial_decompression_keeps_the_rest_compressed() -> None:
+    """a and b share one ROBE memory: b keeps reading all of it after a became plain; d (QR) stays too."""
+    torch.manual_seed(1)
+    configs = tables() + [EmbeddingBagConfig(name="d", embedding_dim=8, num_embeddings=100, feature_names=["fe"])]
+    robe = METHODS["robe"]
+    module = CompressedEmbeddingBagCollection(configs, {"a": robe, "b": robe, "d": METHODS["qr"]}, is_weighted=True)
+    served = decompress(module, ["a", "c"])  # c is plain already
+    assert type(served) is CompressedEmbeddingBagCollection
+    assert set(served.compression) == {"b", "d"} and set(served.embedding_bags) == {"a", "c"}
+    assert torch.equal(served.memory_for("b").weight, module.memory_for("b").weight)
+    assert served.memory_for("b").memory_size == module.memory_for("b").memory_size
+    rng = random.Random(2)
+    bags = {f: random_bags(rng, 50, batch=16, max_len=5) for f in ["fa", "fb", "fc", "fd", "fe"]}
+    features = make_kjt(bags, {f: random_weights(rng, b) for f, b in bags.items()})
+    torch.testing.assert_close(served(features).values(), module(features).values(), rtol=1e-5, atol=1e-6)
+
+
+def test_one_table_by_name() -> None:
+    torch.manual_seed(3)
+    module = CompressedEmbeddingBagCollection(tables(), {"a": METHODS["tt"], "b": METHODS["hashing"]})
+    served = decompress(module, "b")
+    assert set(served.compression) == {"a"} and "b" in served.embedding_bags
+    assert_same_outputs(served, module)
+
+
+def test_memory_limit_refuses_before_allocating(monkeypatch: pytest.MonkeyPatch) -> None:
+    huge = EmbeddingBagConfig(name="huge", embedding_dim=16, num_embeddings=2**40, feature_names=["fh"])
+    module = CompressedEmbeddingBagCollection(tables() + [huge], {"huge": RobeConfig(memory_size=64, chunk_size=4),
+                                                                  "a": METHODS["qr"]})
+
+    def no_allocation(*args: object) -> None:
+        raise AssertionError("decompress allocated after all")
+
+    # the package attribute `decompress` is the function; the module is in sys.modules
+    monkeypatch.setattr(importlib.import_module("torchrec_pss.decompress"), "with_plain_tables", no_allocation)
+    monkeypatch.setattr(PSSMemory, "materialize", no_allocation)
+    with pytest.raises(ValueError) as error:
+        decompress(module)
+    message = str(error.value)
+    assert "'huge' [1,099,511,627,776 x 16]: 70,368,744,177,664 bytes" in message
+    assert "'a' [300 x 8]: 9,600 bytes" in message
+    assert f"max_bytes={DEFAULT_MAX_BYTES:,}" in message and DEFAULT_MAX_BYTES == 2**30
+
+
+def test_caller_given_limit_is_inclusive() -> None:
+    torch.manual_seed(4)
+    module = CompressedEmbeddingBagCollection(tables(), {"a": METHODS["qr"], "b": METHODS["mlet"]})
+    needed = (300 + 200) * 8 * 4
+    with pytest.raises(ValueError, match=f"need {needed:,} bytes .* more than max_bytes={needed - 1:,}"):
+        decompress(module, max_bytes=needed - 1)
+    assert_same_outputs(decompress(module, max_bytes=needed), module)
+
+
+def test_unknown_tables_are_named() -> None:
+    module = CompressedEmbeddingBagCollection(tables(), {"a": METHODS["qr"]})
+    with pytest.raises(ValueError, match=r"no tables \['nope', 'zz'\]; it has \['a', 'b', 'c'\]"):
+        decompress(module, ["a", "zz", "nope"])
