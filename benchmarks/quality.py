@@ -593,16 +593,25 @@ def plot(results: dict, bytes_png: Path, time_png: Path) -> None:
 
 
 def merge_runs(paths: list[Path]) -> dict:
-    """One result of several runs' JSONs (each dataset taken from one run): the first run's meta, the
-    others' under ``meta["merged"]``."""
+    """One result of several runs' JSONs: the first run's meta (the others' under ``meta["merged"]``), every
+    dataset, and per (dataset, cell) the runs of every seed. A dataset in several runs must have the same
+    setting; a (dataset, cell, seed) run that an earlier file already holds is left out (the first is kept).
+    Cells skipped in one run and measured in another are taken as measured."""
     runs = [json.loads(path.read_text()) for path in paths]
     merged = {"meta": {**runs[0]["meta"], "merged": [run["meta"] for run in runs[1:]]}, "datasets": {}, "cells": []}
+    cells: dict[tuple[str, str], dict] = {}
     for path, run in zip(paths, runs):
-        repeated = set(run["datasets"]) & set(merged["datasets"])
-        if repeated:
-            raise ValueError(f"{path}: datasets {sorted(repeated)} are already in an earlier run")
-        merged["datasets"].update(run["datasets"])
-        merged["cells"] += run["cells"]
+        for name, info in run["datasets"].items():
+            known = merged["datasets"].setdefault(name, info)
+            if known["setting"] != info["setting"]:
+                raise ValueError(f"{path}: dataset {name!r} was run with another setting than in an earlier file")
+        for cell in run["cells"]:
+            key = (cell["dataset"], cell["label"])
+            if key not in cells or (cells[key]["status"] != "ok" and cell["status"] == "ok"):
+                cells[key] = {**cell, "runs": []}
+            seeds = {r["seed"] for r in cells[key]["runs"]}
+            cells[key]["runs"] += [r for r in cell["runs"] if r["seed"] not in seeds]
+    merged["cells"] = list(cells.values())
     return merged
 
 

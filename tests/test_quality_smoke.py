@@ -61,5 +61,9 @@ def test_robe_100x_on_real_criteo_trains_and_beats_chance(tmp_path: Path) -> Non
                            "--json", str(tmp_path / "all.json"), "--report", str(tmp_path / "all.md")])
     assert list(merged["datasets"]) == ["criteo8k", "movielens"] and len(merged["cells"]) == 4
     assert "Merged with `python benchmarks/quality.py --datasets movielens`" in (tmp_path / "all.md").read_text()
-    with pytest.raises(ValueError, match=r"datasets \['criteo8k'\] are already in an earlier run"):
-        quality.merge_runs([out, out])
+    again = quality.merge_runs([out, out])  # the same seeds twice: each run kept once
+    assert [len(c["runs"]) for c in again["cells"]] == [1, 1]
+    other["datasets"] = {"criteo8k": {**other["datasets"]["movielens"], "setting": {"steps": 1}}}
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="dataset 'criteo8k' was run with another setting"):
+        quality.merge_runs([out, tmp_path / "other.json"])
