@@ -78,32 +78,41 @@ def forward_bytes(batch: int, pooling: int, dim: int) -> int:
     return ids * INDEX_BYTES + (batch + 1) * INDEX_BYTES + ids * dim * FLOAT_BYTES + batch * dim * FLOAT_BYTES
 
 
+def timed(forward: Callable[[], Any], warmup: int, iters: int, device: torch.device) -> tuple[float, float]:
+    """Median ms of ``forward`` eagerly and per call from a CUDA graph (the eager time again off CUDA)."""
+    with torch.no_grad():
+        eager = median_ms(forward, warmup, iters, device)
+        return eager, graph_ms(forward, GRAPH_REPEATS, iters) if device.type == "cuda" else eager
+
+
+def time_robe(ids: torch.Tensor, offsets: torch.Tensor, rows: int, compression: float, chunk_size: int, dim: int,
+              warmup: int, iters: int, device: torch.device) -> tuple[float, float]:
+    """Eager and graph ms of ``torchrec_pss::robe_pooled`` on a ROBE-Z memory of ``rows`` logical rows."""
+    table = EmbeddingBagConfig(name="t", embedding_dim=dim, num_embeddings=rows, feature_names=["f"])
+    module = CompressedEmbeddingBagCollection([table], {"t": RobeConfig(compression=compression,
+                                                                          chunk_size=chunk_size)}, device)
+    memory = module.memory_for("t")
+    key = memory._table_keys["t"]
+    return timed(lambda: torch.ops.torchrec_pss.robe_pooled(memory.weight, ids, offsets, None, memory.hash_coefficients,
+                                                            key, dim, chunk_size, memory.config.use_sign, False, False),
+                 warmup, iters, device)
+
+
+def time_embedding_bag(ids: torch.Tensor, offsets: torch.Tensor, rows: int, dim: int, warmup: int, iters: int,
+                       device: torch.device) -> tuple[float, float]:
+    """Eager and graph ms of ``nn.EmbeddingBag`` (SUM) on the uncompressed ``rows x dim`` table."""
+    bag = torch.nn.EmbeddingBag(rows, dim, mode="sum", include_last_offset=True, device=device)
+    return timed(lambda: bag(ids, offsets), warmup, iters, device)
+
+
 def run_cell(rows: int, compression: float, chunk_size: int, pooling: int, batch: int, dim: int, warmup: int,
              iters: int, device: torch.device, bandwidth: float) -> dict[str, Any]:
     """ROBE forward and ``nn.EmbeddingBag`` forward on the same batch: times, GB/s and share of the copy."""
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, rows, (batch * pooling,), generator=generator).to(device)
     offsets = torch.arange(0, batch * pooling + 1, pooling, dtype=torch.int64, device=device)
-    table = EmbeddingBagConfig(name="t", embedding_dim=dim, num_embeddings=rows, feature_names=["f"])
-    module = CompressedEmbeddingBagCollection([table], {"t": RobeConfig(compression=compression,
-                                                                          chunk_size=chunk_size)}, device)
-    memory = module.memory_for("t")
-    key = memory._table_keys["t"]
-
-    def robe() -> torch.Tensor:
-        return torch.ops.torchrec_pss.robe_pooled(memory.weight, ids, offsets, None, memory.hash_coefficients, key,
-                                                  dim, chunk_size, memory.config.use_sign, False, False)
-
-    cuda = device.type == "cuda"
-    with torch.no_grad():
-        robe_ms = median_ms(robe, warmup, iters, device)
-        robe_graph_ms = graph_ms(robe, GRAPH_REPEATS, iters) if cuda else robe_ms
-    del module, memory
-    bag = torch.nn.EmbeddingBag(rows, dim, mode="sum", include_last_offset=True, device=device)
-    with torch.no_grad():
-        bag_ms = median_ms(lambda: bag(ids, offsets), warmup, iters, device)
-        bag_graph_ms = graph_ms(lambda: bag(ids, offsets), GRAPH_REPEATS, iters) if cuda else bag_ms
-    del bag
+    robe_ms, robe_graph_ms = time_robe(ids, offsets, rows, compression, chunk_size, dim, warmup, iters, device)
+    bag_ms, bag_graph_ms = time_embedding_bag(ids, offsets, rows, dim, warmup, iters, device)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     moved = forward_bytes(batch, pooling, dim)

@@ -9,9 +9,11 @@ from typing import Any
 from torchrec_pss.collapse import collapse
 from torchrec_pss.compress import compress_
 from torchrec_pss.contract import MethodConfig, PSSMemory
+from torchrec_pss.decompress import decompress
 from torchrec_pss.flags import CompressionFlag, parse_compression_flag
 from torchrec_pss.modules import CompressedEmbeddingBagCollection
 from torchrec_pss.registry import method_by_name, method_for_config, register_method, registered_methods
+from torchrec_pss.sketch import sketch_from_pretrained
 
 __all__ = [
     "CompressedEmbeddingBagCollection",
@@ -20,15 +22,22 @@ __all__ = [
     "PSSMemory",
     "collapse",
     "compress_",
+    "decompress",
     "method_by_name",
     "method_for_config",
     "parse_compression_flag",
+    "quantize_memories_",
     "register_method",
     "registered_methods",
+    "sketch_from_pretrained",
 ]
 
 
 def __getattr__(name: str) -> Any:
+    if name == "quantize_memories_":  # imports the method plugins, which import this package: loaded on first use
+        from torchrec_pss.quantize import quantize_memories_
+
+        return quantize_memories_
     for method in registered_methods().values():
         if method.config_cls.__name__ == name:
             return method.config_cls

@@ -43,8 +43,9 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOpt
     empty bags give zeros, and a batch of no bags gives ``[0, d]`` blocks.
 
     Input checks (``validate_inputs``; by default on unless the environment sets
-    ``TORCHREC_PSS_VALIDATE=0``; the attribute can be changed at any time, e.g. off in benchmarks): features missing from or unknown to the module (torchrec's EBC ignores unknown ones), non-integer ids, lengths that do not
-    match the ids, negative lengths, ids outside ``[0, num_embeddings)``, weights of the wrong count or
+    ``TORCHREC_PSS_VALIDATE=0``; the attribute can be changed at any time, e.g. off in benchmarks):
+    features missing from or unknown to the module (torchrec's EBC ignores unknown ones), non-integer
+    ids, lengths that do not match the ids, negative lengths, ids outside ``[0, num_embeddings)``, weights of the wrong count or
     dtype, NaN / inf weights each raise ``ValueError`` / ``TypeError`` naming the table, feature and value
     (see :mod:`torchrec_pss.modules.input_checks`; a good batch costs one device synchronisation).
 

@@ -2,8 +2,9 @@
 
 Cheap enough to stay on: the structural checks use only Python integers; the value checks are one
 reduction per feature (min / max of the ids and lengths; the sum of the weights, which is finite only
-when every weight is) folded into one flag tensor, so a good batch costs a single device synchronisation. Only when that flag is set are the features scanned one by
-one to name the first bad feature, position and value.
+when every weight is) folded into one flag tensor, so a good batch costs a single device
+synchronisation. Only when that flag is set are the features scanned one by one to name the first bad
+feature, position and value.
 """
 
 from __future__ import annotations
