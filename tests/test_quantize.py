@@ -23,7 +23,9 @@ from torchrec_pss import (
     quantize_memories_,
 )
 from torchrec_pss.pooling import pool
-from torchrec_pss.quantize import Int8QRMemory, Int8RobeMemory, Int8TTMemory
+from torchrec_pss_plugins.qr.int8 import Int8QRMemory
+from torchrec_pss_plugins.robe.int8 import Int8RobeMemory
+from torchrec_pss_plugins.tt.int8 import Int8TTMemory
 
 ROOT = Path(__file__).resolve().parents[1]
 CRITEO = ROOT.parent / "shared" / "data" / "criteo"

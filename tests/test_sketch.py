@@ -113,9 +113,9 @@ def test_sketch_is_s_times_e_and_recovery_is_s_transposed_m(chunk_size: int) -> 
 
 def test_refuses_unsigned_and_non_robe_configs() -> None:
     ebc = _ebc({"t": torch.randn(100, 8)})
-    with pytest.raises(ValueError, match="table 't': RobeConfig.use_sign=False"):
+    with pytest.raises(ValueError, match=r"tables \['t'\]: RobeConfig.use_sign=False"):
         sketch_from_pretrained(ebc, RobeConfig(compression=10))
-    with pytest.raises(ValueError, match="table 't': sketch_from_pretrained builds ROBE memories"):
+    with pytest.raises(ValueError, match=r"method 'qr' \(tables \['t'\]\) cannot be sketched"):
         sketch_from_pretrained(ebc, QRConfig(collisions=4))
     with pytest.raises(ValueError, match="rows_per_chunk"):
         sketch_from_pretrained(ebc, RobeConfig(compression=10, use_sign=True), rows_per_chunk=0)

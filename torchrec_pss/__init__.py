@@ -12,6 +12,7 @@ from torchrec_pss.contract import MethodConfig, PSSMemory
 from torchrec_pss.decompress import decompress
 from torchrec_pss.flags import CompressionFlag, parse_compression_flag
 from torchrec_pss.modules import CompressedEmbeddingBagCollection
+from torchrec_pss.quantize import quantize_memories_
 from torchrec_pss.registry import method_by_name, method_for_config, register_method, registered_methods
 from torchrec_pss.sketch import sketch_from_pretrained
 
@@ -34,10 +35,6 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name == "quantize_memories_":  # imports the method plugins, which import this package: loaded on first use
-        from torchrec_pss.quantize import quantize_memories_
-
-        return quantize_memories_
     for method in registered_methods().values():
         if method.config_cls.__name__ == name:
             return method.config_cls

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -99,6 +99,18 @@ class PSSMemory(nn.Module, abc.ABC):
         with torch.no_grad():
             ids = torch.arange(n, device=next(self.parameters()).device)
             return torch.cat([self.recover(table, chunk).double() for chunk in ids.split(1 << 16)])
+
+    def quantized(self, block_size: int) -> PSSMemory | None:
+        """An inference-only int8 copy of this memory (``block_size``: elements per scale where the method
+        scales blocks), or None when the method has none: it then stays float32 (see
+        :func:`torchrec_pss.quantize_memories_`)."""
+        return None
+
+    def sketch_(self, weights: Mapping[str, torch.Tensor], rows_per_chunk: int) -> None:
+        """Set the memory, in place, from trained tables ``weights`` (table -> ``[n, d]``) so that it recovers
+        them approximately (warm start, see :func:`torchrec_pss.sketch_from_pretrained`), reading
+        ``rows_per_chunk`` rows at a time. Methods without a sketch raise ``ValueError``."""
+        raise ValueError(f"method {self.name!r} (tables {sorted(self.tables)}) cannot be sketched from trained tables")
 
     def pooled(
         self,

@@ -31,7 +31,6 @@ value, a bias of ``Σ E / |M|`` per element, so unsigned configs are refused.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
 
 import torch
 from torchrec import EmbeddingBagCollection
@@ -40,10 +39,6 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec_pss.compress import ConfigChoice, _mapping
 from torchrec_pss.contract import MethodConfig
 from torchrec_pss.modules.compressed_embedding_bag_collection import CompressedEmbeddingBagCollection
-from torchrec_pss.registry import method_for_config
-
-if TYPE_CHECKING:  # the plugins import this package; the registry finds them at call time
-    from torchrec_pss_plugins.robe import RobeConfig, RobeMemory
 
 DEFAULT_ROWS_PER_CHUNK = 1 << 16
 
@@ -58,7 +53,8 @@ def sketch_from_pretrained(
 
     ``config`` chooses the tables exactly as in :func:`torchrec_pss.compress_`: one ``RobeConfig`` for every
     plain table, a mapping table -> ``RobeConfig``, or a callable ``(EmbeddingBagConfig) -> RobeConfig | None``
-    (e.g. a parsed flag); every chosen config must be a ``RobeConfig`` with ``use_sign=True``. Tables sharing
+    (e.g. a parsed flag); every chosen method must have a sketch (``PSSMemory.sketch_``: ROBE, with
+    ``use_sign=True``; others raise ``ValueError``). Tables sharing
     a ``share_group`` are summed into one memory, ``M = Σ_t S_t·E_t`` (see the module docstring for the
     error). Tables not chosen stay plain and keep their weights; in a ``CompressedEmbeddingBagCollection``
     its compressed tables keep their method and memory (a sketched table may not join their group).
@@ -73,7 +69,7 @@ def sketch_from_pretrained(
         raise ValueError("sketch_from_pretrained needs trained tables, got a module on the meta device")
     tables = ebc.embedding_bag_configs()
     previous = ebc.compression if isinstance(ebc, CompressedEmbeddingBagCollection) else {}
-    chosen = _robe_configs(config, [t for t in tables if t.name not in previous], previous)
+    chosen = _chosen_configs(config, [t for t in tables if t.name not in previous], previous)
     module = CompressedEmbeddingBagCollection(tables, {**previous, **chosen}, device, is_weighted=ebc.is_weighted())
     for name, bag in module.embedding_bags.items():
         bag.weight.copy_(ebc.embedding_bags[name].weight)
@@ -82,7 +78,7 @@ def sketch_from_pretrained(
         if names.isdisjoint(chosen):
             memory.load_state_dict(ebc.pss_memories[group].state_dict())
         elif names <= set(chosen):
-            _sketch_(memory, {name: ebc.embedding_bags[name].weight for name in memory.tables}, rows_per_chunk)
+            memory.sketch_({name: ebc.embedding_bags[name].weight for name in memory.tables}, rows_per_chunk)
         else:
             raise ValueError(
                 f"memory group {group!r} would hold sketched tables {sorted(names & set(chosen))} and tables "
@@ -91,33 +87,11 @@ def sketch_from_pretrained(
     return module
 
 
-def _robe_configs(config: ConfigChoice, plain: list[EmbeddingBagConfig],
-                  previous: Mapping[str, MethodConfig]) -> dict[str, RobeConfig]:
-    """The signed ``RobeConfig`` of every plain table ``config`` chooses (ValueError for anything else)."""
+def _chosen_configs(config: ConfigChoice, plain: list[EmbeddingBagConfig],
+                    previous: Mapping[str, MethodConfig]) -> dict[str, MethodConfig]:
+    """The config of every plain table ``config`` chooses (``ValueError`` for an already compressed one)."""
     if isinstance(config, Mapping):
         compressed = sorted(set(config) & set(previous))
         if compressed:
             raise ValueError(f"tables {compressed} are already compressed; only plain tables can be sketched")
-    chosen = _mapping(config, plain)
-    for name, table_config in chosen.items():
-        if method_for_config(table_config).name != "robe":
-            raise ValueError(f"table {name!r}: sketch_from_pretrained builds ROBE memories, got {table_config!r}")
-        if not table_config.use_sign:
-            raise ValueError(
-                f"table {name!r}: RobeConfig.use_sign=False; the sketch M = S·E is an unbiased estimate only with "
-                "hashed signs (unsigned collisions add a bias of sum(E) / |M| per element); set use_sign=True"
-            )
-    return chosen
-
-
-def _sketch_(memory: RobeMemory, weights: Mapping[str, torch.Tensor], rows_per_chunk: int) -> None:
-    """``memory.weight = Σ_t S_t·E_t``: each ``E_t[x, i]`` (``weights[t]`` ``[n_t, d_t]``) added times
-    ``g(t, x, i)`` at ``h(t, x, i)``."""
-    total = torch.zeros(memory.memory_size, dtype=torch.float64, device=memory.weight.device)
-    for name, weight in weights.items():
-        for start in range(0, weight.shape[0], rows_per_chunk):
-            rows = weight[start : start + rows_per_chunk].to(total)
-            ids = torch.arange(start, start + rows.shape[0], device=total.device)
-            signed = rows * memory.signs(name, ids).to(total)
-            total.index_add_(0, memory.positions(name, ids).reshape(-1), signed.reshape(-1))
-    memory.weight.copy_(total)
+    return _mapping(config, plain)

@@ -89,6 +89,11 @@ class QRMemory(PSSMemory):
             for part in self.parts:
                 part.uniform_(-scale, scale)
 
+    def quantized(self, block_size: int) -> PSSMemory:
+        from torchrec_pss_plugins.qr.int8 import Int8QRMemory  # it subclasses this class
+
+        return Int8QRMemory(self, block_size)
+
     def num_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.parts)
 

@@ -21,7 +21,7 @@ the end of ``M``: it wraps around (``M`` is circular).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -129,6 +129,31 @@ class RobeMemory(PSSMemory):
     def optimizer_block_size(self, param: torch.Tensor) -> int:
         """One row-wise accumulator per Z consecutive memory elements."""
         return min(self.config.chunk_size, param.numel())
+
+    def quantized(self, block_size: int) -> PSSMemory:
+        from torchrec_pss_plugins.robe.int8 import Int8RobeMemory  # it subclasses this class
+
+        return Int8RobeMemory(self, block_size)
+
+    @torch.no_grad()
+    def sketch_(self, weights: Mapping[str, torch.Tensor], rows_per_chunk: int) -> None:
+        """``M = Σ_t S_t·E_t``: each ``E_t[x, i]`` (``weights[t]`` ``[n_t, d_t]``) added times ``g(t, x, i)``
+        at ``h(t, x, i)``, accumulated in float64 (the error: :mod:`torchrec_pss.sketch`). Needs ``use_sign``:
+        without signs every collision adds its value, a bias of ``sum(E) / |M|`` per element."""
+        if not self.config.use_sign:
+            raise ValueError(
+                f"tables {sorted(self.tables)}: RobeConfig.use_sign=False; the sketch M = S·E is an unbiased "
+                "estimate only with hashed signs (unsigned collisions add a bias of sum(E) / |M| per element); "
+                "set use_sign=True"
+            )
+        total = torch.zeros(self.memory_size, dtype=torch.float64, device=self.weight.device)
+        for name, weight in weights.items():
+            for start in range(0, weight.shape[0], rows_per_chunk):
+                rows = weight[start : start + rows_per_chunk].to(total)
+                ids = torch.arange(start, start + rows.shape[0], device=total.device)
+                signed = rows * self.signs(name, ids).to(total)
+                total.index_add_(0, self.positions(name, ids).reshape(-1), signed.reshape(-1))
+        self.weight.copy_(total)
 
     def num_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.weight, self.hash_coefficients, self.table_keys))

@@ -99,6 +99,11 @@ class TTMemory(PSSMemory):
                 draws *= math.sqrt(variance / draws.pow(2).mean().item())
                 core.copy_(draws.view(core.shape))
 
+    def quantized(self, block_size: int) -> PSSMemory:
+        from torchrec_pss_plugins.tt.int8 import Int8TTMemory  # it subclasses this class
+
+        return Int8TTMemory(self, block_size)
+
     def num_bytes(self) -> int:
         return sum(c.numel() * c.element_size() for c in self.cores)
 
