@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
 import sys
 import time
@@ -37,7 +36,7 @@ from quality import (
     load_criteo8k,
     train_run,
 )
-from sketch_criteo import RESULTS, delta, mean_std, run_meta
+from sketch_criteo import RESULTS, delta, mean_std, measured, run_meta
 from torchrec.datasets.utils import Batch
 from torchrec.models.dlrm import DLRMTrain
 
@@ -145,23 +144,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
+
+    def run() -> dict:
         started = time.perf_counter()
         setting = SETTINGS["criteo8k"]
         setting = dataclasses.replace(setting, steps=args.steps or setting.steps, eval_every=args.steps or setting.steps)
         data = load_criteo8k(args.criteo_dir)
         cells = [Cell(method, ratio=ratio) for method in args.methods for ratio in args.ratios]
         runs = run_cells(data, setting, cells, args.seeds, args.block_size)
-        results = {"meta": {**run_meta(args, started), "block_size": args.block_size, "steps": setting.steps},
-                   "dataset": data.description, "cells": runs}
-    finally:
-        torch.set_num_threads(threads)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=1))
-    args.report.write_text(markdown(results))
-    return results
+        return {"meta": {**run_meta(args, started), "block_size": args.block_size, "steps": setting.steps},
+                "dataset": data.description, "cells": runs}
+
+    return measured(args, run, markdown)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -197,11 +197,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
+def measured(args: argparse.Namespace, run: Callable[[], dict], report: Callable[[dict], str]) -> dict:
+    """``run()`` on ``args.threads`` torch threads (restored after); its results written to ``args.json`` and,
+    as ``report(results)``, to ``args.report``."""
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
+        results = run()
+    finally:
+        torch.set_num_threads(threads)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=1))
+    args.report.write_text(report(results))
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+
+    def run() -> dict:
         started = time.perf_counter()
         setting = dataclasses.replace(SETTINGS["criteo8k"], eval_every=args.eval_every,
                                       steps=args.steps or SETTINGS["criteo8k"].steps)
@@ -209,19 +223,15 @@ def main(argv: list[str] | None = None) -> dict:
                      for lr in args.finetune_lrs]
         data = load_criteo8k(args.criteo_dir)
         runs = [run_seed(data, setting, seed, args.ratios, finetunes) for seed in args.seeds]
-        results = {
+        return {
             "meta": {**run_meta(args, started), "steps": setting.steps, "batch_size": setting.batch_size,
                      "learning_rate": setting.learning_rate, "finetune_steps": args.finetune_steps},
             "dataset": {"description": data.description, "cardinalities": data.cardinalities,
                         "num_test": data.num_test, "test_positives": data.test_positives},
             "runs": runs,
         }
-    finally:
-        torch.set_num_threads(threads)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=1))
-    args.report.write_text(markdown(results))
-    return results
+
+    return measured(args, run, markdown)
 
 
 if __name__ == "__main__":
