@@ -180,7 +180,7 @@ class ShardedCompressedEmbeddingBagCollection(
         """
         if self.validate_inputs:
             check_structure(features, self._feature_names, self._is_weighted)
-            check_values(features.to_dict(), self._tables, self._is_weighted)
+            check_values(features, features.to_dict(), self._tables, self._is_weighted)
         awaitables: list = []
         plain = getattr(self, _PLAIN, None)
         if plain is not None:

@@ -189,7 +189,7 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOpt
         )
         feature_dict = features.to_dict()
         if self.validate_inputs:
-            check_values(feature_dict, self._embedding_bag_configs, self._is_weighted)
+            check_values(features, feature_dict, self._embedding_bag_configs, self._is_weighted)
         pooled: list[torch.Tensor] = []
         for table in self._embedding_bag_configs:
             jagged = [feature_dict[f] for f in table.feature_names]

@@ -1,7 +1,7 @@
 """Checks of a ``KeyedJaggedTensor`` against the tables that read it, with errors that name what is wrong.
 
 Cheap enough to stay on: the structural checks use only Python integers; the value checks are one
-reduction per feature (min / max of the ids and lengths; the sum of the weights, which is finite only
+reduction per feature (min / max of the ids; one of all lengths; the sum of the weights, which is finite only
 when every weight is) folded into one flag tensor, so a good batch costs a single device
 synchronisation. Only when that flag is set are the features scanned one by one to name the first bad
 feature, position and value.
@@ -57,19 +57,18 @@ def check_structure(features: KeyedJaggedTensor, feature_names: Sequence[str], i
 
 
 def check_values(
-    jagged: dict[str, JaggedTensor], tables: Sequence[EmbeddingBagConfig], is_weighted: bool
+    features: KeyedJaggedTensor, jagged: dict[str, JaggedTensor], tables: Sequence[EmbeddingBagConfig],
+    is_weighted: bool
 ) -> None:
     """Ids in ``[0, num_embeddings)``, lengths ``>= 0`` and finite weights, or an error naming table, feature,
     position and value. ``jagged``: the KJT's ``to_dict()``."""
-    flags = []
+    flags = [features.lengths().min() < 0] if features.lengths().numel() else []
     for table in tables:
         for name in table.feature_names:
             jt = jagged[name]
             if jt.values().numel():
                 low, high = torch.aminmax(jt.values())
                 flags.append((low < 0) | (high >= table.num_embeddings))
-            if jt.lengths().numel():
-                flags.append(jt.lengths().min() < 0)
             if is_weighted and jt.weights().numel():
                 flags.append(~torch.isfinite(jt.weights().sum()))
     if not flags or not bool(torch.stack(flags).any()):
