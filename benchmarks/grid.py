@@ -55,6 +55,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from lookup import LR, cpu_tbe, mlet_config, qr_config, time_steps, tt_config
 from torchrec_pss import CompressedEmbeddingBagCollection, HashingConfig, MethodConfig, RobeConfig
+from torchrec_pss.optim import release_in_backward_optimizers
 
 METHODS = ("robe", "qr", "tt", "hashing", "mlet")
 GRADIENT_METHODS = ("robe", "qr", "hashing", "mlet")
@@ -148,7 +149,7 @@ def does_not_fit(what: str, needed: int, device: torch.device) -> str | None:
 
 
 def release(device: torch.device) -> None:
-    """Collect the last cell's modules (in-backward optimizers make reference cycles) and cached CUDA blocks."""
+    """Collect the last cell's modules (released from their in-backward optimizers) and cached CUDA blocks."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -192,7 +193,9 @@ def baseline_cell(n: int, d: int, kjt: KeyedJaggedTensor, warmup: int, iters: in
     indices, offsets = kjt.values(), kjt.offsets()
     if device.type == "cuda":
         bag = torch.nn.EmbeddingBag(n, d, mode="sum", sparse=True, include_last_offset=True, device=device)
-        return measure(fused_sgd_steps(lambda: bag(indices, offsets), bag), warmup, iters, device)
+        times = measure(fused_sgd_steps(lambda: bag(indices, offsets), bag), warmup, iters, device)
+        release_in_backward_optimizers(bag)
+        return times
     tbe = cpu_tbe(n, d, EmbOptimType.EXACT_SGD)
     return measure(fused_sgd_steps(lambda: tbe(indices, offsets), None), warmup, iters, device)
 
@@ -201,7 +204,9 @@ def ebc_cell(table: EmbeddingBagConfig, kjt: KeyedJaggedTensor, warmup: int, ite
              device: torch.device) -> dict[str, float]:
     """``torchrec.EmbeddingBagCollection`` (dense table gradient) with SGD fused into backward."""
     ebc = EmbeddingBagCollection([table], device=device)
-    return measure(fused_sgd_steps(lambda: ebc(kjt).values(), ebc), warmup, iters, device)
+    times = measure(fused_sgd_steps(lambda: ebc(kjt).values(), ebc), warmup, iters, device)
+    release_in_backward_optimizers(ebc)
+    return times
 
 
 def compressed_cell(table: EmbeddingBagConfig, config: MethodConfig, kjt: KeyedJaggedTensor, warmup: int,
@@ -210,6 +215,7 @@ def compressed_cell(table: EmbeddingBagConfig, config: MethodConfig, kjt: KeyedJ
     module = CompressedEmbeddingBagCollection([table], {"t": config}, device)
     stored = module.memory_for("t").num_bytes()
     times = measure(fused_sgd_steps(lambda: module(kjt).values(), module), warmup, iters, device)
+    release_in_backward_optimizers(module)
     return {"compression": table.num_embeddings * table.embedding_dim * FLOAT_BYTES / stored, **times}
 
 

@@ -70,6 +70,7 @@ from torchrec_pss.datasets import SyntheticCriteo, criteo_text_batches, read_cri
 from torchrec_pss.datasets.movielens import NUM_DENSE as MOVIELENS_DENSE
 from torchrec_pss.datasets.movielens import load_movielens_100k
 from torchrec_pss.gradient_layout import use_sparse_gradient
+from torchrec_pss.optim import release_in_backward_optimizers
 
 ROOT = Path(__file__).resolve().parents[1]
 CRITEO_DIR = ROOT.parent / "shared" / "data" / "criteo"
@@ -381,8 +382,9 @@ def run_cell(data: Data, setting: Setting, cell: Cell, seeds: Sequence[int]) -> 
                               f"(reaches {logical / stored:.3g}x)"}
         run = train_run(data, setting, cell, flag, seed, model, logical)
         result["runs"].append({**run, "build_seconds": build_seconds})
+        release_in_backward_optimizers(model)  # else torch's in-backward records keep every model's tables alive
         del model
-        gc.collect()  # in-backward optimizers and their parameters form cycles: free GBs of tables now
+        gc.collect()
     return result
 
 

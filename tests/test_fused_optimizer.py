@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import gc
 import random
+import weakref
 
 import pytest
 import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.optim import RowWiseAdagrad, apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from helpers import make_kjt, random_bags, random_weights
 from torchrec_pss import CompressedEmbeddingBagCollection, HashingConfig, MLETConfig, QRConfig, RobeConfig, TTConfig
-from torchrec_pss.optim import BlockwiseAdagrad
+from torchrec_pss.optim import BlockwiseAdagrad, release_in_backward_optimizers
 
 METHODS = {
     "robe_dense": lambda: RobeConfig(memory_size=96, chunk_size=4, gradient="dense"),
@@ -213,3 +216,23 @@ def test_torch_apply_optimizer_in_backward_gives_the_same_steps() -> None:
     assert all(p.grad is None for p in by_torch.parameters())
     for (name, a), b in zip(by_torchrec.named_parameters(), by_torch.parameters()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("compressed", [True, False])
+def test_release_frees_a_model_trained_with_in_backward_optimizers(compressed: bool) -> None:
+    """torch's in-backward records keep parameters alive after the model is dropped; releasing frees them."""
+    tables = [EmbeddingBagConfig(name="t", embedding_dim=4, num_embeddings=50, feature_names=["f"])]
+    module = CompressedEmbeddingBagCollection(tables, {"t": RobeConfig(compression=5)} if compressed else {})
+    apply_optimizer_in_backward(torch.optim.Adagrad, module.parameters(), {"lr": 0.1})
+    kjt = KeyedJaggedTensor(keys=["f"], values=torch.tensor([1, 2, 3]), lengths=torch.tensor([2, 1]))
+    before = [p.detach().clone() for p in module.parameters()]
+    module(kjt).values().sum().backward()
+    assert all(p.grad is None for p in module.parameters()), "stepped inside backward"
+    assert any(not torch.equal(b, p) for b, p in zip(before, module.parameters()))
+    params = [weakref.ref(p) for p in module.parameters()]
+    release_in_backward_optimizers(module)
+    module(kjt).values().sum().backward()  # no optimizer any more: the gradient stays in .grad
+    assert all(p().grad is not None for p in params)
+    del module
+    gc.collect()
+    assert all(p() is None for p in params)
