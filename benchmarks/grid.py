@@ -83,8 +83,6 @@ QUICK = {
     "warmup": 1,
 }
 
-Steps = tuple[Callable[[], None], Callable[[], None]]  # (forward only, training step)
-
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
@@ -166,8 +164,10 @@ def make_kjt(n: int, pooling: int, batch: int, device: torch.device) -> KeyedJag
     ).to(device)
 
 
-def fused_sgd_steps(forward: Callable[[], torch.Tensor], module: torch.nn.Module | None) -> Steps:
-    """Forward under ``no_grad`` and a training step, with SGD fused into backward for ``module``'s parameters.
+def measure(forward: Callable[[], torch.Tensor], module: torch.nn.Module | None, warmup: int, iters: int,
+            device: torch.device) -> dict[str, float]:
+    """Median milliseconds of ``forward`` under ``no_grad`` and of a training step (loss = sum of the output),
+    with SGD fused into backward for ``module``'s parameters, which are released from it afterwards.
 
     ``module`` None: the forward's module fuses its own optimizer (FBGEMM's TBE).
     """
@@ -178,13 +178,11 @@ def fused_sgd_steps(forward: Callable[[], torch.Tensor], module: torch.nn.Module
         with torch.no_grad():
             forward()
 
-    return infer, lambda: forward().sum().backward()
-
-
-def measure(steps: Steps, warmup: int, iters: int, device: torch.device) -> dict[str, float]:
-    """Median forward and training-step milliseconds of ``steps``."""
-    infer, train = steps
-    return {"forward_ms": time_steps(infer, warmup, iters, device), "step_ms": time_steps(train, warmup, iters, device)}
+    times = {"forward_ms": time_steps(infer, warmup, iters, device),
+             "step_ms": time_steps(lambda: forward().sum().backward(), warmup, iters, device)}
+    if module is not None:
+        release_in_backward_optimizers(module)
+    return times
 
 
 def baseline_cell(n: int, d: int, kjt: KeyedJaggedTensor, warmup: int, iters: int,
@@ -193,20 +191,16 @@ def baseline_cell(n: int, d: int, kjt: KeyedJaggedTensor, warmup: int, iters: in
     indices, offsets = kjt.values(), kjt.offsets()
     if device.type == "cuda":
         bag = torch.nn.EmbeddingBag(n, d, mode="sum", sparse=True, include_last_offset=True, device=device)
-        times = measure(fused_sgd_steps(lambda: bag(indices, offsets), bag), warmup, iters, device)
-        release_in_backward_optimizers(bag)
-        return times
+        return measure(lambda: bag(indices, offsets), bag, warmup, iters, device)
     tbe = cpu_tbe(n, d, EmbOptimType.EXACT_SGD)
-    return measure(fused_sgd_steps(lambda: tbe(indices, offsets), None), warmup, iters, device)
+    return measure(lambda: tbe(indices, offsets), None, warmup, iters, device)
 
 
 def ebc_cell(table: EmbeddingBagConfig, kjt: KeyedJaggedTensor, warmup: int, iters: int,
              device: torch.device) -> dict[str, float]:
     """``torchrec.EmbeddingBagCollection`` (dense table gradient) with SGD fused into backward."""
     ebc = EmbeddingBagCollection([table], device=device)
-    times = measure(fused_sgd_steps(lambda: ebc(kjt).values(), ebc), warmup, iters, device)
-    release_in_backward_optimizers(ebc)
-    return times
+    return measure(lambda: ebc(kjt).values(), ebc, warmup, iters, device)
 
 
 def compressed_cell(table: EmbeddingBagConfig, config: MethodConfig, kjt: KeyedJaggedTensor, warmup: int,
@@ -214,8 +208,7 @@ def compressed_cell(table: EmbeddingBagConfig, config: MethodConfig, kjt: KeyedJ
     """Achieved compression and median times of one compressed module (ValueError: the ratio is unreachable)."""
     module = CompressedEmbeddingBagCollection([table], {"t": config}, device)
     stored = module.memory_for("t").num_bytes()
-    times = measure(fused_sgd_steps(lambda: module(kjt).values(), module), warmup, iters, device)
-    release_in_backward_optimizers(module)
+    times = measure(lambda: module(kjt).values(), module, warmup, iters, device)
     return {"compression": table.num_embeddings * table.embedding_dim * FLOAT_BYTES / stored, **times}
 
 
