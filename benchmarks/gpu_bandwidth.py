@@ -92,7 +92,7 @@ def time_robe(ids: torch.Tensor, offsets: torch.Tensor, rows: int, compression: 
     module = CompressedEmbeddingBagCollection([table], {"t": RobeConfig(compression=compression,
                                                                           chunk_size=chunk_size)}, device)
     memory = module.memory_for("t")
-    key = memory._table_keys["t"]
+    key = memory.table_keys[:1]
     return timed(lambda: torch.ops.torchrec_pss.robe_pooled(memory.weight, ids, offsets, None, memory.hash_coefficients,
                                                             key, dim, chunk_size, memory.config.use_sign, False, False),
                  warmup, iters, device)

@@ -49,7 +49,7 @@ class _RobeSGD(torch.autograd.Function):
                 offsets: torch.Tensor, kernels: ModuleType) -> torch.Tensor:
         config, table = memory.config, next(iter(memory.tables.values()))
         ctx.args = (memory.weight.detach(), ids, offsets, memory.hash_coefficients[0], memory.hash_coefficients[1],
-                    int(memory.table_keys[0]), config.chunk_size, config.use_sign)
+                    memory.table_keys[:1], config.chunk_size, config.use_sign)
         ctx.kernels = kernels
         weight, ids, offsets, location, sign, key, chunk, use_sign = ctx.args
         return kernels.robe_pooled_forward(weight, ids, offsets, None, location, sign, key, table.embedding_dim,

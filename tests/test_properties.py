@@ -108,23 +108,24 @@ def test_robe_ops_match_the_formula(data: st.DataObject, dim: int, m: int, use_s
                 (offsets[bag_of[j] + 1] - offsets[bag_of[j]]) if mean else 1)
 
     tol = {"rtol": 1e-5, "atol": 1e-5}
-    out = robe_ops.robe_pooled(memory, ids_t, offsets_t, weights_t, coefficients, t, dim, z, use_sign, mean, False)
+    key = torch.tensor([t])
+    out = robe_ops.robe_pooled(memory, ids_t, offsets_t, weights_t, coefficients, key, dim, z, use_sign, mean, False)
     torch.testing.assert_close(out.double(), expected, **tol)
-    memory_grad = robe_ops.robe_pooled_backward(grad, ids_t, offsets_t, weights_t, coefficients, t, m, z, use_sign,
+    memory_grad = robe_ops.robe_pooled_backward(grad, ids_t, offsets_t, weights_t, coefficients, key, m, z, use_sign,
                                                 mean)
     torch.testing.assert_close(memory_grad.double(), expected_grad, **tol)
-    weights_grad = robe_ops.robe_weights_grad(grad, memory, ids_t, offsets_t, coefficients, t, z, use_sign, mean)
+    weights_grad = robe_ops.robe_weights_grad(grad, memory, ids_t, offsets_t, coefficients, key, z, use_sign, mean)
     torch.testing.assert_close(weights_grad.double(), expected_weights_grad, **tol)
 
     updated = memory.clone()
-    robe_ops.robe_sgd_update_(updated, grad, ids_t, offsets_t, weights_t, coefficients, t, z, use_sign, mean, 0.1)
+    robe_ops.robe_sgd_update_(updated, grad, ids_t, offsets_t, weights_t, coefficients, key, z, use_sign, mean, 0.1)
     torch.testing.assert_close(updated.double(), memory.double() - 0.1 * expected_grad, **tol)
 
     block = data.draw(st.sampled_from([1, 2, 5]), label="adagrad block")
     blocks = math.ceil(m / block)
     accumulator = torch.rand(blocks, generator=torch.Generator().manual_seed(seed + 2))
     updated, sums = memory.clone(), accumulator.clone()
-    robe_ops.robe_adagrad_update_(updated, sums, grad, ids_t, offsets_t, weights_t, coefficients, t, z, use_sign,
+    robe_ops.robe_adagrad_update_(updated, sums, grad, ids_t, offsets_t, weights_t, coefficients, key, z, use_sign,
                                   mean, 0.1, 1e-8, block)
     padded = torch.cat([expected_grad, expected_grad.new_zeros(blocks * block - m)]).view(blocks, block)
     expected_sums = accumulator.double() + padded.pow(2).mean(1)
@@ -223,13 +224,14 @@ def test_triton_robe_kernels_match_the_ops(data: st.DataObject, dim: int, m: int
     grad = torch.randn(len(offsets) - 1, dim, generator=torch.Generator().manual_seed(seed + 1))
     ids_t, offsets_t = torch.tensor(ids, dtype=torch.int64), torch.tensor(offsets, dtype=torch.int64)
     weights_t = torch.tensor(weights) if weighted else None
-    args = (coefficients, 7, dim, z, use_sign, mean)
+    key = torch.tensor([7])
+    args = (coefficients, key, dim, z, use_sign, mean)
     expected = robe_ops.robe_pooled(memory, ids_t, offsets_t, weights_t, *args, False)
-    expected_grad = robe_ops.robe_pooled_backward(grad, ids_t, offsets_t, weights_t, coefficients, 7, m, z, use_sign,
+    expected_grad = robe_ops.robe_pooled_backward(grad, ids_t, offsets_t, weights_t, coefficients, key, m, z, use_sign,
                                                   mean)
     on = [None if x is None else x.to(device) for x in (memory, ids_t, offsets_t, weights_t, grad, coefficients)]
     memory_d, ids_d, offsets_d, weights_d, grad_d, coefficients_d = on
-    kwargs = {"location_coefficients": coefficients_d[0], "sign_coefficients": coefficients_d[1], "table_key": 7,
+    kwargs = {"location_coefficients": coefficients_d[0], "sign_coefficients": coefficients_d[1], "keys": key.to(device),
               "dim": dim, "chunk_size": z, "use_sign": use_sign, "mean": mean}
     out = triton_kernels.robe_pooled_forward(memory_d, ids_d, offsets_d, weights_d, **kwargs)
     torch.testing.assert_close(out.cpu(), expected, rtol=1e-5, atol=1e-5)

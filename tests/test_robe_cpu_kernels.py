@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
-from torchrec_pss_plugins.robe import RobeConfig, RobeMemory
+from torchrec_pss_plugins.robe import RobeConfig, RobeMemory, reference
 from torchrec_pss_plugins.robe.cpu_kernels import load
 
 from torchrec_pss.optim import BlockwiseAdagrad, FusedUpdate
@@ -54,9 +54,9 @@ def offsets_of(lengths: torch.Tensor) -> torch.Tensor:
     return torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
 
 
-def hash_args(memory: RobeMemory) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """``(location_coefficients, sign_coefficients, table_key)`` of table ``t1``."""
-    return memory.hash_coefficients[0], memory.hash_coefficients[1], int(memory.table_keys[0])
+def hash_args(memory: RobeMemory) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(location_coefficients, sign_coefficients, keys)`` of table ``t1``."""
+    return memory.hash_coefficients[0], memory.hash_coefficients[1], memory.table_keys[:1]
 
 
 def forward(memory: RobeMemory, ids: torch.Tensor, lengths: torch.Tensor, weights: torch.Tensor | None,
@@ -128,20 +128,33 @@ def test_sgd_update_equals_dense_sgd(z: int, use_sign: bool, weighted: bool, mea
     torch.testing.assert_close(updated, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_sgd_update_loses_no_update_on_a_large_batch() -> None:
-    """Many threads' ranges, many collisions: the in-place scatter equals the dense gradient step."""
+@pytest.mark.parametrize("threads", [1, 2, 5])
+def test_updates_lose_nothing_on_a_large_batch(threads: int) -> None:
+    """Several threads' memory ranges (runs crossing their bounds), many collisions: the in-place SGD and
+    blockwise Adagrad scatters equal the steps on the reference's dense gradient."""
     memory = build(32, False, memory_size=4099, d=128)
     generator = torch.Generator().manual_seed(3)
     lengths = torch.randint(0, 30, (512,), generator=generator)
     ids = torch.randint(0, 10**6, (int(lengths.sum()),), generator=generator)
     grad_out = torch.randn(512, 128, generator=generator)
-    memory.weight.grad = None
-    memory.pooled("t1", ids, lengths, None, False).backward(grad_out)
-    expected = memory.weight.detach() - 0.01 * memory.weight.grad
-    updated = memory.weight.detach().clone()
-    KERNELS.robe_sgd_update_(updated, grad_out, ids, offsets_of(lengths), None, *hash_args(memory), 32, False, False,
-                             0.01)
-    torch.testing.assert_close(updated, expected, rtol=1e-5, atol=1e-4)
+    offsets = offsets_of(lengths)
+    args = (ids, offsets, None, memory.hash_coefficients, memory.table_keys[:1], 32, False, False)
+    expected, expected_sums = memory.weight.detach().clone(), torch.full((137,), 0.1)
+    reference.adagrad_update_(expected, expected_sums, grad_out, *args, 0.01, 1e-8, 30)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        updated = memory.weight.detach().clone()
+        KERNELS.robe_sgd_update_(updated, grad_out, ids, offsets, None, *hash_args(memory), 32, False, False, 0.01)
+        param, sums = memory.weight.detach().clone(), torch.full((137,), 0.1)
+        KERNELS.robe_adagrad_update_(param, sums, grad_out, ids, offsets, None, *hash_args(memory), 32, False, False,
+                                     0.01, 1e-8, 30)
+    finally:
+        torch.set_num_threads(previous)
+    dense = reference.pooled_backward(grad_out, *args[:-3], 4099, 32, False, False)
+    torch.testing.assert_close(updated, memory.weight.detach() - 0.01 * dense, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(sums, expected_sums, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(param, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("z,use_sign,weighted,mean", [case for case in CASES if case[2] == case[3]])

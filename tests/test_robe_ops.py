@@ -28,7 +28,7 @@ def op_inputs(z: int, use_sign: bool, weighted: bool, mean: bool, m: int = 50) -
         "offsets": torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)]),
         "weights": torch.rand(ids.numel(), generator=generator) if weighted else None,
         "coefficients": hash_coefficients(3, 2),
-        "table_key": 12345, "dim": 8, "chunk_size": z, "use_sign": use_sign, "mean": mean,
+        "keys": torch.tensor([12345]), "dim": 8, "chunk_size": z, "use_sign": use_sign, "mean": mean,
     }
 
 
@@ -40,20 +40,20 @@ def test_opcheck_pooled_and_backward(z: int, use_sign: bool, weighted: bool, mea
     a = op_inputs(z, use_sign, weighted, mean)
     memory = a["memory"].clone().requires_grad_(True)
     weights = a["weights"].clone().requires_grad_(True) if weighted else None
-    args = (memory, a["ids"], a["offsets"], weights, a["coefficients"], a["table_key"], a["dim"], z, use_sign, mean,
+    args = (memory, a["ids"], a["offsets"], weights, a["coefficients"], a["keys"], a["dim"], z, use_sign, mean,
             False)
     torch.library.opcheck(ops.robe_pooled, args)
     grad = torch.randn(4, 8)
     torch.library.opcheck(ops.robe_pooled_backward, (grad, a["ids"], a["offsets"], a["weights"], a["coefficients"],
-                                                     a["table_key"], a["memory"].numel(), z, use_sign, mean))
+                                                     a["keys"], a["memory"].numel(), z, use_sign, mean))
     torch.library.opcheck(ops.robe_weights_grad, (grad, a["memory"], a["ids"], a["offsets"],
-                                                  a["coefficients"], a["table_key"], z, use_sign, mean))
+                                                  a["coefficients"], a["keys"], z, use_sign, mean))
     torch.library.opcheck(ops.robe_sgd_update_, (a["memory"].clone(), grad, a["ids"], a["offsets"],
-                                                 a["weights"], a["coefficients"], a["table_key"], z, use_sign, mean,
+                                                 a["weights"], a["coefficients"], a["keys"], z, use_sign, mean,
                                                  0.1))
     torch.library.opcheck(ops.robe_adagrad_update_, (a["memory"].clone(), torch.full((13,), 0.1), grad,
                                                      a["ids"], a["offsets"], a["weights"], a["coefficients"],
-                                                     a["table_key"], z, use_sign, mean, 0.1, 1e-8, 4))
+                                                     a["keys"], z, use_sign, mean, 0.1, 1e-8, 4))
 
 
 OPTIMIZERS = {

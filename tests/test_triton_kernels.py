@@ -68,7 +68,7 @@ def robe_args(memory, z: int, use_sign: bool, mean: bool, dim: int = D) -> dict:
     return {
         "location_coefficients": memory.hash_coefficients[0].to(DEVICE),
         "sign_coefficients": memory.hash_coefficients[1].to(DEVICE),
-        "table_key": memory._table_keys["t1"], "dim": dim, "chunk_size": z, "use_sign": use_sign, "mean": mean,
+        "keys": memory.table_keys[:1].to(DEVICE), "dim": dim, "chunk_size": z, "use_sign": use_sign, "mean": mean,
     }
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar, Mapping, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -43,6 +43,16 @@ class MethodConfig:
             for f in dataclasses.fields(self)
             if f.metadata.get(IN_SIGNATURE, True)
         }
+
+
+class BagRequest(NamedTuple):
+    """Bags of one table to pool: ``ids`` ``[N]`` int64, ``lengths`` ``[S]`` (sum ``N``), ``weights`` ``[N]`` or None."""
+
+    table: str
+    ids: torch.Tensor
+    lengths: torch.Tensor
+    weights: torch.Tensor | None
+    mean: bool
 
 
 class PSSMemory(nn.Module, abc.ABC):
@@ -127,3 +137,11 @@ class PSSMemory(nn.Module, abc.ABC):
         """
         return pool(self.recover(table, ids), lengths, weights, mean)
 
+    def pooled_many(self, requests: Sequence[BagRequest]) -> list[torch.Tensor]:
+        """Pooled embeddings ``[S_r, d_r]`` of every request: all the reads of this memory in one forward pass.
+
+        The default pools each request with :meth:`pooled`; a method may pool them in fewer kernel calls
+        (ROBE: one per embedding width and pooling mode, which also lets its fused Adagrad see the step's
+        whole gradient of a memory shared by several tables).
+        """
+        return [self.pooled(*request) for request in requests]

@@ -27,9 +27,9 @@ def table_key(name: str) -> int:
 
 
 def universal_hash(
-    coefficients: torch.Tensor, t: int, k: torch.Tensor, c: torch.Tensor | int, modulus: int
+    coefficients: torch.Tensor, t: torch.Tensor | int, k: torch.Tensor, c: torch.Tensor | int, modulus: int
 ) -> torch.Tensor:
-    """``((A·t + B·k + C·c + D) mod P) mod modulus`` elementwise (``k``, ``c`` broadcast; int64, ``>= 0``)."""
+    """``((A·t + B·k + C·c + D) mod P) mod modulus`` elementwise (``t``, ``k``, ``c`` broadcast; int64, ``>= 0``)."""
     a, b, cc, d = (coefficients[i] for i in range(COEFFICIENTS_PER_HASH))
     first = (a * (t % PRIME)) % PRIME + d
     h = (b * torch.remainder(k, PRIME)) % PRIME + first

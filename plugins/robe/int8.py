@@ -30,3 +30,4 @@ class Int8RobeMemory(Int8Memory, RobeMemory):
         return values * self.signs(table, ids) if self.config.use_sign else values
 
     pooled = PSSMemory.pooled
+    pooled_many = PSSMemory.pooled_many

@@ -5,13 +5,17 @@ kernel, a fake kernel (so ``torch.compile`` / ``torch.export`` trace it), a CPU 
 extension (:mod:`~torchrec_pss_plugins.robe.cpu_kernels`; the reference when it cannot be built) and a
 CUDA kernel in Triton (:mod:`~torchrec_pss_plugins.robe.triton_kernels`; the reference without Triton).
 
-- ``robe_pooled(memory, ids, offsets, weights, coefficients, table_key, dim, chunk_size, use_sign, mean,
+- ``robe_pooled(memory, ids, offsets, weights, coefficients, keys, dim, chunk_size, use_sign, mean,
   sparse_grad) -> [B, dim]``, differentiable in ``memory`` (dense, or sparse COO when ``sparse_grad``)
   and ``weights``.
-- ``robe_pooled_backward(grad, ids, offsets, weights, coefficients, table_key, memory_size, chunk_size,
-  use_sign, mean) -> [|M|]`` and ``robe_weights_grad(grad, memory, ids, offsets, coefficients, table_key,
+- ``robe_pooled_backward(grad, ids, offsets, weights, coefficients, keys, memory_size, chunk_size,
+  use_sign, mean) -> [|M|]`` and ``robe_weights_grad(grad, memory, ids, offsets, coefficients, keys,
   chunk_size, use_sign, mean) -> [N]``.
 - ``robe_sgd_update_`` / ``robe_adagrad_update_``: backward fused with the optimizer step, in place.
+
+``keys`` (int64) are the tables' keys ``t``: ``[1]`` when every bag reads one table, ``[B]`` (bag ``b`` reads
+table ``keys[b]``) when one call pools the bags of several tables sharing ``M`` — one call per step is what
+lets a fused Adagrad see the step's whole gradient of a shared memory.
 """
 
 from __future__ import annotations
@@ -32,16 +36,16 @@ _triton = optional_module("torchrec_pss_plugins.robe.triton_kernels")
 
 @torch.library.custom_op(f"{_LIB}::robe_pooled", mutates_args=())
 def robe_pooled(memory: Tensor, ids: Tensor, offsets: Tensor, weights: Tensor | None, coefficients: Tensor,
-                table_key: int, dim: int, chunk_size: int, use_sign: bool, mean: bool, sparse_grad: bool) -> Tensor:
-    return reference.pooled_forward(memory, ids, offsets, weights, coefficients, table_key, dim, chunk_size,
+                keys: Tensor, dim: int, chunk_size: int, use_sign: bool, mean: bool, sparse_grad: bool) -> Tensor:
+    return reference.pooled_forward(memory, ids, offsets, weights, coefficients, keys, dim, chunk_size,
                                     use_sign, mean)
 
 
 def _pooled_kernel(kernels: ModuleType, memory: Tensor, ids: Tensor, offsets: Tensor, weights: Tensor | None,
-                   coefficients: Tensor, table_key: int, dim: int, chunk_size: int, use_sign: bool, mean: bool,
+                   coefficients: Tensor, keys: Tensor, dim: int, chunk_size: int, use_sign: bool, mean: bool,
                    sparse_grad: bool) -> Tensor:
     return kernels.robe_pooled_forward(memory.contiguous(), ids, offsets, weights, coefficients[0], coefficients[1],
-                                       table_key, dim, chunk_size, use_sign, mean)
+                                       keys, dim, chunk_size, use_sign, mean)
 
 
 register_device_kernels(robe_pooled, lambda *args: reference.pooled_forward(*args[:-1]),
@@ -50,23 +54,23 @@ register_device_kernels(robe_pooled, lambda *args: reference.pooled_forward(*arg
 
 @robe_pooled.register_fake
 def _robe_pooled_fake(memory: Tensor, ids: Tensor, offsets: Tensor, weights: Tensor | None, coefficients: Tensor,
-                      table_key: int, dim: int, chunk_size: int, use_sign: bool, mean: bool,
+                      keys: Tensor, dim: int, chunk_size: int, use_sign: bool, mean: bool,
                       sparse_grad: bool) -> Tensor:
     return memory.new_empty(offsets.shape[0] - 1, dim)
 
 
 @torch.library.custom_op(f"{_LIB}::robe_pooled_backward", mutates_args=())
 def robe_pooled_backward(grad: Tensor, ids: Tensor, offsets: Tensor, weights: Tensor | None, coefficients: Tensor,
-                         table_key: int, memory_size: int, chunk_size: int, use_sign: bool, mean: bool) -> Tensor:
-    return reference.pooled_backward(grad, ids, offsets, weights, coefficients, table_key, memory_size, chunk_size,
+                         keys: Tensor, memory_size: int, chunk_size: int, use_sign: bool, mean: bool) -> Tensor:
+    return reference.pooled_backward(grad, ids, offsets, weights, coefficients, keys, memory_size, chunk_size,
                                      use_sign, mean)
 
 
 def _backward_kernel(kernels: ModuleType, grad: Tensor, ids: Tensor, offsets: Tensor, weights: Tensor | None,
-                     coefficients: Tensor, table_key: int, memory_size: int, chunk_size: int, use_sign: bool,
+                     coefficients: Tensor, keys: Tensor, memory_size: int, chunk_size: int, use_sign: bool,
                      mean: bool) -> Tensor:
     return kernels.robe_pooled_backward(grad.contiguous(), ids, offsets, weights, coefficients[0], coefficients[1],
-                                        table_key, memory_size, grad.shape[1], chunk_size, use_sign, mean)
+                                        keys, memory_size, grad.shape[1], chunk_size, use_sign, mean)
 
 
 register_device_kernels(robe_pooled_backward, reference.pooled_backward,
@@ -75,27 +79,27 @@ register_device_kernels(robe_pooled_backward, reference.pooled_backward,
 
 @robe_pooled_backward.register_fake
 def _robe_pooled_backward_fake(grad: Tensor, ids: Tensor, offsets: Tensor, weights: Tensor | None,
-                               coefficients: Tensor, table_key: int, memory_size: int, chunk_size: int,
+                               coefficients: Tensor, keys: Tensor, memory_size: int, chunk_size: int,
                                use_sign: bool, mean: bool) -> Tensor:
     return grad.new_empty(memory_size)
 
 
 @torch.library.custom_op(f"{_LIB}::robe_weights_grad", mutates_args=())
 def robe_weights_grad(grad: Tensor, memory: Tensor, ids: Tensor, offsets: Tensor, coefficients: Tensor,
-                      table_key: int, chunk_size: int, use_sign: bool, mean: bool) -> Tensor:
-    return reference.weights_grad(grad, memory, ids, offsets, coefficients, table_key, chunk_size, use_sign, mean)
+                      keys: Tensor, chunk_size: int, use_sign: bool, mean: bool) -> Tensor:
+    return reference.weights_grad(grad, memory, ids, offsets, coefficients, keys, chunk_size, use_sign, mean)
 
 
 def _weights_grad_cpu(kernels: ModuleType, grad: Tensor, memory: Tensor, ids: Tensor, offsets: Tensor,
-                      coefficients: Tensor, table_key: int, chunk_size: int, use_sign: bool, mean: bool) -> Tensor:
+                      coefficients: Tensor, keys: Tensor, chunk_size: int, use_sign: bool, mean: bool) -> Tensor:
     return kernels.robe_weights_grad(memory.contiguous(), grad.contiguous(), ids, offsets, coefficients[0],
-                                     coefficients[1], table_key, chunk_size, use_sign, mean)
+                                     coefficients[1], keys, chunk_size, use_sign, mean)
 
 
 def _weights_grad_cuda(kernels: ModuleType, grad: Tensor, memory: Tensor, ids: Tensor, offsets: Tensor,
-                       coefficients: Tensor, table_key: int, chunk_size: int, use_sign: bool, mean: bool) -> Tensor:
+                       coefficients: Tensor, keys: Tensor, chunk_size: int, use_sign: bool, mean: bool) -> Tensor:
     return kernels.robe_weights_grad(grad.contiguous(), memory.contiguous(), ids, offsets, coefficients[0],
-                                     coefficients[1], table_key, grad.shape[1], chunk_size, use_sign, mean)
+                                     coefficients[1], keys, grad.shape[1], chunk_size, use_sign, mean)
 
 
 register_device_kernels(robe_weights_grad, reference.weights_grad,
@@ -104,30 +108,30 @@ register_device_kernels(robe_weights_grad, reference.weights_grad,
 
 @robe_weights_grad.register_fake
 def _robe_weights_grad_fake(grad: Tensor, memory: Tensor, ids: Tensor, offsets: Tensor, coefficients: Tensor,
-                            table_key: int, chunk_size: int, use_sign: bool, mean: bool) -> Tensor:
+                            keys: Tensor, chunk_size: int, use_sign: bool, mean: bool) -> Tensor:
     return grad.new_empty(ids.shape[0])
 
 
 def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: Tensor) -> None:
-    memory, ids, offsets, weights, coefficients, table_key, dim, chunk_size, use_sign, mean, sparse_grad = inputs
-    ctx.save_for_backward(memory, ids, offsets, weights, coefficients)
-    ctx.layout = (table_key, chunk_size, use_sign, mean, sparse_grad)
+    memory, ids, offsets, weights, coefficients, keys, dim, chunk_size, use_sign, mean, sparse_grad = inputs
+    ctx.save_for_backward(memory, ids, offsets, weights, coefficients, keys)
+    ctx.layout = (chunk_size, use_sign, mean, sparse_grad)
 
 
 def _backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple:
-    memory, ids, offsets, weights, coefficients = ctx.saved_tensors
-    table_key, chunk_size, use_sign, mean, sparse_grad = ctx.layout
+    memory, ids, offsets, weights, coefficients, keys = ctx.saved_tensors
+    chunk_size, use_sign, mean, sparse_grad = ctx.layout
     memory, weights = memory.detach(), None if weights is None else weights.detach()  # first-order only
     memory_grad = weights_grad = None
     if ctx.needs_input_grad[0]:
         if sparse_grad:
-            memory_grad = reference.pooled_backward(grad, ids, offsets, weights, coefficients, table_key,
+            memory_grad = reference.pooled_backward(grad, ids, offsets, weights, coefficients, keys,
                                                     memory.numel(), chunk_size, use_sign, mean, sparse=True)
         else:
-            memory_grad = robe_pooled_backward(grad, ids, offsets, weights, coefficients, table_key, memory.numel(),
+            memory_grad = robe_pooled_backward(grad, ids, offsets, weights, coefficients, keys, memory.numel(),
                                                chunk_size, use_sign, mean)
     if ctx.needs_input_grad[3]:
-        weights_grad = robe_weights_grad(grad, memory, ids, offsets, coefficients, table_key, chunk_size, use_sign,
+        weights_grad = robe_weights_grad(grad, memory, ids, offsets, coefficients, keys, chunk_size, use_sign,
                                          mean).to(weights.dtype)
     return memory_grad, None, None, weights_grad, None, None, None, None, None, None, None
 
@@ -137,23 +141,23 @@ robe_pooled.register_autograd(_backward, setup_context=_setup_context)
 
 @torch.library.custom_op(f"{_LIB}::robe_sgd_update_", mutates_args=("memory",))
 def robe_sgd_update_(memory: Tensor, grad: Tensor, ids: Tensor, offsets: Tensor, weights: Tensor | None,
-                     coefficients: Tensor, table_key: int, chunk_size: int, use_sign: bool, mean: bool,
+                     coefficients: Tensor, keys: Tensor, chunk_size: int, use_sign: bool, mean: bool,
                      lr: float) -> None:
-    reference.sgd_update_(memory, grad, ids, offsets, weights, coefficients, table_key, chunk_size, use_sign, mean, lr)
+    reference.sgd_update_(memory, grad, ids, offsets, weights, coefficients, keys, chunk_size, use_sign, mean, lr)
 
 
 def _sgd_cpu(kernels: ModuleType, memory: Tensor, grad: Tensor, ids: Tensor, offsets: Tensor,
-             weights: Tensor | None, coefficients: Tensor, table_key: int, chunk_size: int, use_sign: bool,
+             weights: Tensor | None, coefficients: Tensor, keys: Tensor, chunk_size: int, use_sign: bool,
              mean: bool, lr: float) -> None:
     kernels.robe_sgd_update_(memory, grad.contiguous(), ids, offsets, weights, coefficients[0], coefficients[1],
-                             table_key, chunk_size, use_sign, mean, lr)
+                             keys, chunk_size, use_sign, mean, lr)
 
 
 def _sgd_cuda(kernels: ModuleType, memory: Tensor, grad: Tensor, ids: Tensor, offsets: Tensor,
-              weights: Tensor | None, coefficients: Tensor, table_key: int, chunk_size: int, use_sign: bool,
+              weights: Tensor | None, coefficients: Tensor, keys: Tensor, chunk_size: int, use_sign: bool,
               mean: bool, lr: float) -> None:
     kernels.robe_sgd_update_(memory, grad.contiguous(), ids, offsets, weights, coefficients[0], coefficients[1],
-                             table_key, grad.shape[1], chunk_size, use_sign, mean, lr)
+                             keys, grad.shape[1], chunk_size, use_sign, mean, lr)
 
 
 register_device_kernels(robe_sgd_update_, reference.sgd_update_,
@@ -162,31 +166,31 @@ register_device_kernels(robe_sgd_update_, reference.sgd_update_,
 
 @robe_sgd_update_.register_fake
 def _robe_sgd_update_fake(memory: Tensor, grad: Tensor, ids: Tensor, offsets: Tensor, weights: Tensor | None,
-                          coefficients: Tensor, table_key: int, chunk_size: int, use_sign: bool, mean: bool,
+                          coefficients: Tensor, keys: Tensor, chunk_size: int, use_sign: bool, mean: bool,
                           lr: float) -> None:
     return None
 
 
 @torch.library.custom_op(f"{_LIB}::robe_adagrad_update_", mutates_args=("memory", "accumulator"))
 def robe_adagrad_update_(memory: Tensor, accumulator: Tensor, grad: Tensor, ids: Tensor, offsets: Tensor,
-                         weights: Tensor | None, coefficients: Tensor, table_key: int, chunk_size: int, use_sign: bool,
+                         weights: Tensor | None, coefficients: Tensor, keys: Tensor, chunk_size: int, use_sign: bool,
                          mean: bool, lr: float, eps: float, block_size: int) -> None:
-    reference.adagrad_update_(memory, accumulator, grad, ids, offsets, weights, coefficients, table_key, chunk_size,
+    reference.adagrad_update_(memory, accumulator, grad, ids, offsets, weights, coefficients, keys, chunk_size,
                               use_sign, mean, lr, eps, block_size)
 
 
 def _adagrad_cpu(kernels: ModuleType, memory: Tensor, accumulator: Tensor, grad: Tensor, ids: Tensor,
-                 offsets: Tensor, weights: Tensor | None, coefficients: Tensor, table_key: int, chunk_size: int,
+                 offsets: Tensor, weights: Tensor | None, coefficients: Tensor, keys: Tensor, chunk_size: int,
                  use_sign: bool, mean: bool, lr: float, eps: float, block_size: int) -> None:
     kernels.robe_adagrad_update_(memory, accumulator, grad.contiguous(), ids, offsets, weights, coefficients[0],
-                                 coefficients[1], table_key, chunk_size, use_sign, mean, lr, eps, block_size)
+                                 coefficients[1], keys, chunk_size, use_sign, mean, lr, eps, block_size)
 
 
 def _adagrad_cuda(kernels: ModuleType, memory: Tensor, accumulator: Tensor, grad: Tensor, ids: Tensor,
-                  offsets: Tensor, weights: Tensor | None, coefficients: Tensor, table_key: int, chunk_size: int,
+                  offsets: Tensor, weights: Tensor | None, coefficients: Tensor, keys: Tensor, chunk_size: int,
                   use_sign: bool, mean: bool, lr: float, eps: float, block_size: int) -> None:
     dense = kernels.robe_pooled_backward(grad.contiguous(), ids, offsets, weights, coefficients[0], coefficients[1],
-                                         table_key, memory.numel(), grad.shape[1], chunk_size, use_sign, mean)
+                                         keys, memory.numel(), grad.shape[1], chunk_size, use_sign, mean)
     kernels.blockwise_adagrad_update_(memory, accumulator, dense, lr, eps, block_size)
 
 
@@ -196,6 +200,6 @@ register_device_kernels(robe_adagrad_update_, reference.adagrad_update_,
 
 @robe_adagrad_update_.register_fake
 def _robe_adagrad_update_fake(memory: Tensor, accumulator: Tensor, grad: Tensor, ids: Tensor, offsets: Tensor,
-                              weights: Tensor | None, coefficients: Tensor, table_key: int, chunk_size: int,
+                              weights: Tensor | None, coefficients: Tensor, keys: Tensor, chunk_size: int,
                               use_sign: bool, mean: bool, lr: float, eps: float, block_size: int) -> None:
     return None

@@ -1,8 +1,10 @@
 """Pure-PyTorch reference of every ROBE-Z op (any device): the formulas of :mod:`torchrec_pss_plugins.robe.robe`.
 
 Bags are ``offsets`` ``[B + 1]`` (int64; bag ``b`` = ``ids[offsets[b]:offsets[b + 1]]``); ``coefficients``
-is ``RobeMemory.hash_coefficients`` (``[2, 4]`` int64: location hash, sign hash); ``table_key`` the table's
-``t``. The device kernels of :mod:`torchrec_pss_plugins.robe.ops` must equal these functions.
+is ``RobeMemory.hash_coefficients`` (``[2, 4]`` int64: location hash, sign hash); ``keys`` the tables' ``t``
+(int64 ``[1]``: every bag reads one table; ``[B]``: bag ``b`` reads table ``keys[b]``, so one call pools the
+bags of several tables sharing ``M``). The helpers on ids take ``key``: an int, or a tensor ``[N]`` (per id) or
+``[1]``. The device kernels of :mod:`torchrec_pss_plugins.robe.ops` must equal these functions.
 """
 
 from __future__ import annotations
@@ -14,8 +16,20 @@ from torchrec_pss.pooling import offsets_to_bag_index, per_id_scale
 
 _LOCATION, _SIGN = 0, 1
 
+Key = torch.Tensor | int
 
-def chunk_starts(coefficients: torch.Tensor, table_key: int, ids: torch.Tensor, dim: int, chunk_size: int,
+
+def id_keys(keys: torch.Tensor, offsets: torch.Tensor, num_ids: int) -> torch.Tensor:
+    """Each id's table key ``[N]`` (or the single key ``[1]``) from the bag keys ``keys`` (``[1]`` or ``[B]``)."""
+    return keys if keys.numel() == 1 else keys.index_select(0, offsets_to_bag_index(offsets, num_ids))
+
+
+def _column(key: Key) -> Key:
+    """``key`` shaped to broadcast against ``[N, *]`` per-id tensors."""
+    return key.unsqueeze(1) if isinstance(key, torch.Tensor) else key
+
+
+def chunk_starts(coefficients: torch.Tensor, key: Key, ids: torch.Tensor, dim: int, chunk_size: int,
                  memory_size: int) -> tuple[torch.Tensor, int]:
     """Start positions ``[N, C]`` (``< |M|``) of the runs of ``R`` elements each id reads, and ``R``.
 
@@ -24,24 +38,24 @@ def chunk_starts(coefficients: torch.Tensor, table_key: int, ids: torch.Tensor, 
     location, z, m = coefficients[_LOCATION], chunk_size, memory_size
     if z <= dim:
         blocks = torch.arange(dim // z, device=ids.device).unsqueeze(0)
-        return universal_hash(location, table_key, ids.unsqueeze(1), blocks, m), z
+        return universal_hash(location, _column(key), ids.unsqueeze(1), blocks, m), z
     ids_per_block = z // dim
-    block_start = universal_hash(location, table_key, torch.div(ids, ids_per_block, rounding_mode="floor"), 0, m)
+    block_start = universal_hash(location, key, torch.div(ids, ids_per_block, rounding_mode="floor"), 0, m)
     return torch.remainder(block_start + torch.remainder(ids, ids_per_block) * dim, m).unsqueeze(1), dim
 
 
-def positions(coefficients: torch.Tensor, table_key: int, ids: torch.Tensor, dim: int, chunk_size: int,
+def positions(coefficients: torch.Tensor, key: Key, ids: torch.Tensor, dim: int, chunk_size: int,
               memory_size: int) -> torch.Tensor:
     """Memory positions ``[N, d]`` (int64) of every embedding element of ``ids``."""
-    starts, run = chunk_starts(coefficients, table_key, ids, dim, chunk_size, memory_size)
+    starts, run = chunk_starts(coefficients, key, ids, dim, chunk_size, memory_size)
     offsets = torch.arange(run, device=ids.device)
     return torch.remainder(starts.unsqueeze(2) + offsets, memory_size).reshape(ids.numel(), dim)
 
 
-def signs(coefficients: torch.Tensor, table_key: int, ids: torch.Tensor, dim: int) -> torch.Tensor:
+def signs(coefficients: torch.Tensor, key: Key, ids: torch.Tensor, dim: int) -> torch.Tensor:
     """The signs ``g(t, x, i)`` ``[N, d]`` (float32, ``±1``)."""
     elements = torch.arange(dim, device=ids.device).unsqueeze(0)
-    bits = universal_hash(coefficients[_SIGN], table_key, ids.unsqueeze(1), elements, 2)
+    bits = universal_hash(coefficients[_SIGN], _column(key), ids.unsqueeze(1), elements, 2)
     return (1 - 2 * bits).to(torch.float32)
 
 
@@ -99,29 +113,29 @@ def sparse_runs_grad(starts: torch.Tensor, rows: torch.Tensor, m: int) -> torch.
     return torch.sparse_coo_tensor(where, per_start.reshape(-1), (m,)).coalesce()
 
 
-def _layout(coefficients: torch.Tensor, table_key: int, ids: torch.Tensor, dim: int, chunk_size: int,
+def _layout(coefficients: torch.Tensor, key: Key, ids: torch.Tensor, dim: int, chunk_size: int,
             use_sign: bool, m: int) -> tuple[torch.Tensor, int, torch.Tensor | None]:
     """``(starts [N, C], run, signs [N, d] or None)``: with signs every element is its own run of 1."""
     if use_sign:
-        return (positions(coefficients, table_key, ids, dim, chunk_size, m), 1,
-                signs(coefficients, table_key, ids, dim))
-    starts, run = chunk_starts(coefficients, table_key, ids, dim, chunk_size, m)
+        return (positions(coefficients, key, ids, dim, chunk_size, m), 1,
+                signs(coefficients, key, ids, dim))
+    starts, run = chunk_starts(coefficients, key, ids, dim, chunk_size, m)
     return starts, run, None
 
 
-def rows(memory: torch.Tensor, ids: torch.Tensor, coefficients: torch.Tensor, table_key: int, dim: int,
+def rows(memory: torch.Tensor, ids: torch.Tensor, coefficients: torch.Tensor, key: Key, dim: int,
          chunk_size: int, use_sign: bool) -> torch.Tensor:
     """The recovered embeddings ``[N, d]`` of ``ids``."""
-    starts, run, sign = _layout(coefficients, table_key, ids, dim, chunk_size, use_sign, memory.numel())
+    starts, run, sign = _layout(coefficients, key, ids, dim, chunk_size, use_sign, memory.numel())
     out = read_runs(memory, starts.reshape(-1), run).view(ids.numel(), dim)
     return out if sign is None else out * sign.to(out.dtype)
 
 
 def pooled_forward(memory: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor | None,
-                   coefficients: torch.Tensor, table_key: int, dim: int, chunk_size: int, use_sign: bool,
+                   coefficients: torch.Tensor, keys: torch.Tensor, dim: int, chunk_size: int, use_sign: bool,
                    mean: bool) -> torch.Tensor:
     """Pooled embeddings ``[B, d]``: each id's row times its weight, summed per bag (MEAN: / bag length)."""
-    embeddings = rows(memory, ids, coefficients, table_key, dim, chunk_size, use_sign)
+    embeddings = rows(memory, ids, coefficients, id_keys(keys, offsets, ids.numel()), dim, chunk_size, use_sign)
     scale = per_id_scale(offsets, weights, mean, ids.numel(), embeddings.dtype)
     if scale is not None:
         embeddings = embeddings * scale.unsqueeze(1)
@@ -130,10 +144,10 @@ def pooled_forward(memory: torch.Tensor, ids: torch.Tensor, offsets: torch.Tenso
 
 
 def _run_grads(grad: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor | None,
-               coefficients: torch.Tensor, table_key: int, dim: int, chunk_size: int, use_sign: bool, mean: bool,
+               coefficients: torch.Tensor, keys: torch.Tensor, dim: int, chunk_size: int, use_sign: bool, mean: bool,
                m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(starts [K], run gradients [K, R])`` of the memory runs the bags read."""
-    starts, run, sign = _layout(coefficients, table_key, ids, dim, chunk_size, use_sign, m)
+    starts, run, sign = _layout(coefficients, id_keys(keys, offsets, ids.numel()), ids, dim, chunk_size, use_sign, m)
     per_id = grad.index_select(0, offsets_to_bag_index(offsets, ids.numel()))
     scale = per_id_scale(offsets, weights, mean, ids.numel(), grad.dtype)
     if scale is not None:
@@ -144,41 +158,42 @@ def _run_grads(grad: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor, wei
 
 
 def pooled_backward(grad: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor | None,
-                    coefficients: torch.Tensor, table_key: int, memory_size: int, chunk_size: int, use_sign: bool,
+                    coefficients: torch.Tensor, keys: torch.Tensor, memory_size: int, chunk_size: int, use_sign: bool,
                     mean: bool, sparse: bool = False) -> torch.Tensor:
     """The gradient ``[|M|]`` of ``M`` for the output gradient ``grad`` ``[B, d]`` (sparse COO when ``sparse``)."""
-    starts, run_grads = _run_grads(grad, ids, offsets, weights, coefficients, table_key,
+    starts, run_grads = _run_grads(grad, ids, offsets, weights, coefficients, keys,
                                    grad.shape[1], chunk_size, use_sign, mean, memory_size)
     return (sparse_runs_grad if sparse else dense_runs_grad)(starts, run_grads, memory_size)
 
 
 def weights_grad(grad: torch.Tensor, memory: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor,
-                 coefficients: torch.Tensor, table_key: int, chunk_size: int, use_sign: bool,
+                 coefficients: torch.Tensor, keys: torch.Tensor, chunk_size: int, use_sign: bool,
                  mean: bool) -> torch.Tensor:
     """The gradient ``[N]`` of the per-sample weights: each id's row dotted with its bag's output gradient."""
-    embeddings = rows(memory, ids, coefficients, table_key, grad.shape[1], chunk_size, use_sign)
+    key = id_keys(keys, offsets, ids.numel())
+    embeddings = rows(memory, ids, coefficients, key, grad.shape[1], chunk_size, use_sign)
     out = (grad.index_select(0, offsets_to_bag_index(offsets, ids.numel())) * embeddings).sum(1)
     scale = per_id_scale(offsets, None, mean, ids.numel(), out.dtype)
     return out if scale is None else out * scale
 
 
 def sgd_update_(memory: torch.Tensor, grad: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor,
-                weights: torch.Tensor | None, coefficients: torch.Tensor, table_key: int, chunk_size: int,
+                weights: torch.Tensor | None, coefficients: torch.Tensor, keys: torch.Tensor, chunk_size: int,
                 use_sign: bool, mean: bool, lr: float) -> None:
     """``M -= lr · dL/dM`` in place."""
-    memory.add_(pooled_backward(grad, ids, offsets, weights, coefficients, table_key, memory.numel(), chunk_size,
+    memory.add_(pooled_backward(grad, ids, offsets, weights, coefficients, keys, memory.numel(), chunk_size,
                                 use_sign, mean), alpha=-lr)
 
 
 def adagrad_update_(memory: torch.Tensor, accumulator: torch.Tensor, grad: torch.Tensor, ids: torch.Tensor,
-                    offsets: torch.Tensor, weights: torch.Tensor | None, coefficients: torch.Tensor, table_key: int,
+                    offsets: torch.Tensor, weights: torch.Tensor | None, coefficients: torch.Tensor, keys: torch.Tensor,
                     chunk_size: int, use_sign: bool, mean: bool, lr: float, eps: float, block_size: int) -> None:
     """Blockwise Adagrad in place (``block_size = 1``: elementwise) on ``g = dL/dM``.
 
     ``accumulator`` holds ``ceil(|M| / block_size)`` sums; per block ``sum_b += mean(g_b²)`` (the last
     block zero-padded) and ``M_b -= lr · g_b / (sqrt(sum_b) + eps)``; ``lr`` is the (decayed) step size.
     """
-    g = pooled_backward(grad, ids, offsets, weights, coefficients, table_key, memory.numel(), chunk_size,
+    g = pooled_backward(grad, ids, offsets, weights, coefficients, keys, memory.numel(), chunk_size,
                         use_sign, mean)
     pad = (-g.numel()) % block_size
     blocks = torch.cat([g, g.new_zeros(pad)]).view(-1, block_size)

@@ -21,13 +21,14 @@ the end of ``M``: it wraps around (``M`` is circular).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Mapping, Sequence
 
 import torch
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
-from torchrec_pss.contract import PSSMemory
+from torchrec_pss.contract import BagRequest, PSSMemory
 from torchrec_pss.gradient_layout import use_sparse_gradient
 from torchrec_pss.hashing import PRIME, hash_coefficients, table_key
 from torchrec_pss.kernels import reference_only
@@ -50,24 +51,24 @@ class _FusedRobeStep(torch.autograd.Function):
     @staticmethod
     def forward(ctx: torch.autograd.function.FunctionCtx, memory: torch.Tensor, update: FusedUpdate,
                 ids: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor | None, coefficients: torch.Tensor,
-                key: int, dim: int, chunk_size: int, use_sign: bool, mean: bool) -> torch.Tensor:
-        ctx.update, ctx.layout = update, (key, chunk_size, use_sign, mean)
-        ctx.save_for_backward(ids, offsets, weights, coefficients)
-        return ops.robe_pooled(memory, ids, offsets, weights, coefficients, key, dim, chunk_size, use_sign, mean,
+                keys: torch.Tensor, dim: int, chunk_size: int, use_sign: bool, mean: bool) -> torch.Tensor:
+        ctx.update, ctx.layout = update, (chunk_size, use_sign, mean)
+        ctx.save_for_backward(ids, offsets, weights, coefficients, keys)
+        return ops.robe_pooled(memory, ids, offsets, weights, coefficients, keys, dim, chunk_size, use_sign, mean,
                                False)
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple:
-        ids, offsets, weights, coefficients = ctx.saved_tensors
-        update, (key, chunk_size, use_sign, mean) = ctx.update, ctx.layout
+        ids, offsets, weights, coefficients, keys = ctx.saved_tensors
+        update, (chunk_size, use_sign, mean) = ctx.update, ctx.layout
         memory, group = update.param, update.group
         with torch.no_grad():
             if update.kind == "SGD":
-                ops.robe_sgd_update_(memory, grad, ids, offsets, weights, coefficients, key, chunk_size, use_sign,
+                ops.robe_sgd_update_(memory, grad, ids, offsets, weights, coefficients, keys, chunk_size, use_sign,
                                      mean, group["lr"])
             else:
                 block = 1 if update.kind == "Adagrad" else update.row_size
-                ops.robe_adagrad_update_(memory, update.state["sum"], grad, ids, offsets, weights, coefficients, key,
+                ops.robe_adagrad_update_(memory, update.state["sum"], grad, ids, offsets, weights, coefficients, keys,
                                          chunk_size, use_sign, mean, update.next_step_lr(), group["eps"], block)
         return (None,) * 11
 
@@ -99,6 +100,7 @@ class RobeMemory(PSSMemory):
                 raise ValueError(f"tables {keys[key]!r} and {t.name!r} hash to the same table key; rename one")
             keys[key] = t.name
         self._table_keys = {name: key for key, name in keys.items()}
+        self._key_index = {t.name: index for index, t in enumerate(tables)}
         logical = sum(t.num_embeddings * t.embedding_dim for t in tables)
         size = config.memory_size if config.memory_size is not None else math.ceil(logical / config.compression)
         if size > PRIME:
@@ -176,12 +178,13 @@ class RobeMemory(PSSMemory):
         """The gradient layout for a batch touching ``touched`` memory elements (the ``gradient`` rule)."""
         return use_sparse_gradient(self.config.gradient, self.memory_size, touched, self.config.auto_dense_ratio)
 
-    def _fused_update(self, weights: torch.Tensor | None) -> FusedUpdate | None:
+    def _fused_update(self, weights: torch.Tensor | None, whole_step: bool) -> FusedUpdate | None:
         """The in-backward update the fused kernels can apply themselves, or None.
 
         SGD is linear, so any number of reads per step may each apply their share; Adagrad needs the
-        whole step's gradient at once, so only a memory read by one table qualifies. Replicated
-        memories (whose updates wait for the gradient all-reduce) and trainable weights do not.
+        whole step's gradient at once, so only a call that reads every table of the memory (``whole_step``:
+        :meth:`pooled_many` with one kernel call, or :meth:`pooled` of a one-table memory) qualifies.
+        Replicated memories (whose updates wait for the gradient all-reduce) and trainable weights do not.
         """
         if not (torch.is_grad_enabled() and self.weight.requires_grad) or reference_only():
             return None
@@ -195,22 +198,29 @@ class RobeMemory(PSSMemory):
         update = optimizers[0]
         if update.deferred_to is not None or update.kind not in _FUSED_KINDS:
             return None
-        return update if update.kind == "SGD" or len(self.tables) == 1 else None
+        return update if update.kind == "SGD" or whole_step else None
 
-    def _bags(self, table: str, ids: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor | None,
-              mean: bool) -> torch.Tensor:
-        d, z, sign = self.tables[table].embedding_dim, self.config.chunk_size, self.config.use_sign
-        key = self._table_keys[table]
-        update = self._fused_update(weights)
+    def _key(self, table: str) -> torch.Tensor:
+        """The table's key ``t`` as a ``[1]`` view of the ``table_keys`` buffer."""
+        index = self._key_index[table]
+        return self.table_keys[index : index + 1]
+
+    def _bags(self, keys: torch.Tensor, dim: int, ids: torch.Tensor, offsets: torch.Tensor,
+              weights: torch.Tensor | None, mean: bool, whole_step: bool) -> torch.Tensor:
+        """One ``robe_pooled`` call (fused with the optimizer when it can be) over bags of width ``dim``."""
+        z, sign = self.config.chunk_size, self.config.use_sign
+        update = self._fused_update(weights, whole_step)
         if update is not None:
-            return _FusedRobeStep.apply(self.weight, update, ids, offsets, weights, self.hash_coefficients, key, d, z,
-                                        sign, mean)
-        sparse = self.use_sparse_gradient(ids.numel() * d)
-        return ops.robe_pooled(self.weight, ids, offsets, weights, self.hash_coefficients, key, d, z, sign, mean,
+            return _FusedRobeStep.apply(self.weight, update, ids, offsets, weights, self.hash_coefficients, keys, dim,
+                                        z, sign, mean)
+        sparse = self.use_sparse_gradient(ids.numel() * dim)
+        return ops.robe_pooled(self.weight, ids, offsets, weights, self.hash_coefficients, keys, dim, z, sign, mean,
                                sparse)
 
     def recover(self, table: str, ids: torch.Tensor) -> torch.Tensor:
-        return self._bags(table, ids, torch.arange(ids.numel() + 1, device=ids.device), None, False)
+        offsets = torch.arange(ids.numel() + 1, device=ids.device)
+        return self._bags(self._key(table), self.tables[table].embedding_dim, ids, offsets, None, False,
+                          len(self.tables) == 1)
 
     def pooled(
         self,
@@ -220,6 +230,38 @@ class RobeMemory(PSSMemory):
         weights: torch.Tensor | None,
         mean: bool,
     ) -> torch.Tensor:
-        offsets = lengths_to_offsets(lengths)
-        weights = None if weights is None else weights.to(self.weight.dtype)
-        return self._bags(table, ids, offsets, weights, mean)
+        return self.pooled_many([BagRequest(table, ids, lengths, weights, mean)])[0]
+
+    def pooled_many(self, requests: Sequence[BagRequest]) -> list[torch.Tensor]:
+        """One ``robe_pooled`` call per embedding width and pooling mode: the requests' bags are concatenated
+        and each bag hashes with its own table's key."""
+        groups: dict[tuple[int, bool], list[int]] = {}
+        for index, request in enumerate(requests):
+            groups.setdefault((self.tables[request.table].embedding_dim, request.mean), []).append(index)
+        whole_step = len(groups) == 1 and {r.table for r in requests} == set(self.tables)
+        out: list[torch.Tensor] = [torch.empty(0)] * len(requests)
+        for (dim, mean), members in groups.items():
+            group = [requests[i] for i in members]
+            keys, ids, offsets, weights = _concatenated(group, self._key, self.weight.dtype)
+            pooled = self._bags(keys, dim, ids, offsets, weights, mean, whole_step)
+            for index, block in zip(members, pooled.split([r.lengths.numel() for r in group])):
+                out[index] = block
+        return out
+
+
+def _concatenated(requests: Sequence[BagRequest], key_of: Callable[[str], torch.Tensor], dtype: torch.dtype
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(keys, ids, offsets, weights)`` of the requests' bags, in order: ``keys`` ``[1]`` for one request,
+    else one key per bag; weights of unweighted requests (when others have them) are ones."""
+    if len(requests) == 1:
+        (request,) = requests
+        weights = None if request.weights is None else request.weights.to(dtype)
+        return key_of(request.table), request.ids, lengths_to_offsets(request.lengths), weights
+    keys = torch.cat([key_of(r.table).expand(r.lengths.numel()) for r in requests])
+    ids = torch.cat([r.ids for r in requests])
+    offsets = lengths_to_offsets(torch.cat([r.lengths for r in requests]))
+    weights = None
+    if any(r.weights is not None for r in requests):
+        weights = torch.cat([r.ids.new_ones(r.ids.numel(), dtype=dtype) if r.weights is None else r.weights.to(dtype)
+                             for r in requests])
+    return keys, ids, offsets, weights

@@ -3,7 +3,9 @@
 Every kernel follows the recovery formula of :mod:`torchrec_pss_plugins.robe.robe` exactly (same hash,
 same circular wrap-around of ``M``), so it gives ``RobeMemory.pooled``'s values. Bags are given by
 ``offsets`` ``[B + 1]`` (bag ``b`` = ``ids[offsets[b]:offsets[b + 1]]``); each program owns one bag and
-a block of ``BLOCK_D`` embedding columns and walks the bag's ids ``BLOCK_N`` at a time. Within a
+a block of ``BLOCK_D`` embedding columns and walks the bag's ids ``BLOCK_N`` at a time. ``keys`` (int64)
+holds the table key ``t``: ``[1]`` (every bag) or ``[B]`` (per bag, so one launch pools several tables
+sharing ``M``). Within a
 chunk the columns read consecutive memory positions, so the gathers are coalesced. Positions and
 hashes are int64, and every product is reduced mod ``P = 2^31 - 1`` before it is summed, so ids up
 to ``2^63 - 1`` never overflow.
@@ -25,9 +27,9 @@ BLOCK_N = 8
 MAX_BLOCK_D = 128
 """Embedding columns per program at most (columns of a tile)."""
 _ROWS_PER_ADAGRAD_TILE = 1024
+"""Elements per Adagrad program (rounded to whole blocks)."""
 NARROW_LIMIT = 2**31
 """``M`` sizes (and chunk + row widths) below this use 32-bit positions."""
-"""Elements per Adagrad program (rounded to whole blocks)."""
 
 
 @triton.jit
@@ -46,6 +48,17 @@ def _hash_base(coef_ptr, t, k):
     d = tl.load(coef_ptr + 3)
     _, k_mod = _floor_divmod(k, _P)
     return ((a * t) % _P + d + (b * k_mod) % _P) % _P
+
+
+@triton.jit
+def _bag_key(keys_ptr, bag, KEY_PER_BAG: tl.constexpr):
+    """The table key ``t mod P`` of ``bag``: ``keys[bag]`` (``KEY_PER_BAG``) or ``keys[0]``."""
+    if KEY_PER_BAG:
+        key = tl.load(keys_ptr + bag)
+    else:
+        key = tl.load(keys_ptr)
+    _, t = _floor_divmod(key, _P)
+    return t
 
 
 @triton.jit
@@ -89,13 +102,15 @@ def _signs(ids, sign_term, t, sign_ptr):
     return 1.0 - 2.0 * (s & 1).to(tl.float32)
 
 
-@triton.jit(do_not_specialize=["t", "m"])
+@triton.jit(do_not_specialize=["m"])
 def _pooled_forward_kernel(
-    memory, ids_ptr, offsets, weights, loc_ptr, sign_ptr, out, t, m,
+    memory, ids_ptr, offsets, weights, loc_ptr, sign_ptr, keys_ptr, out, m,
     DIM: tl.constexpr, Z: tl.constexpr, USE_SIGN: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
-    MEAN: tl.constexpr, NARROW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    MEAN: tl.constexpr, NARROW: tl.constexpr, KEY_PER_BAG: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     bag = tl.program_id(0)
+    t = _bag_key(keys_ptr, bag, KEY_PER_BAG)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_mask = cols < DIM
     cols64 = cols.to(tl.int64)
@@ -121,13 +136,15 @@ def _pooled_forward_kernel(
     tl.store(out + bag.to(tl.int64) * DIM + cols64, acc, mask=col_mask)
 
 
-@triton.jit(do_not_specialize=["t", "m"])
+@triton.jit(do_not_specialize=["m"])
 def _scatter_kernel(
-    target, grad_out, ids_ptr, offsets, weights, loc_ptr, sign_ptr, scale, t, m,
+    target, grad_out, ids_ptr, offsets, weights, loc_ptr, sign_ptr, keys_ptr, scale, m,
     DIM: tl.constexpr, Z: tl.constexpr, USE_SIGN: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
-    MEAN: tl.constexpr, NARROW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    MEAN: tl.constexpr, NARROW: tl.constexpr, KEY_PER_BAG: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     bag = tl.program_id(0)
+    t = _bag_key(keys_ptr, bag, KEY_PER_BAG)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_mask = cols < DIM
     cols64 = cols.to(tl.int64)
@@ -152,13 +169,14 @@ def _scatter_kernel(
         first += BLOCK_N
 
 
-@triton.jit(do_not_specialize=["t", "m"])
+@triton.jit(do_not_specialize=["m"])
 def _weights_grad_kernel(
-    memory, grad_out, ids_ptr, offsets, loc_ptr, sign_ptr, out, t, m,
+    memory, grad_out, ids_ptr, offsets, loc_ptr, sign_ptr, keys_ptr, out, m,
     DIM: tl.constexpr, Z: tl.constexpr, USE_SIGN: tl.constexpr, MEAN: tl.constexpr, NARROW: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    KEY_PER_BAG: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     bag = tl.program_id(0)
+    t = _bag_key(keys_ptr, bag, KEY_PER_BAG)
     start = tl.load(offsets + bag)
     end = tl.load(offsets + bag + 1)
     length = tl.maximum(end - start, 1).to(tl.float32)
@@ -204,24 +222,29 @@ def _adagrad_kernel(
 
 
 def _check_bags(
-    ids: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor | None, dim: int, chunk_size: int
+    ids: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor | None, keys: torch.Tensor, dim: int,
+    chunk_size: int,
 ) -> None:
     """Raises on bad dtypes / shapes or a chunk size that neither divides ``dim`` nor is a multiple of it."""
-    if ids.dtype != torch.int64 or offsets.dtype != torch.int64:
-        raise TypeError(f"ids and offsets must be int64, got {ids.dtype} and {offsets.dtype}")
+    if ids.dtype != torch.int64 or offsets.dtype != torch.int64 or keys.dtype != torch.int64:
+        raise TypeError(f"ids, offsets and keys must be int64, got {ids.dtype}, {offsets.dtype} and {keys.dtype}")
     if ids.dim() != 1 or offsets.dim() != 1 or offsets.numel() < 1:
         raise ValueError(f"ids must be [N] and offsets [B + 1], got {tuple(ids.shape)} and {tuple(offsets.shape)}")
+    if keys.dim() != 1 or keys.numel() not in (1, offsets.numel() - 1):
+        raise ValueError(f"keys must be [1] or [B] = [{offsets.numel() - 1}], got {tuple(keys.shape)}")
     if weights is not None and weights.shape != ids.shape:
         raise ValueError(f"weights must be [N] = {tuple(ids.shape)}, got {tuple(weights.shape)}")
     if dim % chunk_size and chunk_size % dim:
         raise ValueError(f"chunk_size={chunk_size} must divide dim={dim} or be a multiple of it")
 
 
-def _launch(num_ids: int, num_bags: int, dim: int, chunk_size: int, memory_size: int) -> dict[str, int | bool]:
-    """The tile constants of one launch: ``BLOCK_N`` (ids per step, up to ``BLOCK_N`` and no more than the
-    mean bag length needs), ``BLOCK_D`` and ``NARROW`` (32-bit positions when ``M`` and a run fit in them)."""
+def _launch(num_ids: int, num_bags: int, dim: int, chunk_size: int, memory_size: int,
+            keys: torch.Tensor) -> dict[str, int | bool]:
+    """The constants of one launch: ``BLOCK_N`` (ids per step, up to ``BLOCK_N`` and no more than the mean bag
+    length needs), ``BLOCK_D``, ``NARROW`` (32-bit positions when ``M`` and a run fit in them), ``KEY_PER_BAG``."""
     mean_length = triton.cdiv(num_ids, max(num_bags, 1))
     return {
+        "KEY_PER_BAG": keys.numel() > 1,
         "BLOCK_N": max(2, min(BLOCK_N, triton.next_power_of_2(mean_length))),
         "BLOCK_D": min(triton.next_power_of_2(dim), MAX_BLOCK_D),
         "NARROW": memory_size < NARROW_LIMIT and chunk_size + dim < NARROW_LIMIT,
@@ -243,7 +266,7 @@ def robe_pooled_forward(
     weights: torch.Tensor | None,
     location_coefficients: torch.Tensor,
     sign_coefficients: torch.Tensor,
-    table_key: int,
+    keys: torch.Tensor,
     dim: int,
     chunk_size: int,
     use_sign: bool,
@@ -253,18 +276,18 @@ def robe_pooled_forward(
 
     ``memory`` ``[|M|]`` float32; ``ids`` ``[N]`` int64; ``offsets`` ``[B + 1]`` int64; ``weights`` ``[N]``
     or None; ``location_coefficients`` / ``sign_coefficients`` ``[4]`` int64 (rows 0 / 1 of
-    ``RobeMemory.hash_coefficients``); ``table_key`` the table's ``t``. MEAN divides by the bag length
+    ``RobeMemory.hash_coefficients``); ``keys`` the table keys ``t`` (``[1]`` or ``[B]``). MEAN divides by the bag length
     (empty bags give zeros). Equals ``RobeMemory.pooled``.
     """
-    _check_bags(ids, offsets, weights, dim, chunk_size)
+    _check_bags(ids, offsets, weights, keys, dim, chunk_size)
     num_bags = offsets.numel() - 1
     out = torch.empty(num_bags, dim, dtype=torch.float32, device=memory.device)
     if num_bags == 0:
         return out
-    tiles = _launch(ids.numel(), num_bags, dim, chunk_size, memory.numel())
+    tiles = _launch(ids.numel(), num_bags, dim, chunk_size, memory.numel(), keys)
     _pooled_forward_kernel[_grid(num_bags, dim, tiles)](
         memory.contiguous(), ids.contiguous(), offsets.contiguous(), _contiguous_weights(weights),
-        location_coefficients.contiguous(), sign_coefficients.contiguous(), out, table_key % PRIME, memory.numel(),
+        location_coefficients.contiguous(), sign_coefficients.contiguous(), keys.contiguous(), out, memory.numel(),
         DIM=dim, Z=chunk_size, USE_SIGN=use_sign, HAS_WEIGHTS=weights is not None, MEAN=mean, **tiles,
     )
     return out
@@ -279,24 +302,24 @@ def _scatter(
     weights: torch.Tensor | None,
     location_coefficients: torch.Tensor,
     sign_coefficients: torch.Tensor,
-    table_key: int,
+    keys: torch.Tensor,
     dim: int,
     chunk_size: int,
     use_sign: bool,
     mean: bool,
 ) -> None:
     """``target[pos] += scale · contribution`` for every element every id reads (atomics)."""
-    _check_bags(ids, offsets, weights, dim, chunk_size)
+    _check_bags(ids, offsets, weights, keys, dim, chunk_size)
     num_bags = offsets.numel() - 1
     if grad_out.shape != (num_bags, dim):
         raise ValueError(f"grad_out must be [B, dim] = {(num_bags, dim)}, got {tuple(grad_out.shape)}")
     if num_bags == 0:
         return
-    tiles = _launch(ids.numel(), num_bags, dim, chunk_size, target.numel())
+    tiles = _launch(ids.numel(), num_bags, dim, chunk_size, target.numel(), keys)
     _scatter_kernel[_grid(num_bags, dim, tiles)](
         target, grad_out.to(torch.float32).contiguous(), ids.contiguous(), offsets.contiguous(),
         _contiguous_weights(weights), location_coefficients.contiguous(), sign_coefficients.contiguous(),
-        float(scale), table_key % PRIME, target.numel(),
+        keys.contiguous(), float(scale), target.numel(),
         DIM=dim, Z=chunk_size, USE_SIGN=use_sign, HAS_WEIGHTS=weights is not None, MEAN=mean, **tiles,
     )
 
@@ -308,7 +331,7 @@ def robe_pooled_backward(
     weights: torch.Tensor | None,
     location_coefficients: torch.Tensor,
     sign_coefficients: torch.Tensor,
-    table_key: int,
+    keys: torch.Tensor,
     memory_size: int,
     dim: int,
     chunk_size: int,
@@ -321,7 +344,7 @@ def robe_pooled_backward(
     added with ``tl.atomic_add`` into a zeroed buffer (the summation order is not deterministic).
     """
     grad = torch.zeros(memory_size, dtype=torch.float32, device=grad_out.device)
-    _scatter(grad, 1.0, grad_out, ids, offsets, weights, location_coefficients, sign_coefficients, table_key,
+    _scatter(grad, 1.0, grad_out, ids, offsets, weights, location_coefficients, sign_coefficients, keys,
              dim, chunk_size, use_sign, mean)
     return grad
 
@@ -334,7 +357,7 @@ def robe_sgd_update_(
     weights: torch.Tensor | None,
     location_coefficients: torch.Tensor,
     sign_coefficients: torch.Tensor,
-    table_key: int,
+    keys: torch.Tensor,
     dim: int,
     chunk_size: int,
     use_sign: bool,
@@ -348,7 +371,7 @@ def robe_sgd_update_(
     """
     if not memory.is_contiguous() or memory.dtype != torch.float32:
         raise ValueError("memory must be a contiguous float32 tensor (it is updated in place)")
-    _scatter(memory, -lr, grad_out, ids, offsets, weights, location_coefficients, sign_coefficients, table_key,
+    _scatter(memory, -lr, grad_out, ids, offsets, weights, location_coefficients, sign_coefficients, keys,
              dim, chunk_size, use_sign, mean)
     return memory
 
@@ -360,7 +383,7 @@ def robe_weights_grad(
     offsets: torch.Tensor,
     location_coefficients: torch.Tensor,
     sign_coefficients: torch.Tensor,
-    table_key: int,
+    keys: torch.Tensor,
     dim: int,
     chunk_size: int,
     use_sign: bool,
@@ -370,7 +393,7 @@ def robe_weights_grad(
 
     ``grad_weights[j] = <grad_out[bag(j)] (/ bag length for MEAN), E[ids[j]]>``; one program per bag.
     """
-    _check_bags(ids, offsets, None, dim, chunk_size)
+    _check_bags(ids, offsets, None, keys, dim, chunk_size)
     num_bags = offsets.numel() - 1
     if grad_out.shape != (num_bags, dim):
         raise ValueError(f"grad_out must be [B, dim] = {(num_bags, dim)}, got {tuple(grad_out.shape)}")
@@ -379,9 +402,9 @@ def robe_weights_grad(
         return out
     _weights_grad_kernel[(num_bags,)](
         memory.contiguous(), grad_out.to(torch.float32).contiguous(), ids.contiguous(), offsets.contiguous(),
-        location_coefficients.contiguous(), sign_coefficients.contiguous(), out, table_key % PRIME, memory.numel(),
+        location_coefficients.contiguous(), sign_coefficients.contiguous(), keys.contiguous(), out, memory.numel(),
         DIM=dim, Z=chunk_size, USE_SIGN=use_sign, MEAN=mean,
-        **_launch(ids.numel(), num_bags, dim, chunk_size, memory.numel()),
+        **_launch(ids.numel(), num_bags, dim, chunk_size, memory.numel(), keys),
     )
     return out
 

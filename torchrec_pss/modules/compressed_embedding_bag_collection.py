@@ -18,7 +18,7 @@ from torchrec.optim.fused import FusedOptimizerModule
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 from torchrec.sparse.tensor_dict import maybe_td_to_kjt
 
-from torchrec_pss.contract import MethodConfig, PSSMemory
+from torchrec_pss.contract import BagRequest, MethodConfig, PSSMemory
 from torchrec_pss.modules.input_checks import check_structure, check_values, inputs_checked_by_default
 from torchrec_pss.optim import FusedUpdate, PSSFusedOptimizer
 from torchrec_pss.pooling import bag_mean
@@ -190,13 +190,13 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOpt
         feature_dict = features.to_dict()
         if self.validate_inputs:
             check_values(features, feature_dict, self._embedding_bag_configs, self._is_weighted)
+        compressed = self._pooled_compressed(feature_dict)
         pooled: list[torch.Tensor] = []
         for table in self._embedding_bag_configs:
-            jagged = [feature_dict[f] for f in table.feature_names]
             if table.name in self.embedding_bags:
-                pooled.extend(self._pooled_plain(table, jt) for jt in jagged)
+                pooled.extend(self._pooled_plain(table, feature_dict[f]) for f in table.feature_names)
             else:
-                pooled.extend(self._pooled_compressed(table, jagged))
+                pooled.extend(compressed[table.name])
         return KeyedTensor(
             keys=self._embedding_names,
             values=process_pooled_embeddings(pooled_embeddings=pooled, inverse_indices=inverse_indices),
@@ -218,15 +218,26 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOpt
         ).float()
         return bag_mean(summed, jt.lengths()) if table.pooling == PoolingType.MEAN else summed
 
-    def _pooled_compressed(self, table: EmbeddingBagConfig, jagged: list[JaggedTensor]) -> list[torch.Tensor]:
-        """All features of ``table`` in one recovery call; one ``[B_f, d]`` block per feature."""
-        ids = torch.cat([jt.values() for jt in jagged]).long()
-        lengths = torch.cat([jt.lengths() for jt in jagged]).long()
-        weights = torch.cat([jt.weights() for jt in jagged]) if self._is_weighted else None
-        out = self.pss_memories[self._group_of[table.name]].pooled(
-            table.name, ids, lengths, weights, mean=table.pooling == PoolingType.MEAN
-        )
-        return list(torch.split(out, [jt.lengths().numel() for jt in jagged]))
+    def _pooled_compressed(self, feature_dict: Mapping[str, JaggedTensor]) -> dict[str, list[torch.Tensor]]:
+        """Every compressed table's ``[B_f, d]`` blocks, one per feature: one ``pooled_many`` call per memory
+        group, with one request per table (its features' bags concatenated)."""
+        requests: dict[str, list[BagRequest]] = {}
+        bags_per_feature: dict[str, list[int]] = {}
+        for table in self._embedding_bag_configs:
+            if table.name in self.embedding_bags:
+                continue
+            jagged = [feature_dict[f] for f in table.feature_names]
+            bags_per_feature[table.name] = [jt.lengths().numel() for jt in jagged]
+            weights = torch.cat([jt.weights() for jt in jagged]) if self._is_weighted else None
+            requests.setdefault(self._group_of[table.name], []).append(BagRequest(
+                table.name, torch.cat([jt.values() for jt in jagged]).long(),
+                torch.cat([jt.lengths() for jt in jagged]).long(), weights, table.pooling == PoolingType.MEAN,
+            ))
+        out: dict[str, list[torch.Tensor]] = {}
+        for group, group_requests in requests.items():
+            for request, pooled in zip(group_requests, self.pss_memories[group].pooled_many(group_requests)):
+                out[request.table] = list(torch.split(pooled, bags_per_feature[request.table]))
+        return out
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
         """``nn.Module.load_state_dict`` that, when ``strict``, refuses missing or unexpected keys before copying."""

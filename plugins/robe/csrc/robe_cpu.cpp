@@ -9,11 +9,12 @@
 // mod-P reductions use P's Mersenne form and the mod-|M| one a multiply (no divisions). Each id reads C
 // runs of R contiguous (circular) elements: Z <= d gives C = d / Z runs of R = Z, Z > d one run of R = d.
 //
-// A Plan hashes every (id, chunk) once per call (in parallel over bags). The forward pools bags in
-// parallel, one run of R columns at a time with its accumulators in registers (R a compile-time
-// constant for R in {4, ..., 128}), prefetching runs about a bag ahead. The backward scatters run by
-// run into memory ranges owned by one thread each (every thread scans all runs and keeps the pieces in
-// its range), so no update is lost and no atomics are needed. Adagrad first sums the batch's gradient
+// Every function takes `keys`, the table keys t: one (every bag) or one per bag, so that one call can pool the
+// bags of several tables sharing M. A Plan hashes every (id, chunk) once per call (in parallel over bags). The
+// forward pools bags in parallel, one run of R columns at a time with its accumulators in registers (R a
+// compile-time constant for R in {4, ..., 128}), prefetching runs about a bag ahead. The backward scatters run
+// by run into memory ranges owned by one thread each (every thread scans all runs and keeps the pieces in its
+// range; small batches use fewer threads), so no update is lost and no atomics are needed. Adagrad first sums the batch's gradient
 // into a persistent zero scratch of |M| floats, then updates and re-zeroes only the touched blocks.
 
 #include <torch/extension.h>
@@ -70,17 +71,22 @@ std::unique_ptr<T[]> uninitialized(int64_t n) {
   return std::unique_ptr<T[]>(new T[std::max<int64_t>(n, 1)]);
 }
 
-// The hash functions of one table, with every per-table and per-chunk term precomputed mod P.
+// The per-table terms of the two hashes: (A t + D) mod P and (A' t + D') mod P.
+struct TableTerms {
+  uint64_t loc, sign;
+};
+
+// The hash functions of tables of one embedding width, with every per-chunk and per-element term precomputed mod P.
 struct Hasher {
   int64_t dim, run, chunks, ids_per_block, m;
   bool use_sign;
-  uint64_t loc_first, loc_b, sign_first, sign_b;
+  uint64_t loc_a, loc_d, loc_b, sign_a, sign_d, sign_b;
   std::vector<uint32_t> loc_c;   // (C c) mod P per chunk
   std::vector<uint32_t> sign_i;  // (C' i) mod P per element
   FastMod mod_m;
 
-  Hasher(const at::Tensor& location, const at::Tensor& sign, int64_t table_key, int64_t dim_, int64_t chunk_size,
-         bool use_sign_, int64_t memory_size)
+  Hasher(const at::Tensor& location, const at::Tensor& sign, int64_t dim_, int64_t chunk_size, bool use_sign_,
+         int64_t memory_size)
       : dim(dim_),
         m(memory_size),
         use_sign(use_sign_),
@@ -90,14 +96,11 @@ struct Hasher {
     TORCH_CHECK(memory_size > 0 && static_cast<uint64_t>(memory_size) <= kPrime,
                 "memory size must be in [1, 2^31 - 1]");
     const auto l = coefficients(location), s = coefficients(sign);
-    const uint64_t t = mod_prime(table_key);
     run = std::min(chunk_size, dim);
     chunks = dim / run;
     ids_per_block = chunk_size > dim ? chunk_size / dim : 0;
-    loc_first = reduce_small(reduce(l[0] * t) + l[3]);
-    loc_b = l[1];
-    sign_first = reduce_small(reduce(s[0] * t) + s[3]);
-    sign_b = s[1];
+    loc_a = l[0], loc_b = l[1], loc_d = l[3];
+    sign_a = s[0], sign_b = s[1], sign_d = s[3];
     for (int64_t c = 0; c < chunks; ++c) {
       loc_c.push_back(static_cast<uint32_t>(reduce(l[2] * static_cast<uint64_t>(c))));
     }
@@ -113,10 +116,15 @@ struct Hasher {
     return {mod_prime(data[0]), mod_prime(data[1]), mod_prime(data[2]), mod_prime(data[3])};
   }
 
-  // Start positions (< |M|) of the `chunks` runs of id x.
-  void starts(int64_t x, uint32_t* out) const {
+  TableTerms table_terms(int64_t table_key) const {
+    const uint64_t t = mod_prime(table_key);
+    return {reduce_small(reduce(loc_a * t) + loc_d), reduce_small(reduce(sign_a * t) + sign_d)};
+  }
+
+  // Start positions (< |M|) of the `chunks` runs of id x of the table with terms `table`.
+  void starts(int64_t x, const TableTerms& table, uint32_t* out) const {
     if (ids_per_block == 0) {
-      const uint64_t base = loc_first + reduce(loc_b * mod_prime(x));
+      const uint64_t base = table.loc + reduce(loc_b * mod_prime(x));
       for (int64_t c = 0; c < chunks; ++c) {
         out[c] = mod_m(static_cast<uint32_t>(reduce_small(base + loc_c[c])));
       }
@@ -127,13 +135,13 @@ struct Hasher {
       --k;
     }
     const uint64_t offset = static_cast<uint64_t>(x - k * ids_per_block) * static_cast<uint64_t>(dim);
-    const uint64_t block = mod_m(static_cast<uint32_t>(reduce_small(loc_first + reduce(loc_b * mod_prime(k)))));
+    const uint64_t block = mod_m(static_cast<uint32_t>(reduce_small(table.loc + reduce(loc_b * mod_prime(k)))));
     out[0] = static_cast<uint32_t>((block + offset) % static_cast<uint64_t>(m));
   }
 
   // (A' t + B' (x mod P) + D') mod P: the per-id part of the sign hash.
-  uint32_t sign_base(int64_t x) const {
-    return static_cast<uint32_t>(reduce_small(sign_first + reduce(sign_b * mod_prime(x))));
+  uint32_t sign_base(int64_t x, const TableTerms& table) const {
+    return static_cast<uint32_t>(reduce_small(table.sign + reduce(sign_b * mod_prime(x))));
   }
 
   // The sign (+-1) of element i of the id with sign base `base`.
@@ -205,16 +213,20 @@ constexpr int64_t kAhead = 8;
 // Floats per cache line: the memory ranges of different threads never share a line.
 constexpr int64_t kLine = 16;
 
-// A batch of bags: ids [N], offsets [B + 1], optional per-sample weights [N].
+// A batch of bags: ids [N], offsets [B + 1], optional per-sample weights [N], table keys [1] or [B].
 struct Bags {
-  at::Tensor ids_t, offsets_t, weights_t;
+  at::Tensor ids_t, offsets_t, weights_t, keys_t;
   const int64_t* ids;
   const int64_t* offsets;
   const float* weights;
-  int64_t num_bags, num_ids;
+  const int64_t* keys;
+  int64_t num_bags, num_ids, key_stride;
 
-  Bags(const at::Tensor& ids_, const at::Tensor& offsets_, const std::optional<at::Tensor>& weights_)
-      : ids_t(ids_.to(at::kLong).contiguous()), offsets_t(offsets_.to(at::kLong).contiguous()) {
+  Bags(const at::Tensor& ids_, const at::Tensor& offsets_, const std::optional<at::Tensor>& weights_,
+       const at::Tensor& keys_)
+      : ids_t(ids_.to(at::kLong).contiguous()),
+        offsets_t(offsets_.to(at::kLong).contiguous()),
+        keys_t(keys_.to(at::kCPU, at::kLong).contiguous()) {
     TORCH_CHECK(ids_t.device().is_cpu() && offsets_t.device().is_cpu(), "ids and offsets must be CPU tensors");
     TORCH_CHECK(offsets_t.dim() == 1 && offsets_t.numel() >= 1, "offsets must be 1-D with B + 1 entries");
     ids = ids_t.data_ptr<int64_t>();
@@ -222,6 +234,10 @@ struct Bags {
     num_bags = offsets_t.numel() - 1;
     num_ids = ids_t.numel();
     TORCH_CHECK(offsets[0] == 0 && offsets[num_bags] == num_ids, "offsets must run from 0 to the number of ids");
+    TORCH_CHECK(keys_t.dim() == 1 && (keys_t.numel() == 1 || keys_t.numel() == num_bags),
+                "keys must be [1] (one table) or [B] (one table key per bag)");
+    keys = keys_t.data_ptr<int64_t>();
+    key_stride = keys_t.numel() == 1 ? 0 : 1;
     for (int64_t b = 0; b < num_bags; ++b) {
       TORCH_CHECK(offsets[b] <= offsets[b + 1], "offsets must be non-decreasing");
     }
@@ -234,6 +250,7 @@ struct Bags {
   }
 
   float weight(int64_t j) const { return weights == nullptr ? 1.0f : weights[j]; }
+  int64_t key(int64_t b) const { return keys[b * key_stride]; }
 };
 
 void check_memory(const at::Tensor& memory) {
@@ -269,13 +286,14 @@ struct Plan {
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t first = bags.offsets[b], last = bags.offsets[b + 1];
         const float divisor = mean ? static_cast<float>(std::max<int64_t>(last - first, 1)) : 1.0f;
+        const TableTerms table = h.table_terms(bags.key(b));
         for (int64_t j = first; j < last; ++j) {
           const int64_t x = bags.ids[j];
-          h.starts(x, starts.get() + j * h.chunks);
+          h.starts(x, table, starts.get() + j * h.chunks);
           scale[j] = bags.weight(j) / divisor;
           bag[j] = static_cast<int32_t>(b);
           if (h.use_sign) {
-            sign_base[j] = h.sign_base(x);
+            sign_base[j] = h.sign_base(x, table);
           }
         }
       }
@@ -283,11 +301,21 @@ struct Plan {
   }
 };
 
-// Splits [0, |M|) into one range per thread (boundaries on multiples of `align`) and runs body(lo, hi) on each.
+// Elements scattered per thread at least: smaller scatters run on fewer threads (a small batch on one, without
+// waking the pool).
+constexpr int64_t kScatterGrain = 16384;
+
+// Splits [0, |M|) into one range per thread (boundaries on multiples of `align`) and runs body(lo, hi) on each;
+// `elements` (the number of element updates) limits the threads to one per kScatterGrain updates.
 template <class Body>
-void over_memory_ranges(int64_t m, int64_t align, Body&& body) {
+void over_memory_ranges(int64_t m, int64_t align, int64_t elements, Body&& body) {
   const int64_t units = (m + align - 1) / align;
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), units));
+  const int64_t wanted = std::min<int64_t>(at::get_num_threads(), (elements + kScatterGrain - 1) / kScatterGrain);
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(wanted, units));
+  if (parts == 1) {
+    body(0, m);
+    return;
+  }
   const int64_t span = (units + parts - 1) / parts * align;
   at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
@@ -487,11 +515,11 @@ Scratch& scratch() {
 
 at::Tensor robe_pooled_forward(const at::Tensor& memory, const at::Tensor& ids, const at::Tensor& offsets,
                                const std::optional<at::Tensor>& weights, const at::Tensor& location_coefficients,
-                               const at::Tensor& sign_coefficients, int64_t table_key, int64_t dim,
+                               const at::Tensor& sign_coefficients, const at::Tensor& keys, int64_t dim,
                                int64_t chunk_size, bool use_sign, bool mean) {
   check_memory(memory);
-  const Bags bags(ids, offsets, weights);
-  const Hasher h(location_coefficients, sign_coefficients, table_key, dim, chunk_size, use_sign, memory.numel());
+  const Bags bags(ids, offsets, weights, keys);
+  const Hasher h(location_coefficients, sign_coefficients, dim, chunk_size, use_sign, memory.numel());
   auto out = at::empty({bags.num_bags, dim}, memory.options());
   const float* mem = memory.data_ptr<float>();
   float* out_data = out.data_ptr<float>();
@@ -506,17 +534,17 @@ at::Tensor robe_pooled_forward(const at::Tensor& memory, const at::Tensor& ids, 
 
 at::Tensor robe_pooled_backward(const at::Tensor& grad_out, const at::Tensor& ids, const at::Tensor& offsets,
                                 const std::optional<at::Tensor>& weights, const at::Tensor& location_coefficients,
-                                const at::Tensor& sign_coefficients, int64_t table_key, int64_t memory_size,
+                                const at::Tensor& sign_coefficients, const at::Tensor& keys, int64_t memory_size,
                                 int64_t dim, int64_t chunk_size, bool use_sign, bool mean) {
-  const Bags bags(ids, offsets, weights);
+  const Bags bags(ids, offsets, weights, keys);
   const auto grad = checked_grad(grad_out, bags);
-  const Hasher h(location_coefficients, sign_coefficients, table_key, dim, chunk_size, use_sign, memory_size);
+  const Hasher h(location_coefficients, sign_coefficients, dim, chunk_size, use_sign, memory_size);
   TORCH_CHECK(grad.size(1) == dim, "grad_out must be [B, dim]");
   const Plan plan(h, bags, mean);
   auto out = at::zeros({memory_size}, grad.options());
   float* dst = out.data_ptr<float>();
   const float* g = grad.data_ptr<float>();
-  over_memory_ranges(memory_size, kLine, [&](int64_t lo, int64_t hi) {
+  over_memory_ranges(memory_size, kLine, bags.num_ids * dim, [&](int64_t lo, int64_t hi) {
     scatter(h, plan, bags.num_ids, g, 1.0f, dst, lo, hi, [](int64_t, int64_t) {});
   });
   return out;
@@ -524,17 +552,17 @@ at::Tensor robe_pooled_backward(const at::Tensor& grad_out, const at::Tensor& id
 
 void robe_sgd_update_(at::Tensor& memory, const at::Tensor& grad_out, const at::Tensor& ids, const at::Tensor& offsets,
                       const std::optional<at::Tensor>& weights, const at::Tensor& location_coefficients,
-                      const at::Tensor& sign_coefficients, int64_t table_key, int64_t chunk_size, bool use_sign,
+                      const at::Tensor& sign_coefficients, const at::Tensor& keys, int64_t chunk_size, bool use_sign,
                       bool mean, double lr) {
   check_memory(memory);
-  const Bags bags(ids, offsets, weights);
+  const Bags bags(ids, offsets, weights, keys);
   const auto grad = checked_grad(grad_out, bags);
   const int64_t dim = grad.size(1);
-  const Hasher h(location_coefficients, sign_coefficients, table_key, dim, chunk_size, use_sign, memory.numel());
+  const Hasher h(location_coefficients, sign_coefficients, dim, chunk_size, use_sign, memory.numel());
   const Plan plan(h, bags, mean);
   float* dst = memory.data_ptr<float>();
   const float* g = grad.data_ptr<float>();
-  over_memory_ranges(memory.numel(), kLine, [&](int64_t lo, int64_t hi) {
+  over_memory_ranges(memory.numel(), kLine, bags.num_ids * dim, [&](int64_t lo, int64_t hi) {
     scatter(h, plan, bags.num_ids, g, static_cast<float>(-lr), dst, lo, hi, [](int64_t, int64_t) {});
   });
 }
@@ -542,7 +570,7 @@ void robe_sgd_update_(at::Tensor& memory, const at::Tensor& grad_out, const at::
 void robe_adagrad_update_(at::Tensor& memory, at::Tensor& accumulator, const at::Tensor& grad_out,
                           const at::Tensor& ids, const at::Tensor& offsets, const std::optional<at::Tensor>& weights,
                           const at::Tensor& location_coefficients, const at::Tensor& sign_coefficients,
-                          int64_t table_key, int64_t chunk_size, bool use_sign, bool mean, double lr, double eps,
+                          const at::Tensor& keys, int64_t chunk_size, bool use_sign, bool mean, double lr, double eps,
                           int64_t block_size) {
   check_memory(memory);
   const int64_t m = memory.numel();
@@ -551,10 +579,10 @@ void robe_adagrad_update_(at::Tensor& memory, at::Tensor& accumulator, const at:
   TORCH_CHECK(accumulator.device().is_cpu() && accumulator.scalar_type() == at::kFloat &&
                   accumulator.is_contiguous() && accumulator.numel() == blocks,
               "accumulator must be a contiguous float32 CPU tensor of ceil(|M| / block_size) entries");
-  const Bags bags(ids, offsets, weights);
+  const Bags bags(ids, offsets, weights, keys);
   const auto grad = checked_grad(grad_out, bags);
   const int64_t dim = grad.size(1);
-  const Hasher h(location_coefficients, sign_coefficients, table_key, dim, chunk_size, use_sign, m);
+  const Hasher h(location_coefficients, sign_coefficients, dim, chunk_size, use_sign, m);
   const Plan plan(h, bags, mean);
   float* param = memory.data_ptr<float>();
   float* sum = accumulator.data_ptr<float>();
@@ -571,7 +599,7 @@ void robe_adagrad_update_(at::Tensor& memory, at::Tensor& accumulator, const at:
   }
   float* acc = s.grad.data();
   uint8_t* flag = s.touched.data();
-  over_memory_ranges(m, block_size, [&](int64_t lo, int64_t hi) {
+  over_memory_ranges(m, block_size, bags.num_ids * dim, [&](int64_t lo, int64_t hi) {
     std::vector<int64_t> touched;
     scatter(h, plan, bags.num_ids, g, 1.0f, acc, lo, hi, [&](int64_t a, int64_t n) {
       for (int64_t blk = a / block_size; blk <= (a + n - 1) / block_size; ++blk) {
@@ -608,13 +636,13 @@ void robe_adagrad_update_(at::Tensor& memory, at::Tensor& accumulator, const at:
 
 at::Tensor robe_weights_grad(const at::Tensor& memory, const at::Tensor& grad_out, const at::Tensor& ids,
                              const at::Tensor& offsets, const at::Tensor& location_coefficients,
-                             const at::Tensor& sign_coefficients, int64_t table_key, int64_t chunk_size,
+                             const at::Tensor& sign_coefficients, const at::Tensor& keys, int64_t chunk_size,
                              bool use_sign, bool mean) {
   check_memory(memory);
-  const Bags bags(ids, offsets, std::nullopt);
+  const Bags bags(ids, offsets, std::nullopt, keys);
   const auto grad = checked_grad(grad_out, bags);
   const int64_t dim = grad.size(1);
-  const Hasher h(location_coefficients, sign_coefficients, table_key, dim, chunk_size, use_sign, memory.numel());
+  const Hasher h(location_coefficients, sign_coefficients, dim, chunk_size, use_sign, memory.numel());
   auto out = at::empty({bags.num_ids}, memory.options());
   const float* mem = memory.data_ptr<float>();
   const float* g = grad.data_ptr<float>();
@@ -635,20 +663,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "ROBE-Z CPU kernels (see torchrec_pss_plugins.robe.cpu_kernels)";
   module.def("robe_pooled_forward", &robe_pooled_forward, no_gil, "Pooled ROBE lookup: [B, dim]", arg("memory"),
              arg("ids"), arg("offsets"), arg("weights"), arg("location_coefficients"), arg("sign_coefficients"),
-             arg("table_key"), arg("dim"), arg("chunk_size"), arg("use_sign"), arg("mean"));
+             arg("keys"), arg("dim"), arg("chunk_size"), arg("use_sign"), arg("mean"));
   module.def("robe_pooled_backward", &robe_pooled_backward, no_gil, "Dense memory gradient: [|M|]",
              arg("grad_out"), arg("ids"), arg("offsets"), arg("weights"), arg("location_coefficients"),
-             arg("sign_coefficients"), arg("table_key"), arg("memory_size"), arg("dim"), arg("chunk_size"),
+             arg("sign_coefficients"), arg("keys"), arg("memory_size"), arg("dim"), arg("chunk_size"),
              arg("use_sign"), arg("mean"));
   module.def("robe_sgd_update_", &robe_sgd_update_, no_gil, "Backward fused with SGD, in place", arg("memory"),
              arg("grad_out"), arg("ids"), arg("offsets"), arg("weights"), arg("location_coefficients"),
-             arg("sign_coefficients"), arg("table_key"), arg("chunk_size"), arg("use_sign"), arg("mean"), arg("lr"));
+             arg("sign_coefficients"), arg("keys"), arg("chunk_size"), arg("use_sign"), arg("mean"), arg("lr"));
   module.def("robe_adagrad_update_", &robe_adagrad_update_, no_gil,
              "Backward fused with (blockwise) Adagrad, in place", arg("memory"), arg("accumulator"), arg("grad_out"),
              arg("ids"), arg("offsets"), arg("weights"), arg("location_coefficients"), arg("sign_coefficients"),
-             arg("table_key"), arg("chunk_size"), arg("use_sign"), arg("mean"), arg("lr"), arg("eps"),
+             arg("keys"), arg("chunk_size"), arg("use_sign"), arg("mean"), arg("lr"), arg("eps"),
              arg("block_size"));
   module.def("robe_weights_grad", &robe_weights_grad, no_gil, "Gradient of the per-sample weights: [N]",
              arg("memory"), arg("grad_out"), arg("ids"), arg("offsets"), arg("location_coefficients"),
-             arg("sign_coefficients"), arg("table_key"), arg("chunk_size"), arg("use_sign"), arg("mean"));
+             arg("sign_coefficients"), arg("keys"), arg("chunk_size"), arg("use_sign"), arg("mean"));
 }
