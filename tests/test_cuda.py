@@ -59,11 +59,10 @@ METHOD_CONFIGS = {
 }
 
 
-def build_method(device: str, method: str) -> CompressedEmbeddingBagCollection:
+def build_method(device: str, method: str, pooling: PoolingType = PoolingType.MEAN) -> CompressedEmbeddingBagCollection:
     tables = [
         EmbeddingBagConfig(name="t1", embedding_dim=16, num_embeddings=5000, feature_names=["f1", "f2"]),
-        EmbeddingBagConfig(name="t2", embedding_dim=16, num_embeddings=1000, feature_names=["f3"],
-                           pooling=PoolingType.MEAN),
+        EmbeddingBagConfig(name="t2", embedding_dim=16, num_embeddings=1000, feature_names=["f3"], pooling=pooling),
     ]
     torch.manual_seed(0)
     config = METHOD_CONFIGS[method]()
@@ -71,8 +70,10 @@ def build_method(device: str, method: str) -> CompressedEmbeddingBagCollection:
 
 
 @pytest.mark.parametrize("method", METHOD_CONFIGS)
-def test_fused_adagrad_steps_on_cuda_match_cpu(method: str) -> None:
-    modules = {d: build_method(d, method) for d in ("cpu", "cuda")}
+@pytest.mark.parametrize("pooling", [PoolingType.MEAN, PoolingType.SUM])
+def test_fused_adagrad_steps_on_cuda_match_cpu(method: str, pooling: PoolingType) -> None:
+    """With SUM everywhere a ROBE memory shared by both tables is read in one call (fused Adagrad)."""
+    modules = {d: build_method(d, method, pooling) for d in ("cpu", "cuda")}
     modules["cuda"].load_state_dict(modules["cpu"].state_dict())
     for module in modules.values():
         apply_optimizer_in_backward(torch.optim.Adagrad, module.parameters(), {"lr": 0.05})

@@ -17,6 +17,7 @@ pytest.importorskip("triton")
 
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec_pss_plugins.qr.triton_kernels import qr_pooled_backward, qr_pooled_forward
+from torchrec_pss_plugins.robe import reference
 from torchrec_pss_plugins.robe import triton_kernels as robe_triton
 from torchrec_pss_plugins.robe.triton_kernels import (
     blockwise_adagrad_update_,
@@ -141,6 +142,32 @@ def test_robe_runs_wrap_around_a_small_memory(z: int) -> None:
     torch.testing.assert_close(robe_pooled_forward(m, ids_d, offsets_d, None, **args).cpu(), expected.detach(), **TOL)
     grad = robe_pooled_backward(grad_d, ids_d, offsets_d, None, memory_size=5, **args)
     torch.testing.assert_close(grad.cpu(), expected_grad.to_dense(), **TOL)
+
+
+@pytest.mark.parametrize("z,use_sign", [(1, True), (4, False), (2 * D, True)])
+def test_robe_per_bag_keys(z: int, use_sign: bool) -> None:
+    """Keys ``[B]`` (bags of three tables, one key beyond P) against the reference ops (themselves checked
+    against one call per table in ``test_robe_shared_memory.py``): forward, gradients and fused SGD."""
+    memory = robe(z, use_sign)
+    ids, _, offsets, weights = bags(BIG, seed=z)
+    keys = torch.tensor([3, 3, 2**40 + 5, 9, 9, 3, 2**40 + 5])
+    coefficients = memory.hash_coefficients
+    expected = reference.pooled_forward(memory.weight.detach(), ids, offsets, weights, coefficients, keys, D, z,
+                                        use_sign, True)
+    grad_out = torch.randn(expected.shape, generator=torch.Generator().manual_seed(3))
+    expected_grad = reference.pooled_backward(grad_out, ids, offsets, weights, coefficients, keys, 97, z, use_sign,
+                                              True)
+    expected_weights_grad = reference.weights_grad(grad_out, memory.weight.detach(), ids, offsets, coefficients, keys,
+                                                   z, use_sign, True)
+    args = {**robe_args(memory, z, use_sign, True), "keys": keys.to(DEVICE)}
+    m, ids_d, offsets_d, weights_d, grad_d = on_device(memory.weight, ids, offsets, weights, grad_out)
+    torch.testing.assert_close(robe_pooled_forward(m, ids_d, offsets_d, weights_d, **args).cpu(), expected, **TOL)
+    grad = robe_pooled_backward(grad_d, ids_d, offsets_d, weights_d, memory_size=97, **args)
+    torch.testing.assert_close(grad.cpu(), expected_grad, **TOL)
+    updated = robe_sgd_update_(m.clone(), grad_d, ids_d, offsets_d, weights_d, lr=0.1, **args)
+    torch.testing.assert_close(updated.cpu(), memory.weight.detach() - 0.1 * expected_grad, **TOL)
+    torch.testing.assert_close(robe_weights_grad(grad_d, m, ids_d, offsets_d, **args).cpu(), expected_weights_grad,
+                               **TOL)
 
 
 def test_robe_without_ids_or_bags() -> None:
