@@ -1,10 +1,12 @@
-"""QR as a ``torch.library`` custom op (namespace ``torchrec_pss``): compose + pool.
+"""QR as ``torch.library`` custom ops (namespace ``torchrec_pss``): compose + pool.
 
 ``qr_pooled(parts, ids, offsets, weights, collisions, operation, mean, sparse_grads) -> [B, d]``,
 differentiable in every part (dense, or sparse COO for part ``j`` when ``sparse_grads[j]``) and in
-``weights``; ``qr_pooled_backward`` gives the dense part gradients. Default kernels: the reference
-(:mod:`~torchrec_pss_plugins.qr.reference`); CUDA: Triton (:mod:`~torchrec_pss_plugins.qr.triton_kernels`);
-fake kernels for ``torch.compile`` / ``torch.export``.
+``weights``; ``qr_pooled_backward`` gives the dense part gradients and ``qr_weights_grad`` the gradient of the
+per-sample weights ``[N]``. Default kernels: the reference (:mod:`~torchrec_pss_plugins.qr.reference`; also
+the sparse part gradients); CPU: the C++ extension (:mod:`~torchrec_pss_plugins.qr.cpu_kernels`; the
+reference when it cannot be built); CUDA: Triton (:mod:`~torchrec_pss_plugins.qr.triton_kernels`; the weights
+gradient stays on the reference); fake kernels for ``torch.compile`` / ``torch.export``.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 from torch import Tensor
 
 from torchrec_pss.kernels import optional_module, register_device_kernels
-from torchrec_pss_plugins.qr import reference
+from torchrec_pss_plugins.qr import cpu_kernels, reference
 
 _triton = optional_module("torchrec_pss_plugins.qr.triton_kernels")
 
@@ -26,12 +28,13 @@ def qr_pooled(parts: list[Tensor], ids: Tensor, offsets: Tensor, weights: Tensor
     return reference.pooled_forward(parts, ids, offsets, weights, collisions, operation, mean)
 
 
-def _pooled_cuda(kernels: ModuleType, parts: list[Tensor], ids: Tensor, offsets: Tensor, weights: Tensor | None,
-                 collisions: int, operation: str, mean: bool, sparse_grads: list[bool]) -> Tensor:
+def _pooled_kernel(kernels: ModuleType, parts: list[Tensor], ids: Tensor, offsets: Tensor, weights: Tensor | None,
+                   collisions: int, operation: str, mean: bool, sparse_grads: list[bool]) -> Tensor:
     return kernels.qr_pooled_forward(parts, ids, offsets, weights, collisions, operation, mean)
 
 
-register_device_kernels(qr_pooled, lambda *args: reference.pooled_forward(*args[:-1]), cuda=(_triton, _pooled_cuda))
+register_device_kernels(qr_pooled, lambda *args: reference.pooled_forward(*args[:-1]),
+                        cpu=(cpu_kernels.load, _pooled_kernel), cuda=(_triton, _pooled_kernel))
 
 
 @qr_pooled.register_fake
@@ -47,18 +50,39 @@ def qr_pooled_backward(grad: Tensor, parts: list[Tensor], ids: Tensor, offsets: 
     return reference.pooled_backward(grad, parts, ids, offsets, weights, collisions, operation, mean)
 
 
-def _backward_cuda(kernels: ModuleType, grad: Tensor, parts: list[Tensor], ids: Tensor, offsets: Tensor,
-                   weights: Tensor | None, collisions: int, operation: str, mean: bool) -> list[Tensor]:
+def _backward_kernel(kernels: ModuleType, grad: Tensor, parts: list[Tensor], ids: Tensor, offsets: Tensor,
+                     weights: Tensor | None, collisions: int, operation: str, mean: bool) -> list[Tensor]:
     return kernels.qr_pooled_backward(grad, parts, ids, offsets, weights, collisions, operation, mean)
 
 
-register_device_kernels(qr_pooled_backward, reference.pooled_backward, cuda=(_triton, _backward_cuda))
+register_device_kernels(qr_pooled_backward, reference.pooled_backward,
+                        cpu=(cpu_kernels.load, _backward_kernel), cuda=(_triton, _backward_kernel))
 
 
 @qr_pooled_backward.register_fake
 def _qr_pooled_backward_fake(grad: Tensor, parts: list[Tensor], ids: Tensor, offsets: Tensor,
                              weights: Tensor | None, collisions: int, operation: str, mean: bool) -> list[Tensor]:
     return [torch.empty_like(part) for part in parts]
+
+
+@torch.library.custom_op("torchrec_pss::qr_weights_grad", mutates_args=())
+def qr_weights_grad(grad: Tensor, parts: list[Tensor], ids: Tensor, offsets: Tensor, collisions: int, operation: str,
+                    mean: bool) -> Tensor:
+    return reference.weights_grad(grad, parts, ids, offsets, collisions, operation, mean)
+
+
+def _weights_grad_cpu(kernels: ModuleType, grad: Tensor, parts: list[Tensor], ids: Tensor, offsets: Tensor,
+                      collisions: int, operation: str, mean: bool) -> Tensor:
+    return kernels.qr_weights_grad(grad, parts, ids, offsets, collisions, operation, mean)
+
+
+register_device_kernels(qr_weights_grad, reference.weights_grad, cpu=(cpu_kernels.load, _weights_grad_cpu))
+
+
+@qr_weights_grad.register_fake
+def _qr_weights_grad_fake(grad: Tensor, parts: list[Tensor], ids: Tensor, offsets: Tensor, collisions: int,
+                          operation: str, mean: bool) -> Tensor:
+    return grad.new_empty(ids.shape[0])
 
 
 def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: Tensor) -> None:
@@ -82,7 +106,7 @@ def _backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple:
             part_grads = qr_pooled_backward(grad, parts, ids, offsets, weights, collisions, operation, mean)
     weights_grad = None
     if ctx.needs_input_grad[3]:
-        weights_grad = reference.weights_grad(grad, parts, ids, offsets, collisions, operation, mean).to(weights.dtype)
+        weights_grad = qr_weights_grad(grad, parts, ids, offsets, collisions, operation, mean).to(weights.dtype)
     return part_grads, None, None, weights_grad, None, None, None, None
 
 
