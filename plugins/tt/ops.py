@@ -1,9 +1,14 @@
-"""TT row reconstruction as a ``torch.library`` custom op (namespace ``torchrec_pss``).
+"""TT row reconstruction as ``torch.library`` custom ops (namespace ``torchrec_pss``).
 
-``tt_rows(cores, ids) -> [U, d]``: default kernel the reference (:mod:`~torchrec_pss_plugins.tt.reference`),
-CUDA kernel in Triton (:mod:`~torchrec_pss_plugins.tt.triton_kernels`), a fake kernel for
-``torch.compile`` / ``torch.export``. Its backward recomputes the reference under autograd, so
-``TTMemory`` calls the reference directly when it trains and this op when it serves.
+Each op has a pure-PyTorch reference as its default kernel (:mod:`~torchrec_pss_plugins.tt.reference`), a
+fake kernel (so ``torch.compile`` / ``torch.export`` trace it) and a CPU kernel from the C++ extension
+(:mod:`~torchrec_pss_plugins.tt.cpu_kernels`; the reference when it cannot be built).
+
+- ``tt_rows(cores, ids) -> [U, d]``, differentiable in ``cores`` through ``tt_rows_backward``; its CUDA kernel
+  is in Triton (:mod:`~torchrec_pss_plugins.tt.triton_kernels`; the reference without Triton).
+- ``tt_rows_backward(grad, cores, ids) -> list[Tensor]``: the dense gradients of the cores (their shapes) for
+  the gradient ``grad`` ``[U, d]`` of the rows; its reference (the CUDA kernel too) differentiates
+  ``reference.rows``'s chain of batched products.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import torch
 from torch import Tensor
 
 from torchrec_pss.kernels import optional_module, register_device_kernels
-from torchrec_pss_plugins.tt import reference
+from torchrec_pss_plugins.tt import cpu_kernels, reference
 
 _triton = optional_module("torchrec_pss_plugins.tt.triton_kernels")
 
@@ -25,16 +30,37 @@ def tt_rows(cores: list[Tensor], ids: Tensor) -> Tensor:
     return reference.rows(cores, ids)
 
 
+def _rows_cpu(kernels: ModuleType, cores: list[Tensor], ids: Tensor) -> Tensor:
+    return kernels.tt_rows_forward(cores, ids)
+
+
 def _rows_cuda(kernels: ModuleType, cores: list[Tensor], ids: Tensor) -> Tensor:
     return kernels.tt_rows(cores, ids)
 
 
-register_device_kernels(tt_rows, reference.rows, cuda=(_triton, _rows_cuda))
+register_device_kernels(tt_rows, reference.rows, cpu=(cpu_kernels.load, _rows_cpu), cuda=(_triton, _rows_cuda))
 
 
 @tt_rows.register_fake
 def _tt_rows_fake(cores: list[Tensor], ids: Tensor) -> Tensor:
     return cores[0].new_empty(ids.shape[0], math.prod(core.shape[2] for core in cores))
+
+
+@torch.library.custom_op("torchrec_pss::tt_rows_backward", mutates_args=())
+def tt_rows_backward(grad: Tensor, cores: list[Tensor], ids: Tensor) -> list[Tensor]:
+    return reference.rows_backward(grad, cores, ids)
+
+
+def _backward_cpu(kernels: ModuleType, grad: Tensor, cores: list[Tensor], ids: Tensor) -> list[Tensor]:
+    return kernels.tt_rows_backward(grad, cores, ids)
+
+
+register_device_kernels(tt_rows_backward, reference.rows_backward, cpu=(cpu_kernels.load, _backward_cpu))
+
+
+@tt_rows_backward.register_fake
+def _tt_rows_backward_fake(grad: Tensor, cores: list[Tensor], ids: Tensor) -> list[Tensor]:
+    return [core.new_empty(core.shape) for core in cores]
 
 
 def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: Tensor) -> None:
@@ -44,10 +70,7 @@ def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, outp
 
 def _backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple:
     ids, *cores = ctx.saved_tensors
-    with torch.enable_grad():
-        leaves = [core.detach().requires_grad_(True) for core in cores]
-        grads = torch.autograd.grad(reference.rows(leaves, ids), leaves, grad)
-    return list(grads), None
+    return tt_rows_backward(grad, [core.detach() for core in cores], ids), None  # first-order only
 
 
 tt_rows.register_autograd(_backward, setup_context=_setup_context)

@@ -17,7 +17,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
 from torchrec_pss.contract import PSSMemory
 from torchrec_pss.registry import register_method
-from torchrec_pss_plugins.tt import ops, reference
+from torchrec_pss_plugins.tt import ops
 from torchrec_pss_plugins.tt.config import TTConfig
 from torchrec_pss_plugins.tt.shapes import TTShapes, suggest_tt_shapes
 
@@ -108,10 +108,8 @@ class TTMemory(PSSMemory):
         return sum(c.numel() * c.element_size() for c in self.cores)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        """Rows ``[U, d]`` of ``ids`` ``[U]``: the reference under autograd (training), else the op."""
+        """Rows ``[U, d]`` of ``ids`` ``[U]`` by the ``tt_rows`` op (differentiable in the cores)."""
         cores = list(self.cores)  # not self.cores[1:]: slicing re-wraps tensors as new Parameters
-        if torch.is_grad_enabled() and any(core.requires_grad for core in cores):
-            return reference.rows(cores, ids)
         return ops.tt_rows(cores, ids)
 
     def recover(self, table: str, ids: torch.Tensor) -> torch.Tensor:
