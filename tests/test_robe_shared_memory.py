@@ -183,10 +183,17 @@ def test_a_memory_read_by_two_calls_keeps_adagrad_unfused(pooling: PoolingType, 
     assert_same_parameters(module, expected)
 
 
-def test_one_op_call_per_memory(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The module pools every feature of a shared memory's tables in one ``robe_pooled`` call."""
-    calls = []
+@pytest.mark.parametrize("optimizer,calls", [(torch.optim.Adagrad, [20]), (torch.optim.SGD, [10, 5, 5]),
+                                             (None, [10, 5, 5])])
+def test_one_op_call_per_memory_when_adagrad_needs_it(optimizer: type | None, calls: list[int],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a fused Adagrad the module pools every feature of a shared memory's tables in one ``robe_pooled``
+    call (keys ``[20]``: 4 features x 5 bags); otherwise one call per table (keys ``[1]`` of 10, 5, 5 bags)."""
+    seen = []
     original = ops.robe_pooled
-    monkeypatch.setattr(ops, "robe_pooled", lambda *args: calls.append(args[5].numel()) or original(*args))
-    shared_module()(step_batch(0))
-    assert calls == [20]  # 4 features x 5 bags, one key per bag
+    monkeypatch.setattr(ops, "robe_pooled", lambda *args: seen.append(args[2].numel() - 1) or original(*args))
+    module = shared_module()
+    if optimizer is not None:
+        apply_optimizer_in_backward(optimizer, module.parameters(), {"lr": 0.1})
+    module(step_batch(0))
+    assert seen == calls

@@ -233,16 +233,22 @@ class RobeMemory(PSSMemory):
         return self.pooled_many([BagRequest(table, ids, lengths, weights, mean)])[0]
 
     def pooled_many(self, requests: Sequence[BagRequest]) -> list[torch.Tensor]:
-        """One ``robe_pooled`` call per embedding width and pooling mode: the requests' bags are concatenated
-        and each bag hashes with its own table's key."""
-        groups: dict[tuple[int, bool], list[int]] = {}
+        """With a fusable Adagrad-type in-backward optimizer: one ``robe_pooled`` call per embedding width and
+        pooling mode (the requests' bags concatenated, each bag hashed with its own table's key), so the fused
+        update sees the step's whole gradient. Otherwise one call per request, which is faster on the CPU
+        (a call's hash plan stays in cache; ``benchmarks/shared_memory.py``)."""
+        update = self._fused_update(None, True)
+        whole_step_needed = update is not None and update.kind != "SGD"
+        groups: dict[tuple[int, bool] | int, list[int]] = {}
         for index, request in enumerate(requests):
-            groups.setdefault((self.tables[request.table].embedding_dim, request.mean), []).append(index)
+            key = (self.tables[request.table].embedding_dim, request.mean) if whole_step_needed else index
+            groups.setdefault(key, []).append(index)
         whole_step = len(groups) == 1 and {r.table for r in requests} == set(self.tables)
         out: list[torch.Tensor] = [torch.empty(0)] * len(requests)
-        for (dim, mean), members in groups.items():
+        for members in groups.values():
             group = [requests[i] for i in members]
             keys, ids, offsets, weights = _concatenated(group, self._key, self.weight.dtype)
+            dim, mean = self.tables[group[0].table].embedding_dim, group[0].mean
             pooled = self._bags(keys, dim, ids, offsets, weights, mean, whole_step)
             for index, block in zip(members, pooled.split([r.lengths.numel() for r in group])):
                 out[index] = block
