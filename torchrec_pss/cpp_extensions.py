@@ -22,6 +22,8 @@ from torch.utils import cpp_extension
 logger = logging.getLogger(__name__)
 
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+INCLUDE = Path(__file__).parent / "csrc"
+"""Headers shared by the extensions (``bags.h``: the checked batch of bags)."""
 
 
 def build_directory() -> Path:
@@ -50,7 +52,8 @@ def extension_loader(name: str, source: Path) -> Callable[[], ModuleType | None]
             directory = build_directory() / f"{name}-{cpu_fingerprint()}"
             directory.mkdir(parents=True, exist_ok=True)
             return cpp_extension.load(name=name, sources=[str(source)], extra_cflags=CFLAGS,
-                                      extra_ldflags=["-fopenmp"], build_directory=str(directory))
+                                      extra_ldflags=["-fopenmp"], extra_include_paths=[str(INCLUDE)],
+                                      build_directory=str(directory))
         except Exception as error:  # noqa: BLE001 - any build or load failure means: use the pure-torch path
             logger.warning("%s unavailable (%s: %s); using the pure-torch path", name, type(error).__name__, error)
             return None

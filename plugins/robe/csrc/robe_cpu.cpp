@@ -19,6 +19,8 @@
 
 #include <torch/extension.h>
 
+#include "bags.h"
+
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -213,44 +215,24 @@ constexpr int64_t kAhead = 8;
 // Floats per cache line: the memory ranges of different threads never share a line.
 constexpr int64_t kLine = 16;
 
-// A batch of bags: ids [N], offsets [B + 1], optional per-sample weights [N], table keys [1] or [B].
-struct Bags {
-  at::Tensor ids_t, offsets_t, weights_t, keys_t;
-  const int64_t* ids;
-  const int64_t* offsets;
-  const float* weights;
-  const int64_t* keys;
-  int64_t num_bags, num_ids, key_stride;
+using torchrec_pss::Bags;
+using torchrec_pss::bag_grain;
 
-  Bags(const at::Tensor& ids_, const at::Tensor& offsets_, const std::optional<at::Tensor>& weights_,
-       const at::Tensor& keys_)
-      : ids_t(ids_.to(at::kLong).contiguous()),
-        offsets_t(offsets_.to(at::kLong).contiguous()),
-        keys_t(keys_.to(at::kCPU, at::kLong).contiguous()) {
-    TORCH_CHECK(ids_t.device().is_cpu() && offsets_t.device().is_cpu(), "ids and offsets must be CPU tensors");
-    TORCH_CHECK(offsets_t.dim() == 1 && offsets_t.numel() >= 1, "offsets must be 1-D with B + 1 entries");
-    ids = ids_t.data_ptr<int64_t>();
-    offsets = offsets_t.data_ptr<int64_t>();
-    num_bags = offsets_t.numel() - 1;
-    num_ids = ids_t.numel();
-    TORCH_CHECK(offsets[0] == 0 && offsets[num_bags] == num_ids, "offsets must run from 0 to the number of ids");
-    TORCH_CHECK(keys_t.dim() == 1 && (keys_t.numel() == 1 || keys_t.numel() == num_bags),
-                "keys must be [1] (one table) or [B] (one table key per bag)");
+// The table key of every bag: keys [1] (all bags) or [B].
+struct TableKeys {
+  at::Tensor keys_t;
+  const int64_t* keys;
+  int64_t stride;
+
+  TableKeys(const at::Tensor& keys_, const Bags& bags) : keys_t(keys_.to(at::kCPU, at::kLong).contiguous()) {
+    TORCH_CHECK(keys_t.dim() == 1 && (keys_t.numel() == 1 || keys_t.numel() == bags.num_bags),
+                "keys must be [1] (one table) or [B] (one table key per bag), got ", keys_t.sizes(), " for B = ",
+                bags.num_bags);
     keys = keys_t.data_ptr<int64_t>();
-    key_stride = keys_t.numel() == 1 ? 0 : 1;
-    for (int64_t b = 0; b < num_bags; ++b) {
-      TORCH_CHECK(offsets[b] <= offsets[b + 1], "offsets must be non-decreasing");
-    }
-    weights = nullptr;
-    if (weights_.has_value() && weights_->defined() && weights_->numel() > 0) {
-      weights_t = weights_->to(at::kFloat).contiguous();
-      TORCH_CHECK(weights_t.numel() == num_ids, "per-sample weights must have one entry per id");
-      weights = weights_t.data_ptr<float>();
-    }
+    stride = keys_t.numel() == 1 ? 0 : 1;
   }
 
-  float weight(int64_t j) const { return weights == nullptr ? 1.0f : weights[j]; }
-  int64_t key(int64_t b) const { return keys[b * key_stride]; }
+  int64_t operator()(int64_t b) const { return keys[b * stride]; }
 };
 
 void check_memory(const at::Tensor& memory) {
@@ -263,12 +245,6 @@ at::Tensor checked_grad(const at::Tensor& grad_out, const Bags& bags) {
   return grad_out.to(at::kFloat).contiguous();
 }
 
-// Bags per task of at::parallel_for: about 16k elements read per task.
-int64_t bag_grain(const Bags& bags, int64_t dim) {
-  const int64_t per_bag = std::max<int64_t>(1, (bags.num_ids / std::max<int64_t>(bags.num_bags, 1)) * dim);
-  return std::max<int64_t>(1, 16384 / per_bag);
-}
-
 // Per id of a batch: its run starts, its pooling scale (weight, / bag length for MEAN), its bag and sign base.
 struct Plan {
   std::unique_ptr<uint32_t[]> starts;
@@ -276,7 +252,7 @@ struct Plan {
   std::unique_ptr<int32_t[]> bag;
   std::unique_ptr<uint32_t[]> sign_base;
 
-  Plan(const Hasher& h, const Bags& bags, bool mean)
+  Plan(const Hasher& h, const Bags& bags, const TableKeys& keys, bool mean)
       : starts(uninitialized<uint32_t>(bags.num_ids * h.chunks)),
         scale(uninitialized<float>(bags.num_ids)),
         bag(uninitialized<int32_t>(bags.num_ids)),
@@ -286,7 +262,7 @@ struct Plan {
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t first = bags.offsets[b], last = bags.offsets[b + 1];
         const float divisor = mean ? static_cast<float>(std::max<int64_t>(last - first, 1)) : 1.0f;
-        const TableTerms table = h.table_terms(bags.key(b));
+        const TableTerms table = h.table_terms(keys(b));
         for (int64_t j = first; j < last; ++j) {
           const int64_t x = bags.ids[j];
           h.starts(x, table, starts.get() + j * h.chunks);
@@ -518,12 +494,13 @@ at::Tensor robe_pooled_forward(const at::Tensor& memory, const at::Tensor& ids, 
                                const at::Tensor& sign_coefficients, const at::Tensor& keys, int64_t dim,
                                int64_t chunk_size, bool use_sign, bool mean) {
   check_memory(memory);
-  const Bags bags(ids, offsets, weights, keys);
+  const Bags bags(ids, offsets, weights);
+  const TableKeys table_keys(keys, bags);
   const Hasher h(location_coefficients, sign_coefficients, dim, chunk_size, use_sign, memory.numel());
   auto out = at::empty({bags.num_bags, dim}, memory.options());
   const float* mem = memory.data_ptr<float>();
   float* out_data = out.data_ptr<float>();
-  const Plan plan(h, bags, mean);
+  const Plan plan(h, bags, table_keys, mean);
   dispatch_run(h.run, [&](auto run) {
     at::parallel_for(0, bags.num_bags, bag_grain(bags, dim), [&](int64_t b0, int64_t b1) {
       forward_range<decltype(run)::value>(h, bags, plan, mem, out_data, mean, b0, b1);
@@ -536,11 +513,12 @@ at::Tensor robe_pooled_backward(const at::Tensor& grad_out, const at::Tensor& id
                                 const std::optional<at::Tensor>& weights, const at::Tensor& location_coefficients,
                                 const at::Tensor& sign_coefficients, const at::Tensor& keys, int64_t memory_size,
                                 int64_t dim, int64_t chunk_size, bool use_sign, bool mean) {
-  const Bags bags(ids, offsets, weights, keys);
+  const Bags bags(ids, offsets, weights);
+  const TableKeys table_keys(keys, bags);
   const auto grad = checked_grad(grad_out, bags);
   const Hasher h(location_coefficients, sign_coefficients, dim, chunk_size, use_sign, memory_size);
   TORCH_CHECK(grad.size(1) == dim, "grad_out must be [B, dim]");
-  const Plan plan(h, bags, mean);
+  const Plan plan(h, bags, table_keys, mean);
   auto out = at::zeros({memory_size}, grad.options());
   float* dst = out.data_ptr<float>();
   const float* g = grad.data_ptr<float>();
@@ -555,11 +533,12 @@ void robe_sgd_update_(at::Tensor& memory, const at::Tensor& grad_out, const at::
                       const at::Tensor& sign_coefficients, const at::Tensor& keys, int64_t chunk_size, bool use_sign,
                       bool mean, double lr) {
   check_memory(memory);
-  const Bags bags(ids, offsets, weights, keys);
+  const Bags bags(ids, offsets, weights);
+  const TableKeys table_keys(keys, bags);
   const auto grad = checked_grad(grad_out, bags);
   const int64_t dim = grad.size(1);
   const Hasher h(location_coefficients, sign_coefficients, dim, chunk_size, use_sign, memory.numel());
-  const Plan plan(h, bags, mean);
+  const Plan plan(h, bags, table_keys, mean);
   float* dst = memory.data_ptr<float>();
   const float* g = grad.data_ptr<float>();
   over_memory_ranges(memory.numel(), kLine, bags.num_ids * dim, [&](int64_t lo, int64_t hi) {
@@ -579,11 +558,12 @@ void robe_adagrad_update_(at::Tensor& memory, at::Tensor& accumulator, const at:
   TORCH_CHECK(accumulator.device().is_cpu() && accumulator.scalar_type() == at::kFloat &&
                   accumulator.is_contiguous() && accumulator.numel() == blocks,
               "accumulator must be a contiguous float32 CPU tensor of ceil(|M| / block_size) entries");
-  const Bags bags(ids, offsets, weights, keys);
+  const Bags bags(ids, offsets, weights);
+  const TableKeys table_keys(keys, bags);
   const auto grad = checked_grad(grad_out, bags);
   const int64_t dim = grad.size(1);
   const Hasher h(location_coefficients, sign_coefficients, dim, chunk_size, use_sign, m);
-  const Plan plan(h, bags, mean);
+  const Plan plan(h, bags, table_keys, mean);
   float* param = memory.data_ptr<float>();
   float* sum = accumulator.data_ptr<float>();
   const float* g = grad.data_ptr<float>();
@@ -639,7 +619,8 @@ at::Tensor robe_weights_grad(const at::Tensor& memory, const at::Tensor& grad_ou
                              const at::Tensor& sign_coefficients, const at::Tensor& keys, int64_t chunk_size,
                              bool use_sign, bool mean) {
   check_memory(memory);
-  const Bags bags(ids, offsets, std::nullopt, keys);
+  const Bags bags(ids, offsets, std::nullopt);
+  const TableKeys table_keys(keys, bags);
   const auto grad = checked_grad(grad_out, bags);
   const int64_t dim = grad.size(1);
   const Hasher h(location_coefficients, sign_coefficients, dim, chunk_size, use_sign, memory.numel());
@@ -647,7 +628,7 @@ at::Tensor robe_weights_grad(const at::Tensor& memory, const at::Tensor& grad_ou
   const float* mem = memory.data_ptr<float>();
   const float* g = grad.data_ptr<float>();
   float* out_data = out.data_ptr<float>();
-  const Plan plan(h, bags, mean);  // no weights: scale = 1 / bag length for MEAN
+  const Plan plan(h, bags, table_keys, mean);  // no weights: scale = 1 / bag length for MEAN
   dispatch_run(h.run, [&](auto run) {
     at::parallel_for(0, bags.num_bags, bag_grain(bags, dim), [&](int64_t b0, int64_t b1) {
       weights_grad_range<decltype(run)::value>(h, bags, plan, mem, g, out_data, b0, b1);
