@@ -1,8 +1,8 @@
 """Training step of the 26 Criteo tables compressed into ONE shared ROBE memory, against FBGEMM's CPU TBE.
 
 The 26 Criteo features with the MLPerf cardinalities capped at ``--max-rows``, ``d`` = 128, batch ``B`` bags
-of ``L`` uniform ids per feature, in-backward optimizer (SGD, or row-wise Adagrad as in the MLPerf DLRM: ``BlockwiseAdagrad`` with one
-accumulator per Z memory elements for ROBE).
+of ``L`` uniform ids per feature, in-backward optimizer (SGD, or row-wise Adagrad as in the MLPerf DLRM:
+``BlockwiseAdagrad`` with one accumulator per Z memory elements for ROBE).
 Measured in one process, median of ``--iters`` steps after ``--warmup``:
 
 - ``tbe``: FBGEMM's CPU ``SplitTableBatchedEmbeddingBagsCodegen`` holding the 26 tables uncompressed
