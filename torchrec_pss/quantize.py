@@ -3,8 +3,9 @@
 Each method provides its int8 memory through ``PSSMemory.quantized`` (``plugins/<method>/int8.py``,
 built on :class:`Int8Memory` and the helpers here). Symmetric quantization, no zero point: a group of values
 ``w`` is stored as ``q = round(w / s)`` in int8 (``[-127, 127]``) with one float32 scale ``s = max|w| / 127``,
-and read back as ``q · s``; every value is off by at most ``s / 2``. Trained memories are centred on 0 (ROBE's signs make them so), so a zero point
-would buy little, and without one 0 stays exact and nothing else is stored. Groups:
+and read back as ``q · s``; every value is off by at most ``s / 2``. Trained memories are centred on 0 (ROBE's
+signs make them so), so a zero point would buy little, and without one 0 stays exact and nothing else is
+stored. Groups:
 
 - ROBE ``weight`` ``[|M|]``: blocks of ``block_size`` consecutive elements (scales ``[ceil(|M| / B)]``).
   A lookup reads only the elements it needs (``q[h(x, i)] · s[h(x, i) // B]``): no full dequantization.
