@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import platform
+import time
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -43,6 +44,23 @@ def cpu_fingerprint() -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
+STALE_LOCK_SECONDS = 600
+"""A build lock older than this is left by a killed build (a build takes a minute or two) and is removed."""
+
+
+def remove_stale_lock(directory: Path) -> None:
+    """Delete ``directory``'s build ``lock`` when it is older than :data:`STALE_LOCK_SECONDS`: torch waits for
+    a lock forever, and a build killed mid-way (e.g. a timed-out process) never releases its lock."""
+    lock = directory / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_LOCK_SECONDS:
+        logger.warning("removing the stale build lock %s (%.0f s old, left by a killed build)", lock, age)
+        lock.unlink(missing_ok=True)
+
+
 def extension_loader(name: str, source: Path) -> Callable[[], ModuleType | None]:
     """A cached ``load()`` of the extension ``name`` compiled from ``source``: the module, or None (warned)."""
 
@@ -51,6 +69,7 @@ def extension_loader(name: str, source: Path) -> Callable[[], ModuleType | None]
         try:
             directory = build_directory() / f"{name}-{cpu_fingerprint()}"
             directory.mkdir(parents=True, exist_ok=True)
+            remove_stale_lock(directory)
             return cpp_extension.load(name=name, sources=[str(source)], extra_cflags=CFLAGS,
                                       extra_ldflags=["-fopenmp"], extra_include_paths=[str(INCLUDE)],
                                       build_directory=str(directory))
