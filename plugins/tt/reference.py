@@ -7,22 +7,27 @@ Core ``k`` is ``[p_k, R_{k-1}, q_k, R_k]`` (``R_0 = R_N = 1``); id ``x`` has mix
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
 def rows(cores: list[torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
     """Rows ``[U, d]`` of ``ids`` ``[U]`` by batched contraction of the cores' slices."""
-    digit_list = digits(cores, ids)
-    u = ids.numel()
-    first, *rest_cores = cores
-    out = first.index_select(0, digit_list[0]).reshape(u, first.shape[2], first.shape[3])
-    width = first.shape[2]
-    for core, digit in zip(rest_cores, digit_list[1:]):
+    width = math.prod(core.shape[2] for core in cores)
+    return left_products(cores, digits(cores, ids))[-1].reshape(ids.numel(), width)
+
+
+def left_products(cores: list[torch.Tensor], digit_list: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``L_k = G_1[i_1] ··· G_k[i_k]`` as ``[U, q_1···q_k, R_k]`` for every ``k`` (``digit_list``: one ``[U]`` per core)."""
+    u = digit_list[0].numel()
+    first = cores[0]
+    out = [first.index_select(0, digit_list[0]).reshape(u, first.shape[2], first.shape[3])]
+    for core, digit in zip(cores[1:], digit_list[1:]):
         _, r_in, q, r_out = core.shape
-        out = torch.bmm(out, core.index_select(0, digit).reshape(u, r_in, q * r_out))
-        width *= q
-        out = out.reshape(u, width, r_out)
-    return out.reshape(u, width)
+        product = torch.bmm(out[-1], core.index_select(0, digit).reshape(u, r_in, q * r_out))
+        out.append(product.reshape(u, out[-1].shape[1] * q, r_out))
+    return out
 
 
 def digits(cores: list[torch.Tensor], ids: torch.Tensor) -> list[torch.Tensor]:
@@ -40,11 +45,7 @@ def rows_backward(grad: torch.Tensor, cores: list[torch.Tensor], ids: torch.Tens
     and ``dL_N = grad``: ``dG_k[i_k] += L_{k-1}ᵀ dL_k`` and ``dL_{k-1} = dL_k G_k[i_k]ᵀ``."""
     u = ids.numel()
     digit_list = digits(cores, ids)
-    left = [cores[0].index_select(0, digit_list[0]).reshape(u, cores[0].shape[2], cores[0].shape[3])]
-    for core, digit in zip(cores[1:-1], digit_list[1:-1]):
-        _, r_in, q, r_out = core.shape
-        product = torch.bmm(left[-1], core.index_select(0, digit).reshape(u, r_in, q * r_out))
-        left.append(product.reshape(u, left[-1].shape[1] * q, r_out))
+    left = left_products(cores[:-1], digit_list[:-1])
     grads = [torch.zeros_like(core) for core in cores]
     d_left = grad
     for k in range(len(cores) - 1, 0, -1):
