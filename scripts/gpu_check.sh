@@ -12,6 +12,8 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 timeout "${TEST_S:-240}" python3 -m pytest -q -rf --tb=short -p no:cacheprovider \
   tests/test_triton_kernels.py tests/test_cuda.py 2>&1 | tee "$OUT/tests.log" | tail -40
 timeout "${BANDWIDTH_S:-90}" python3 benchmarks/gpu_bandwidth.py --out "$OUT/gpu_bandwidth" 2>&1 | tail -20
+timeout "${OVERHEAD_S:-60}" python3 benchmarks/op_overhead.py --device cuda --batch 8 10240 --pooling 1 20 \
+  --out "$OUT/op_overhead_cuda" 2>&1 | tail -5
 GRID_ARGS=${GRID_ARGS:---rows 4000000 64000000 --compressions 10 100 1000 10000 --chunk-sizes 1 32 --pooling 1 20}
 timeout "${GRID_S:-180}" python3 benchmarks/grid.py --device cuda $GRID_ARGS --out /tmp/gpu_results/grid_cuda 2>&1 \
   | tee "$OUT/grid.log" | tail -5

@@ -1,4 +1,5 @@
-"""QR as ``torch.library`` custom ops (namespace ``torchrec_pss``): compose + pool.
+"""QR as ``torch.library`` ops (namespace ``torchrec_pss``; :func:`~torchrec_pss.kernels.define_op`):
+compose + pool.
 
 ``qr_pooled(parts, ids, offsets, weights, collisions, operation, mean, sparse_grads) -> [B, d]``,
 differentiable in every part (dense, or sparse COO for part ``j`` when ``sparse_grads[j]``) and in
@@ -16,16 +17,10 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from torchrec_pss.kernels import optional_module, register_device_kernels
+from torchrec_pss.kernels import define_op, optional_module, register_autograd
 from torchrec_pss_plugins.qr import cpu_kernels, reference
 
 _triton = optional_module("torchrec_pss_plugins.qr.triton_kernels")
-
-
-@torch.library.custom_op("torchrec_pss::qr_pooled", mutates_args=())
-def qr_pooled(parts: list[Tensor], ids: Tensor, offsets: Tensor, weights: Tensor | None, collisions: int,
-              operation: str, mean: bool, sparse_grads: list[bool]) -> Tensor:
-    return reference.pooled_forward(parts, ids, offsets, weights, collisions, operation, mean)
 
 
 def _pooled_kernel(kernels: ModuleType, parts: list[Tensor], ids: Tensor, offsets: Tensor, weights: Tensor | None,
@@ -33,21 +28,17 @@ def _pooled_kernel(kernels: ModuleType, parts: list[Tensor], ids: Tensor, offset
     return kernels.qr_pooled_forward(parts, ids, offsets, weights, collisions, operation, mean)
 
 
-register_device_kernels(qr_pooled, lambda *args: reference.pooled_forward(*args[:-1]),
-                        cpu=(cpu_kernels.load, _pooled_kernel), cuda=(_triton, _pooled_kernel))
+@define_op("qr_pooled", cpu=(cpu_kernels.load, _pooled_kernel), cuda=(_triton, _pooled_kernel))
+def qr_pooled(parts: list[Tensor], ids: Tensor, offsets: Tensor, weights: Tensor | None, collisions: int,
+              operation: str, mean: bool, sparse_grads: list[bool]) -> Tensor:
+    return reference.pooled_forward(parts, ids, offsets, weights, collisions, operation, mean)
 
 
-@qr_pooled.register_fake
+@torch.library.register_fake(qr_pooled)
 def _qr_pooled_fake(parts: list[Tensor], ids: Tensor, offsets: Tensor, weights: Tensor | None, collisions: int,
                     operation: str, mean: bool, sparse_grads: list[bool]) -> Tensor:
     width = parts[0].shape[1]
     return parts[0].new_empty(offsets.shape[0] - 1, width * len(parts) if operation == "concat" else width)
-
-
-@torch.library.custom_op("torchrec_pss::qr_pooled_backward", mutates_args=())
-def qr_pooled_backward(grad: Tensor, parts: list[Tensor], ids: Tensor, offsets: Tensor, weights: Tensor | None,
-                       collisions: int, operation: str, mean: bool) -> list[Tensor]:
-    return reference.pooled_backward(grad, parts, ids, offsets, weights, collisions, operation, mean)
 
 
 def _backward_kernel(kernels: ModuleType, grad: Tensor, parts: list[Tensor], ids: Tensor, offsets: Tensor,
@@ -55,20 +46,16 @@ def _backward_kernel(kernels: ModuleType, grad: Tensor, parts: list[Tensor], ids
     return kernels.qr_pooled_backward(grad, parts, ids, offsets, weights, collisions, operation, mean)
 
 
-register_device_kernels(qr_pooled_backward, reference.pooled_backward,
-                        cpu=(cpu_kernels.load, _backward_kernel), cuda=(_triton, _backward_kernel))
+@define_op("qr_pooled_backward", cpu=(cpu_kernels.load, _backward_kernel), cuda=(_triton, _backward_kernel))
+def qr_pooled_backward(grad: Tensor, parts: list[Tensor], ids: Tensor, offsets: Tensor, weights: Tensor | None,
+                       collisions: int, operation: str, mean: bool) -> list[Tensor]:
+    return reference.pooled_backward(grad, parts, ids, offsets, weights, collisions, operation, mean)
 
 
-@qr_pooled_backward.register_fake
+@torch.library.register_fake(qr_pooled_backward)
 def _qr_pooled_backward_fake(grad: Tensor, parts: list[Tensor], ids: Tensor, offsets: Tensor,
                              weights: Tensor | None, collisions: int, operation: str, mean: bool) -> list[Tensor]:
     return [torch.empty_like(part) for part in parts]
-
-
-@torch.library.custom_op("torchrec_pss::qr_weights_grad", mutates_args=())
-def qr_weights_grad(grad: Tensor, parts: list[Tensor], ids: Tensor, offsets: Tensor, collisions: int, operation: str,
-                    mean: bool) -> Tensor:
-    return reference.weights_grad(grad, parts, ids, offsets, collisions, operation, mean)
 
 
 def _weights_grad_cpu(kernels: ModuleType, grad: Tensor, parts: list[Tensor], ids: Tensor, offsets: Tensor,
@@ -76,10 +63,13 @@ def _weights_grad_cpu(kernels: ModuleType, grad: Tensor, parts: list[Tensor], id
     return kernels.qr_weights_grad(grad, parts, ids, offsets, collisions, operation, mean)
 
 
-register_device_kernels(qr_weights_grad, reference.weights_grad, cpu=(cpu_kernels.load, _weights_grad_cpu))
+@define_op("qr_weights_grad", cpu=(cpu_kernels.load, _weights_grad_cpu))
+def qr_weights_grad(grad: Tensor, parts: list[Tensor], ids: Tensor, offsets: Tensor, collisions: int, operation: str,
+                    mean: bool) -> Tensor:
+    return reference.weights_grad(grad, parts, ids, offsets, collisions, operation, mean)
 
 
-@qr_weights_grad.register_fake
+@torch.library.register_fake(qr_weights_grad)
 def _qr_weights_grad_fake(grad: Tensor, parts: list[Tensor], ids: Tensor, offsets: Tensor, collisions: int,
                           operation: str, mean: bool) -> Tensor:
     return grad.new_empty(ids.shape[0])
@@ -110,4 +100,4 @@ def _backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple:
     return part_grads, None, None, weights_grad, None, None, None, None
 
 
-qr_pooled.register_autograd(_backward, setup_context=_setup_context)
+register_autograd(qr_pooled, _backward, _setup_context)

@@ -1,9 +1,10 @@
-"""ROBE-Z as ``torch.library`` custom ops (namespace ``torchrec_pss``), FBGEMM style.
+"""ROBE-Z as ``torch.library`` ops (namespace ``torchrec_pss``), FBGEMM style.
 
-Each op has the pure-PyTorch reference of :mod:`~torchrec_pss_plugins.robe.reference` as its default
-kernel, a fake kernel (so ``torch.compile`` / ``torch.export`` trace it), a CPU kernel from the C++
-extension (:mod:`~torchrec_pss_plugins.robe.cpu_kernels`; the reference when it cannot be built) and a
-CUDA kernel in Triton (:mod:`~torchrec_pss_plugins.robe.triton_kernels`; the reference without Triton).
+Each op (:func:`~torchrec_pss.kernels.define_op`) has the pure-PyTorch reference of
+:mod:`~torchrec_pss_plugins.robe.reference` as its default kernel, a fake kernel (so ``torch.compile`` /
+``torch.export`` trace it), a CPU kernel from the C++ extension (:mod:`~torchrec_pss_plugins.robe.cpu_kernels`;
+the reference when it cannot be built) and a CUDA kernel in Triton (:mod:`~torchrec_pss_plugins.robe.triton_kernels`;
+the reference without Triton).
 
 - ``robe_pooled(memory, ids, offsets, weights, coefficients, keys, dim, chunk_size, use_sign, mean,
   sparse_grad) -> [B, dim]``, differentiable in ``memory`` (dense, or sparse COO when ``sparse_grad``)
@@ -25,20 +26,10 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from torchrec_pss.kernels import optional_module, register_device_kernels
+from torchrec_pss.kernels import define_op, optional_module, register_autograd
 from torchrec_pss_plugins.robe import cpu_kernels, reference
 
-_LIB = "torchrec_pss"
-
-
 _triton = optional_module("torchrec_pss_plugins.robe.triton_kernels")
-
-
-@torch.library.custom_op(f"{_LIB}::robe_pooled", mutates_args=())
-def robe_pooled(memory: Tensor, ids: Tensor, offsets: Tensor, weights: Tensor | None, coefficients: Tensor,
-                keys: Tensor, dim: int, chunk_size: int, use_sign: bool, mean: bool, sparse_grad: bool) -> Tensor:
-    return reference.pooled_forward(memory, ids, offsets, weights, coefficients, keys, dim, chunk_size,
-                                    use_sign, mean)
 
 
 def _pooled_kernel(kernels: ModuleType, memory: Tensor, ids: Tensor, offsets: Tensor, weights: Tensor | None,
@@ -48,22 +39,18 @@ def _pooled_kernel(kernels: ModuleType, memory: Tensor, ids: Tensor, offsets: Te
                                        keys, dim, chunk_size, use_sign, mean)
 
 
-register_device_kernels(robe_pooled, lambda *args: reference.pooled_forward(*args[:-1]),
-                        cpu=(cpu_kernels.load, _pooled_kernel), cuda=(_triton, _pooled_kernel))
+@define_op("robe_pooled", cpu=(cpu_kernels.load, _pooled_kernel), cuda=(_triton, _pooled_kernel))
+def robe_pooled(memory: Tensor, ids: Tensor, offsets: Tensor, weights: Tensor | None, coefficients: Tensor,
+                keys: Tensor, dim: int, chunk_size: int, use_sign: bool, mean: bool, sparse_grad: bool) -> Tensor:
+    return reference.pooled_forward(memory, ids, offsets, weights, coefficients, keys, dim, chunk_size,
+                                    use_sign, mean)
 
 
-@robe_pooled.register_fake
+@torch.library.register_fake(robe_pooled)
 def _robe_pooled_fake(memory: Tensor, ids: Tensor, offsets: Tensor, weights: Tensor | None, coefficients: Tensor,
                       keys: Tensor, dim: int, chunk_size: int, use_sign: bool, mean: bool,
                       sparse_grad: bool) -> Tensor:
     return memory.new_empty(offsets.shape[0] - 1, dim)
-
-
-@torch.library.custom_op(f"{_LIB}::robe_pooled_backward", mutates_args=())
-def robe_pooled_backward(grad: Tensor, ids: Tensor, offsets: Tensor, weights: Tensor | None, coefficients: Tensor,
-                         keys: Tensor, memory_size: int, chunk_size: int, use_sign: bool, mean: bool) -> Tensor:
-    return reference.pooled_backward(grad, ids, offsets, weights, coefficients, keys, memory_size, chunk_size,
-                                     use_sign, mean)
 
 
 def _backward_kernel(kernels: ModuleType, grad: Tensor, ids: Tensor, offsets: Tensor, weights: Tensor | None,
@@ -73,21 +60,18 @@ def _backward_kernel(kernels: ModuleType, grad: Tensor, ids: Tensor, offsets: Te
                                         keys, memory_size, grad.shape[1], chunk_size, use_sign, mean)
 
 
-register_device_kernels(robe_pooled_backward, reference.pooled_backward,
-                        cpu=(cpu_kernels.load, _backward_kernel), cuda=(_triton, _backward_kernel))
+@define_op("robe_pooled_backward", cpu=(cpu_kernels.load, _backward_kernel), cuda=(_triton, _backward_kernel))
+def robe_pooled_backward(grad: Tensor, ids: Tensor, offsets: Tensor, weights: Tensor | None, coefficients: Tensor,
+                         keys: Tensor, memory_size: int, chunk_size: int, use_sign: bool, mean: bool) -> Tensor:
+    return reference.pooled_backward(grad, ids, offsets, weights, coefficients, keys, memory_size, chunk_size,
+                                     use_sign, mean)
 
 
-@robe_pooled_backward.register_fake
+@torch.library.register_fake(robe_pooled_backward)
 def _robe_pooled_backward_fake(grad: Tensor, ids: Tensor, offsets: Tensor, weights: Tensor | None,
                                coefficients: Tensor, keys: Tensor, memory_size: int, chunk_size: int,
                                use_sign: bool, mean: bool) -> Tensor:
     return grad.new_empty(memory_size)
-
-
-@torch.library.custom_op(f"{_LIB}::robe_weights_grad", mutates_args=())
-def robe_weights_grad(grad: Tensor, memory: Tensor, ids: Tensor, offsets: Tensor, coefficients: Tensor,
-                      keys: Tensor, chunk_size: int, use_sign: bool, mean: bool) -> Tensor:
-    return reference.weights_grad(grad, memory, ids, offsets, coefficients, keys, chunk_size, use_sign, mean)
 
 
 def _weights_grad_cpu(kernels: ModuleType, grad: Tensor, memory: Tensor, ids: Tensor, offsets: Tensor,
@@ -102,11 +86,13 @@ def _weights_grad_cuda(kernels: ModuleType, grad: Tensor, memory: Tensor, ids: T
                                      coefficients[1], keys, grad.shape[1], chunk_size, use_sign, mean)
 
 
-register_device_kernels(robe_weights_grad, reference.weights_grad,
-                        cpu=(cpu_kernels.load, _weights_grad_cpu), cuda=(_triton, _weights_grad_cuda))
+@define_op("robe_weights_grad", cpu=(cpu_kernels.load, _weights_grad_cpu), cuda=(_triton, _weights_grad_cuda))
+def robe_weights_grad(grad: Tensor, memory: Tensor, ids: Tensor, offsets: Tensor, coefficients: Tensor,
+                      keys: Tensor, chunk_size: int, use_sign: bool, mean: bool) -> Tensor:
+    return reference.weights_grad(grad, memory, ids, offsets, coefficients, keys, chunk_size, use_sign, mean)
 
 
-@robe_weights_grad.register_fake
+@torch.library.register_fake(robe_weights_grad)
 def _robe_weights_grad_fake(grad: Tensor, memory: Tensor, ids: Tensor, offsets: Tensor, coefficients: Tensor,
                             keys: Tensor, chunk_size: int, use_sign: bool, mean: bool) -> Tensor:
     return grad.new_empty(ids.shape[0])
@@ -136,14 +122,7 @@ def _backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple:
     return memory_grad, None, None, weights_grad, None, None, None, None, None, None, None
 
 
-robe_pooled.register_autograd(_backward, setup_context=_setup_context)
-
-
-@torch.library.custom_op(f"{_LIB}::robe_sgd_update_", mutates_args=("memory",))
-def robe_sgd_update_(memory: Tensor, grad: Tensor, ids: Tensor, offsets: Tensor, weights: Tensor | None,
-                     coefficients: Tensor, keys: Tensor, chunk_size: int, use_sign: bool, mean: bool,
-                     lr: float) -> None:
-    reference.sgd_update_(memory, grad, ids, offsets, weights, coefficients, keys, chunk_size, use_sign, mean, lr)
+register_autograd(robe_pooled, _backward, _setup_context)
 
 
 def _sgd_cpu(kernels: ModuleType, memory: Tensor, grad: Tensor, ids: Tensor, offsets: Tensor,
@@ -160,23 +139,19 @@ def _sgd_cuda(kernels: ModuleType, memory: Tensor, grad: Tensor, ids: Tensor, of
                              keys, grad.shape[1], chunk_size, use_sign, mean, lr)
 
 
-register_device_kernels(robe_sgd_update_, reference.sgd_update_,
-                        cpu=(cpu_kernels.load, _sgd_cpu), cuda=(_triton, _sgd_cuda))
+@define_op("robe_sgd_update_", mutates_args=("memory",), cpu=(cpu_kernels.load, _sgd_cpu),
+           cuda=(_triton, _sgd_cuda))
+def robe_sgd_update_(memory: Tensor, grad: Tensor, ids: Tensor, offsets: Tensor, weights: Tensor | None,
+                     coefficients: Tensor, keys: Tensor, chunk_size: int, use_sign: bool, mean: bool,
+                     lr: float) -> None:
+    reference.sgd_update_(memory, grad, ids, offsets, weights, coefficients, keys, chunk_size, use_sign, mean, lr)
 
 
-@robe_sgd_update_.register_fake
+@torch.library.register_fake(robe_sgd_update_)
 def _robe_sgd_update_fake(memory: Tensor, grad: Tensor, ids: Tensor, offsets: Tensor, weights: Tensor | None,
                           coefficients: Tensor, keys: Tensor, chunk_size: int, use_sign: bool, mean: bool,
                           lr: float) -> None:
     return None
-
-
-@torch.library.custom_op(f"{_LIB}::robe_adagrad_update_", mutates_args=("memory", "accumulator"))
-def robe_adagrad_update_(memory: Tensor, accumulator: Tensor, grad: Tensor, ids: Tensor, offsets: Tensor,
-                         weights: Tensor | None, coefficients: Tensor, keys: Tensor, chunk_size: int, use_sign: bool,
-                         mean: bool, lr: float, eps: float, block_size: int) -> None:
-    reference.adagrad_update_(memory, accumulator, grad, ids, offsets, weights, coefficients, keys, chunk_size,
-                              use_sign, mean, lr, eps, block_size)
 
 
 def _adagrad_cpu(kernels: ModuleType, memory: Tensor, accumulator: Tensor, grad: Tensor, ids: Tensor,
@@ -194,11 +169,16 @@ def _adagrad_cuda(kernels: ModuleType, memory: Tensor, accumulator: Tensor, grad
     kernels.blockwise_adagrad_update_(memory, accumulator, dense, lr, eps, block_size)
 
 
-register_device_kernels(robe_adagrad_update_, reference.adagrad_update_,
-                        cpu=(cpu_kernels.load, _adagrad_cpu), cuda=(_triton, _adagrad_cuda))
+@define_op("robe_adagrad_update_", mutates_args=("memory", "accumulator"), cpu=(cpu_kernels.load, _adagrad_cpu),
+           cuda=(_triton, _adagrad_cuda))
+def robe_adagrad_update_(memory: Tensor, accumulator: Tensor, grad: Tensor, ids: Tensor, offsets: Tensor,
+                         weights: Tensor | None, coefficients: Tensor, keys: Tensor, chunk_size: int, use_sign: bool,
+                         mean: bool, lr: float, eps: float, block_size: int) -> None:
+    reference.adagrad_update_(memory, accumulator, grad, ids, offsets, weights, coefficients, keys, chunk_size,
+                              use_sign, mean, lr, eps, block_size)
 
 
-@robe_adagrad_update_.register_fake
+@torch.library.register_fake(robe_adagrad_update_)
 def _robe_adagrad_update_fake(memory: Tensor, accumulator: Tensor, grad: Tensor, ids: Tensor, offsets: Tensor,
                               weights: Tensor | None, coefficients: Tensor, keys: Tensor, chunk_size: int,
                               use_sign: bool, mean: bool, lr: float, eps: float, block_size: int) -> None:

@@ -178,27 +178,19 @@ class RobeMemory(PSSMemory):
         """The gradient layout for a batch touching ``touched`` memory elements (the ``gradient`` rule)."""
         return use_sparse_gradient(self.config.gradient, self.memory_size, touched, self.config.auto_dense_ratio)
 
-    def _fused_update(self, weights: torch.Tensor | None, whole_step: bool) -> FusedUpdate | None:
-        """The in-backward update the fused kernels can apply themselves, or None.
-
-        SGD is linear, so any number of reads per step may each apply their share; Adagrad needs the
-        whole step's gradient at once, so only a call that reads every table of the memory (``whole_step``:
-        :meth:`pooled_many` with one kernel call, or :meth:`pooled` of a one-table memory) qualifies.
-        Replicated memories (whose updates wait for the gradient all-reduce) and trainable weights do not.
-        """
+    def _in_backward_update(self) -> FusedUpdate | None:
+        """The in-backward update of ``M`` that the fused kernels can apply themselves, or None: a
+        :class:`~torchrec_pss.optim.FusedUpdate` of a supported kind, not deferred (replicated memories' updates
+        wait for the gradient all-reduce), in a float32 training forward with the fast kernels on."""
         if not (torch.is_grad_enabled() and self.weight.requires_grad) or reference_only():
             return None
         if self.weight.dtype != torch.float32:
-            return None
-        if weights is not None and weights.requires_grad:
             return None
         optimizers = getattr(self.weight, "_in_backward_optimizers", None)
         if not optimizers or len(optimizers) != 1 or not isinstance(optimizers[0], FusedUpdate):
             return None
         update = optimizers[0]
-        if update.deferred_to is not None or update.kind not in _FUSED_KINDS:
-            return None
-        return update if update.kind == "SGD" or whole_step else None
+        return None if update.deferred_to is not None or update.kind not in _FUSED_KINDS else update
 
     def _key(self, table: str) -> torch.Tensor:
         """The table's key ``t`` as a ``[1]`` view of the ``table_keys`` buffer."""
@@ -206,11 +198,14 @@ class RobeMemory(PSSMemory):
         return self.table_keys[index : index + 1]
 
     def _bags(self, keys: torch.Tensor, dim: int, ids: torch.Tensor, offsets: torch.Tensor,
-              weights: torch.Tensor | None, mean: bool, whole_step: bool) -> torch.Tensor:
-        """One ``robe_pooled`` call (fused with the optimizer when it can be) over bags of width ``dim``."""
+              weights: torch.Tensor | None, mean: bool, update: FusedUpdate | None, whole_step: bool) -> torch.Tensor:
+        """One ``robe_pooled`` call over bags of width ``dim``, fused with the in-backward ``update`` when it can be:
+        SGD is linear, so any number of reads per step may each apply their share; Adagrad needs the whole step's
+        gradient at once, so only a call that reads every table of the memory (``whole_step``) qualifies; trainable
+        weights never do."""
         z, sign = self.config.chunk_size, self.config.use_sign
-        update = self._fused_update(weights, whole_step)
-        if update is not None:
+        if (update is not None and (update.kind == "SGD" or whole_step)
+                and (weights is None or not weights.requires_grad)):
             return _FusedRobeStep.apply(self.weight, update, ids, offsets, weights, self.hash_coefficients, keys, dim,
                                         z, sign, mean)
         sparse = self.use_sparse_gradient(ids.numel() * dim)
@@ -220,7 +215,7 @@ class RobeMemory(PSSMemory):
     def recover(self, table: str, ids: torch.Tensor) -> torch.Tensor:
         offsets = torch.arange(ids.numel() + 1, device=ids.device)
         return self._bags(self._key(table), self.tables[table].embedding_dim, ids, offsets, None, False,
-                          len(self.tables) == 1)
+                          self._in_backward_update(), len(self.tables) == 1)
 
     def pooled(
         self,
@@ -237,7 +232,11 @@ class RobeMemory(PSSMemory):
         pooling mode (the requests' bags concatenated, each bag hashed with its own table's key), so the fused
         update sees the step's whole gradient. Otherwise one call per request, which is faster on the CPU
         (a call's hash plan stays in cache; ``benchmarks/shared_memory.py``)."""
-        update = self._fused_update(None, True)
+        update = self._in_backward_update()
+        if len(requests) == 1:
+            keys, ids, offsets, weights = _concatenated(requests, self._key, self.weight.dtype)
+            dim, mean = self.tables[requests[0].table].embedding_dim, requests[0].mean
+            return [self._bags(keys, dim, ids, offsets, weights, mean, update, len(self.tables) == 1)]
         whole_step_needed = update is not None and update.kind != "SGD"
         groups: dict[tuple[int, bool] | int, list[int]] = {}
         for index, request in enumerate(requests):
@@ -249,7 +248,7 @@ class RobeMemory(PSSMemory):
             group = [requests[i] for i in members]
             keys, ids, offsets, weights = _concatenated(group, self._key, self.weight.dtype)
             dim, mean = self.tables[group[0].table].embedding_dim, group[0].mean
-            pooled = self._bags(keys, dim, ids, offsets, weights, mean, whole_step)
+            pooled = self._bags(keys, dim, ids, offsets, weights, mean, update, whole_step)
             for index, block in zip(members, pooled.split([r.lengths.numel() for r in group])):
                 out[index] = block
         return out

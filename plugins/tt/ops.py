@@ -1,4 +1,5 @@
-"""TT row reconstruction as ``torch.library`` custom ops (namespace ``torchrec_pss``).
+"""TT row reconstruction as ``torch.library`` ops (namespace ``torchrec_pss``;
+:func:`~torchrec_pss.kernels.define_op`).
 
 Each op has a pure-PyTorch reference as its default kernel (:mod:`~torchrec_pss_plugins.tt.reference`), a
 fake kernel (so ``torch.compile`` / ``torch.export`` trace it) and a CPU kernel from the C++ extension
@@ -19,15 +20,10 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from torchrec_pss.kernels import optional_module, register_device_kernels
+from torchrec_pss.kernels import define_op, optional_module, register_autograd
 from torchrec_pss_plugins.tt import cpu_kernels, reference
 
 _triton = optional_module("torchrec_pss_plugins.tt.triton_kernels")
-
-
-@torch.library.custom_op("torchrec_pss::tt_rows", mutates_args=())
-def tt_rows(cores: list[Tensor], ids: Tensor) -> Tensor:
-    return reference.rows(cores, ids)
 
 
 def _rows_cpu(kernels: ModuleType, cores: list[Tensor], ids: Tensor) -> Tensor:
@@ -38,27 +34,26 @@ def _rows_cuda(kernels: ModuleType, cores: list[Tensor], ids: Tensor) -> Tensor:
     return kernels.tt_rows(cores, ids)
 
 
-register_device_kernels(tt_rows, reference.rows, cpu=(cpu_kernels.load, _rows_cpu), cuda=(_triton, _rows_cuda))
+@define_op("tt_rows", cpu=(cpu_kernels.load, _rows_cpu), cuda=(_triton, _rows_cuda))
+def tt_rows(cores: list[Tensor], ids: Tensor) -> Tensor:
+    return reference.rows(cores, ids)
 
 
-@tt_rows.register_fake
+@torch.library.register_fake(tt_rows)
 def _tt_rows_fake(cores: list[Tensor], ids: Tensor) -> Tensor:
     return cores[0].new_empty(ids.shape[0], math.prod(core.shape[2] for core in cores))
-
-
-@torch.library.custom_op("torchrec_pss::tt_rows_backward", mutates_args=())
-def tt_rows_backward(grad: Tensor, cores: list[Tensor], ids: Tensor) -> list[Tensor]:
-    return reference.rows_backward(grad, cores, ids)
 
 
 def _backward_cpu(kernels: ModuleType, grad: Tensor, cores: list[Tensor], ids: Tensor) -> list[Tensor]:
     return kernels.tt_rows_backward(grad, cores, ids)
 
 
-register_device_kernels(tt_rows_backward, reference.rows_backward, cpu=(cpu_kernels.load, _backward_cpu))
+@define_op("tt_rows_backward", cpu=(cpu_kernels.load, _backward_cpu))
+def tt_rows_backward(grad: Tensor, cores: list[Tensor], ids: Tensor) -> list[Tensor]:
+    return reference.rows_backward(grad, cores, ids)
 
 
-@tt_rows_backward.register_fake
+@torch.library.register_fake(tt_rows_backward)
 def _tt_rows_backward_fake(grad: Tensor, cores: list[Tensor], ids: Tensor) -> list[Tensor]:
     return [core.new_empty(core.shape) for core in cores]
 
@@ -73,4 +68,4 @@ def _backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple:
     return tt_rows_backward(grad, [core.detach() for core in cores], ids), None  # first-order only
 
 
-tt_rows.register_autograd(_backward, setup_context=_setup_context)
+register_autograd(tt_rows, _backward, _setup_context)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -79,6 +79,7 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOpt
         self.pss_memories = nn.ModuleDict()
         self._group_of: dict[str, str] = {}
         self._fused_updates: dict[str, FusedUpdate] = {}
+        self._named_parameters: list[tuple[str, nn.Parameter]] | None = None
         groups: dict[str, tuple[MethodConfig, list[EmbeddingBagConfig]]] = {}
         for table in self._embedding_bag_configs:
             config = compression.get(table.name)
@@ -155,13 +156,15 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOpt
         self._adopt_in_backward_optimizers()
         return PSSFusedOptimizer(self._fused_updates)
 
-    def _adopt_in_backward_optimizers(self) -> None:
+    def _adopt_in_backward_optimizers(self, named_parameters: Iterable[tuple[str, nn.Parameter]] | None = None
+                                      ) -> None:
         """Swap the torch optimizers that ``apply_optimizer_in_backward`` attached for fused updates.
 
         torch's backward hook steps whatever ``param._in_backward_optimizers`` holds, then drops the
-        gradient; the swap keeps that hook and changes only what it steps.
+        gradient; the swap keeps that hook and changes only what it steps. ``named_parameters``: the
+        parameters to look at (default: all of them, found afresh).
         """
-        for name, param in self.named_parameters():
+        for name, param in self.named_parameters() if named_parameters is None else named_parameters:
             optimizers = getattr(param, "_in_backward_optimizers", None)
             if not optimizers or optimizers == [self._fused_updates.get(name)]:
                 continue
@@ -172,8 +175,14 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOpt
             self._fused_updates[name] = update
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        self._adopt_in_backward_optimizers()
+        if self._named_parameters is None:  # cleared by loading a state_dict and by _apply (may swap parameters)
+            self._named_parameters = list(self.named_parameters())
+        self._adopt_in_backward_optimizers(self._named_parameters)
         return self.pool(features)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> CompressedEmbeddingBagCollection:
+        self._named_parameters = None
+        return super()._apply(fn, recurse)
 
     def pool(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """The forward pass without taking over in-backward optimizers (for wrappers that own them)."""
@@ -228,15 +237,16 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOpt
                 continue
             jagged = [feature_dict[f] for f in table.feature_names]
             bags_per_feature[table.name] = [jt.lengths().numel() for jt in jagged]
-            weights = torch.cat([jt.weights() for jt in jagged]) if self._is_weighted else None
+            weights = _joined([jt.weights() for jt in jagged]) if self._is_weighted else None
             requests.setdefault(self._group_of[table.name], []).append(BagRequest(
-                table.name, torch.cat([jt.values() for jt in jagged]).long(),
-                torch.cat([jt.lengths() for jt in jagged]).long(), weights, table.pooling == PoolingType.MEAN,
+                table.name, _joined([jt.values() for jt in jagged]).long(),
+                _joined([jt.lengths() for jt in jagged]).long(), weights, table.pooling == PoolingType.MEAN,
             ))
         out: dict[str, list[torch.Tensor]] = {}
         for group, group_requests in requests.items():
             for request, pooled in zip(group_requests, self.pss_memories[group].pooled_many(group_requests)):
-                out[request.table] = list(torch.split(pooled, bags_per_feature[request.table]))
+                sizes = bags_per_feature[request.table]
+                out[request.table] = [pooled] if len(sizes) == 1 else list(torch.split(pooled, sizes))
         return out
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
@@ -273,6 +283,11 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOpt
         return signatures
 
 
+def _joined(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat`` that returns a single tensor as it is (no copy)."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+
+
 def _validate_tables(tables: Sequence[EmbeddingBagConfig], compression: Mapping[str, MethodConfig]) -> None:
     names = [t.name for t in tables]
     seen: set[str] = set()
@@ -300,7 +315,9 @@ def _check_state_dict_before_load(
     unexpected_keys: list[str],
     error_msgs: list[str],
 ) -> None:
-    """Refuse, before anything is copied, a state_dict from another method, signature, shape or constants."""
+    """Refuse, before anything is copied, a state_dict from another method, signature, shape or constants.
+    Also drops the module's cached parameter list (``assign=True`` swaps parameters)."""
+    module._named_parameters = None
     saved = state_dict.get(prefix + _EXTRA_STATE)
     if saved is not None:
         mine = module._table_signatures()

@@ -1,0 +1,218 @@
+"""Host overhead of the ROBE ops and of a small training step: what a call costs beyond its kernel.
+
+At small batches a step is bound by the host: the dispatcher and Python layers around the kernels, not
+the kernels. Measured in one process at ``--batch`` bags of ``--pooling`` ids, ``d`` = 128, ROBE-32 at 1000×
+(``--rows`` logical rows, 4M by default); each figure is the median over ``--repeats`` blocks of the mean time of ``--calls``
+back-to-back calls (one device synchronisation per block, so on CUDA a call costs its launch, not a
+round trip):
+
+- ``kernel``: the device kernel called directly (the C++ extension on CPU, Triton on CUDA);
+- ``op``: ``torchrec_pss::robe_pooled`` (:func:`torchrec_pss.kernels.define_op`), without and with autograd
+  (``M`` requires grad, so the call records its backward), and ``torchrec_pss::robe_sgd_update_``;
+- ``custom_op``: the same kernels registered through ``torch.library.custom_op`` + ``register_autograd``
+  (how the ops were registered before), for comparison;
+- ``step``: ``CompressedEmbeddingBagCollection`` (input checks off) forward + backward with SGD fused into
+  backward, against ``torch.nn.EmbeddingBag(sparse=True)`` with torch's SGD in backward (the GPU baseline of
+  ``benchmarks/grid.py``); ``forward``: the same under ``no_grad``.
+
+    python benchmarks/op_overhead.py --out benchmarks/results/op_overhead_cpu
+
+writes ``STEM.json`` and ``STEM.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.optim import apply_optimizer_in_backward
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from torchrec_pss import CompressedEmbeddingBagCollection, RobeConfig
+from torchrec_pss.kernels import _device_kernel
+from torchrec_pss_plugins.robe import cpu_kernels, ops, reference
+
+DIM, CHUNK, COMPRESSION, LR = 128, 32, 1000, 0.01
+
+
+def device_loader(device: torch.device) -> Callable[[], Any]:
+    """The loader of the ROBE device kernels for ``device`` (the C++ extension or the Triton module)."""
+    if device.type == "cuda":
+        return lambda: importlib.import_module("torchrec_pss_plugins.robe.triton_kernels")
+    return cpu_kernels.load
+
+
+def sgd_kernel(kernels: Any, device: torch.device) -> Callable[..., None]:
+    """``(memory, grad, ids, offsets, coefficients, keys) -> None``: the fused SGD kernel called directly."""
+    def update(memory: Tensor, grad: Tensor, ids: Tensor, offsets: Tensor, coefficients: Tensor, keys: Tensor) -> None:
+        extra = (grad.shape[1],) if device.type == "cuda" else ()
+        kernels.robe_sgd_update_(memory, grad, ids, offsets, None, coefficients[0], coefficients[1], keys, *extra,
+                                 CHUNK, True, False, LR)
+
+    return update
+
+
+def custom_op_versions(device: torch.device) -> tuple[Callable[..., Tensor], Callable[..., None]]:
+    """``robe_pooled`` and ``robe_sgd_update_`` registered as they were before ``define_op``: through
+    ``torch.library.custom_op``, with the same schemas, the same kernel closures (``define_op``'s, calling the
+    same device kernels with the same checks) and the same autograd formula."""
+
+    @torch.library.custom_op("torchrec_pss_overhead::robe_pooled", mutates_args=())
+    def pooled(memory: Tensor, ids: Tensor, offsets: Tensor, weights: Tensor | None, coefficients: Tensor,
+               keys: Tensor, dim: int, chunk_size: int, use_sign: bool, mean: bool, sparse_grad: bool) -> Tensor:
+        return reference.pooled_forward(memory, ids, offsets, weights, coefficients, keys, dim, chunk_size,
+                                        use_sign, mean)
+
+    pooled.register_kernel(device.type)(_device_kernel(pooled._init_fn, device_loader(device), ops._pooled_kernel))
+    pooled.register_autograd(ops._backward, setup_context=ops._setup_context)
+
+    @torch.library.custom_op("torchrec_pss_overhead::robe_sgd_update_", mutates_args=("memory",))
+    def sgd(memory: Tensor, grad: Tensor, ids: Tensor, offsets: Tensor, weights: Tensor | None,
+            coefficients: Tensor, keys: Tensor, chunk_size: int, use_sign: bool, mean: bool, lr: float) -> None:
+        reference.sgd_update_(memory, grad, ids, offsets, weights, coefficients, keys, chunk_size, use_sign, mean, lr)
+
+    call = ops._sgd_cuda if device.type == "cuda" else ops._sgd_cpu
+    sgd.register_kernel(device.type)(_device_kernel(sgd._init_fn, device_loader(device), call))
+    return pooled, sgd
+
+
+def per_call_us(call: Callable[[], Any], calls: int, repeats: int, device: torch.device) -> float:
+    """Median over ``repeats`` blocks of the mean microseconds per call of ``calls`` back-to-back calls."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(calls):
+        call()
+    blocks = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        for _ in range(calls):
+            call()
+        sync()
+        blocks.append((time.perf_counter() - start) / calls * 1e6)
+    return statistics.median(blocks)
+
+
+def measure(batch: int, pooling: int, rows: int, calls: int, repeats: int, device: torch.device,
+            kernels: Any, custom_ops: tuple[Callable[..., Tensor], Callable[..., None]]) -> dict[str, float]:
+    table = EmbeddingBagConfig(name="t", embedding_dim=DIM, num_embeddings=rows, feature_names=["f"])
+    module = CompressedEmbeddingBagCollection([table], {"t": RobeConfig(compression=COMPRESSION, chunk_size=CHUNK)},
+                                              device, validate_inputs=False)
+    memory = module.memory_for("t")
+    weight, coefficients = memory.weight, memory.hash_coefficients
+    keys = memory.table_keys[:1]
+    lengths = torch.full((batch,), pooling, device=device)
+    ids = torch.randint(0, rows, (batch * pooling,), generator=torch.Generator().manual_seed(0)).to(device)
+    offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+    grad = torch.randn(batch, DIM, device=device)
+    plain = weight.detach()
+    update = sgd_kernel(kernels, device)
+    custom_pooled, custom_sgd = custom_ops
+    args = (ids, offsets, None, coefficients, keys, DIM, CHUNK, True, False, False)
+    times: dict[str, float] = {}
+
+    def timed(name: str, call: Callable[[], Any]) -> None:
+        times[name] = per_call_us(call, calls, repeats, device)
+
+    with torch.no_grad():
+        timed("kernel_forward_us", lambda: kernels.robe_pooled_forward(plain, ids, offsets, None, coefficients[0],
+                                                                        coefficients[1], keys, DIM, CHUNK, True, False))
+        timed("op_forward_us", lambda: ops.robe_pooled(plain, *args))
+        timed("custom_op_forward_us", lambda: custom_pooled(plain, *args))
+        timed("kernel_sgd_us", lambda: update(plain, grad, ids, offsets, coefficients, keys))
+        timed("op_sgd_us", lambda: ops.robe_sgd_update_(plain, grad, ids, offsets, None, coefficients, keys, CHUNK,
+                                                        True, False, 0.0))
+        timed("custom_op_sgd_us", lambda: custom_sgd(plain, grad, ids, offsets, None, coefficients, keys, CHUNK,
+                                                     True, False, 0.0))
+    timed("op_forward_autograd_us", lambda: ops.robe_pooled(weight, *args))
+    timed("custom_op_forward_autograd_us", lambda: custom_pooled(weight, *args))
+
+    kjt = KeyedJaggedTensor(keys=["f"], values=ids, lengths=lengths, offsets=offsets)
+    apply_optimizer_in_backward(torch.optim.SGD, module.parameters(), {"lr": LR})
+    timed("module_step_us", lambda: module(kjt).values().sum().backward())
+    with torch.no_grad():
+        timed("module_forward_us", lambda: module(kjt).values())
+    bag = torch.nn.EmbeddingBag(rows, DIM, mode="sum", sparse=True, include_last_offset=True, device=device)
+    apply_optimizer_in_backward(torch.optim.SGD, bag.parameters(), {"lr": LR})
+    timed("embedding_bag_step_us", lambda: bag(ids, offsets).sum().backward())
+    with torch.no_grad():
+        timed("embedding_bag_forward_us", lambda: bag(ids, offsets))
+    return times
+
+
+OP_ROWS = [
+    ("robe_pooled, no autograd", "kernel_forward_us", "op_forward_us", "custom_op_forward_us"),
+    ("robe_pooled, with autograd", "kernel_forward_us", "op_forward_autograd_us", "custom_op_forward_autograd_us"),
+    ("robe_sgd_update_", "kernel_sgd_us", "op_sgd_us", "custom_op_sgd_us"),
+]
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = [f"# Host overhead of the ROBE ops ({result['device_name']})", "",
+             f"Generated by `python benchmarks/op_overhead.py {' '.join(result['argv'])}` on {result['date']}: ROBE-32 "
+             f"at {COMPRESSION}x of {result['rows']:,} x {DIM}, per-call microseconds (median over {result['repeats']} blocks of "
+             f"{result['calls']} back-to-back calls), {result['threads']} threads, torch {result['torch']}.", "",
+             "## Ops: the kernel alone, the op, the same kernel behind `torch.library.custom_op`", "",
+             "| B | L | call | kernel us | op us | custom_op us | op - kernel us | custom_op - kernel us |",
+             "|---:|---:|---|---:|---:|---:|---:|---:|"]
+    for cell in result["cells"]:
+        for label, kernel, op, custom in OP_ROWS:
+            lines.append(f"| {cell['batch']} | {cell['pooling']} | {label} | {cell[kernel]:.1f} | {cell[op]:.1f} | "
+                         f"{cell[custom]:.1f} | {cell[op] - cell[kernel]:.1f} | {cell[custom] - cell[kernel]:.1f} |")
+    lines += ["", "## Module against `nn.EmbeddingBag(sparse=True)` + SGD in backward", "",
+              "| B | L | module fwd us | EmbeddingBag fwd us | fwd ratio | module step us | EmbeddingBag step us | "
+              "step ratio |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for cell in result["cells"]:
+        lines.append(f"| {cell['batch']} | {cell['pooling']} | {cell['module_forward_us']:.1f} | "
+                     f"{cell['embedding_bag_forward_us']:.1f} | "
+                     f"{cell['module_forward_us'] / cell['embedding_bag_forward_us']:.2f} | "
+                     f"{cell['module_step_us']:.1f} | {cell['embedding_bag_step_us']:.1f} | "
+                     f"{cell['module_step_us'] / cell['embedding_bag_step_us']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch", type=int, nargs="+", default=[8, 512])
+    parser.add_argument("--pooling", type=int, nargs="+", default=[1])
+    parser.add_argument("--rows", type=int, default=4_000_000)
+    parser.add_argument("--calls", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/op_overhead_cpu"))
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    kernels = device_loader(device)()
+    if kernels is None:
+        raise SystemExit("the ROBE device kernels cannot be loaded here; nothing to compare")
+    custom_ops = custom_op_versions(device)
+    cells = []
+    for batch in args.batch:
+        for pooling in args.pooling:
+            times = measure(batch, pooling, args.rows, args.calls, args.repeats, device, kernels, custom_ops)
+            cell = {"batch": batch, "pooling": pooling, **times}
+            print(json.dumps(cell), flush=True)
+            cells.append(cell)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {platform.machine()}"
+    result = {"argv": argv if argv is not None else sys.argv[1:],
+              "date": datetime.datetime.now().isoformat(timespec="seconds"), "device": str(device),
+              "device_name": name, "rows": args.rows, "calls": args.calls, "repeats": args.repeats,
+              "threads": torch.get_num_threads(), "torch": torch.__version__, "cells": cells}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    args.out.with_suffix(".md").write_text(markdown(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
