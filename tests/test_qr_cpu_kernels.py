@@ -99,6 +99,12 @@ def test_kernels_match_reference_and_autograd(operation: str, k: int, weighted: 
     close(got, reference.weights_grad(grad_out, parts, ids, offsets, collisions, operation, mean))
     if weights is not None:
         close(got, weights_grad)
+    for j, (part, auto) in enumerate(zip(parts, part_grads)):
+        rows, values = KERNELS.qr_part_grad_rows(grad_out, parts, *args, j)
+        ref_rows, ref_values = reference.part_grad_rows(grad_out, parts, *args, j)
+        assert torch.equal(rows, ref_rows) and torch.equal(rows, python_digits(ids, collisions, k)[j].unique())
+        close(values, ref_values)
+        close(torch.zeros_like(part).index_copy_(0, rows, values), auto)
 
 
 @pytest.mark.parametrize("operation", ["mult", "add", "concat"])
@@ -175,6 +181,15 @@ def test_threaded_scatter_loses_no_update(k: int, collisions: int, last_rows: in
         torch.set_num_threads(previous)
     for g, e in zip(got, expected):
         torch.testing.assert_close(g.double(), e, rtol=1e-4, atol=1e-4)
+    torch.set_num_threads(threads)
+    try:
+        per_part = [KERNELS.qr_part_grad_rows(grad_out, parts, ids, offsets, weights, collisions, "mult", True, j)
+                    for j in range(k)]
+    finally:
+        torch.set_num_threads(previous)
+    for (rows, values), e in zip(per_part, expected):
+        torch.testing.assert_close(values.double(), e[rows], rtol=1e-4, atol=1e-4)
+        assert torch.count_nonzero(e.abs().sum(1)) <= rows.numel()
     expected_out = reference.pooled_forward([p.double() for p in parts], ids, offsets, weights.double(), collisions,
                                             "mult", True)
     torch.testing.assert_close(out.double(), expected_out, rtol=1e-5, atol=1e-5)
@@ -234,19 +249,44 @@ def test_ops_dispatch_to_the_kernels_and_fall_back(monkeypatch: pytest.MonkeyPat
         ops.qr_pooled(parts, bad, torch.tensor([0, 1]), None, 5, "add", False, [False, False])
 
 
-def test_weights_grad_op_check() -> None:
+def test_weights_grad_and_part_grad_rows_op_check() -> None:
     parts = make_parts("mult", 3, 5, 7, seed=5)
-    ids, _ = batch(5, 3, 5, 7)
+    ids, weights = batch(5, 3, 5, 7)
     grad_out = torch.randn(LENGTHS.numel(), 8)
     torch.library.opcheck(ops.qr_weights_grad, (grad_out, parts, ids, offsets_of(LENGTHS), 5, "mult", True))
+    for part in range(3):
+        torch.library.opcheck(ops.qr_part_grad_rows, (grad_out, parts, ids, offsets_of(LENGTHS), weights, 5, "mult",
+                                                      True, part))
 
 
-def training_step(monkeypatch: pytest.MonkeyPatch, kernels: str, operation: str, k: int, mean: bool) -> list:
+@pytest.mark.parametrize("sparse_grads", [[True, True], [True, False], [False, True]])
+@pytest.mark.parametrize("operation", ["mult", "concat"])
+def test_sparse_and_mixed_part_gradients_match_the_reference(operation: str, sparse_grads: list[bool]) -> None:
+    parts = [p.requires_grad_(True) for p in make_parts(operation, 2, 5, 7, seed=6)]
+    ids, weights = batch(6, 2, 5, 7)
+    offsets = offsets_of(LENGTHS)
+    pooled = ops.qr_pooled(parts, ids, offsets, weights, 5, operation, True, sparse_grads)
+    grad_out = torch.randn(pooled.shape, generator=torch.Generator().manual_seed(2))
+    pooled.backward(grad_out)
+    expected = reference.pooled_backward(grad_out, [p.detach() for p in parts], ids, offsets, weights, 5, operation,
+                                         True, sparse_grads)
+    for part, sparse, want in zip(parts, sparse_grads, expected):
+        assert part.grad.is_sparse == sparse
+        if sparse:
+            got = part.grad.coalesce()  # AccumulateGrad keeps indices and values but drops the coalesced flag
+            assert torch.equal(got.indices(), want.indices())
+            close(got.values(), want.values())
+        else:
+            close(part.grad, want)
+
+
+def training_step(monkeypatch: pytest.MonkeyPatch, kernels: str, operation: str, k: int, mean: bool,
+                  gradient: str) -> list:
     """Parts after one SGD step of ``QRMemory`` on a fixed batch, with weights that need a gradient too."""
     monkeypatch.setenv("TORCHREC_PSS_KERNELS", kernels)
     torch.manual_seed(0)
     table = EmbeddingBagConfig(name="t", embedding_dim=16, num_embeddings=5000, feature_names=["f"])
-    memory = QRMemory(QRConfig(collisions=23, operation=operation, num_partitions=k, gradient="dense"), [table])
+    memory = QRMemory(QRConfig(collisions=23, operation=operation, num_partitions=k, gradient=gradient), [table])
     generator = torch.Generator().manual_seed(1)
     lengths = torch.randint(0, 12, (64,), generator=generator)
     ids = torch.randint(0, 5000, (int(lengths.sum()),), generator=generator)
@@ -261,9 +301,10 @@ def training_step(monkeypatch: pytest.MonkeyPatch, kernels: str, operation: str,
 
 @pytest.mark.parametrize("operation,k,mean", [("mult", 2, False), ("add", 3, True), ("concat", 2, True),
                                               ("mult", 3, True)])
+@pytest.mark.parametrize("gradient", ["dense", "sparse"])
 def test_qr_memory_training_step_matches_reference(monkeypatch: pytest.MonkeyPatch, operation: str, k: int,
-                                                   mean: bool) -> None:
-    fast = training_step(monkeypatch, "fast", operation, k, mean)
-    slow = training_step(monkeypatch, "reference", operation, k, mean)
+                                                   mean: bool, gradient: str) -> None:
+    fast = training_step(monkeypatch, "fast", operation, k, mean, gradient)
+    slow = training_step(monkeypatch, "reference", operation, k, mean, gradient)
     for got, expected in zip(fast, slow):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)

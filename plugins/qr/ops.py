@@ -3,11 +3,13 @@ compose + pool.
 
 ``qr_pooled(parts, ids, offsets, weights, collisions, operation, mean, sparse_grads) -> [B, d]``,
 differentiable in every part (dense, or sparse COO for part ``j`` when ``sparse_grads[j]``) and in
-``weights``; ``qr_pooled_backward`` gives the dense part gradients and ``qr_weights_grad`` the gradient of the
-per-sample weights ``[N]``. Default kernels: the reference (:mod:`~torchrec_pss_plugins.qr.reference`; also
-the sparse part gradients); CPU: the C++ extension (:mod:`~torchrec_pss_plugins.qr.cpu_kernels`; the
-reference when it cannot be built); CUDA: Triton (:mod:`~torchrec_pss_plugins.qr.triton_kernels`; the weights
-gradient stays on the reference); fake kernels for ``torch.compile`` / ``torch.export``.
+``weights``; ``qr_pooled_backward`` gives the dense part gradients, ``qr_part_grad_rows`` one part's gradient over
+the rows the batch reads (``(rows [U], values [U, width])``, the sparse gradients and, beside them, dense
+ones) and ``qr_weights_grad`` the gradient of the per-sample weights ``[N]``. Default kernels: the reference
+(:mod:`~torchrec_pss_plugins.qr.reference`); CPU: the C++ extension (:mod:`~torchrec_pss_plugins.qr.cpu_kernels`;
+the reference when it cannot be built); CUDA: Triton (:mod:`~torchrec_pss_plugins.qr.triton_kernels`;
+``qr_part_grad_rows`` and the weights gradient stay on the reference); fake kernels for ``torch.compile`` /
+``torch.export``.
 """
 
 from __future__ import annotations
@@ -58,6 +60,25 @@ def _qr_pooled_backward_fake(grad: Tensor, parts: list[Tensor], ids: Tensor, off
     return [torch.empty_like(part) for part in parts]
 
 
+def _part_grad_rows_cpu(kernels: ModuleType, grad: Tensor, parts: list[Tensor], ids: Tensor, offsets: Tensor,
+                        weights: Tensor | None, collisions: int, operation: str, mean: bool,
+                        part: int) -> tuple[Tensor, Tensor]:
+    return kernels.qr_part_grad_rows(grad, parts, ids, offsets, weights, collisions, operation, mean, part)
+
+
+@define_op("qr_part_grad_rows", cpu=(cpu_kernels.load, _part_grad_rows_cpu))
+def qr_part_grad_rows(grad: Tensor, parts: list[Tensor], ids: Tensor, offsets: Tensor, weights: Tensor | None,
+                      collisions: int, operation: str, mean: bool, part: int) -> tuple[Tensor, Tensor]:
+    return reference.part_grad_rows(grad, parts, ids, offsets, weights, collisions, operation, mean, part)
+
+
+@torch.library.register_fake(qr_part_grad_rows)
+def _qr_part_grad_rows_fake(grad: Tensor, parts: list[Tensor], ids: Tensor, offsets: Tensor, weights: Tensor | None,
+                            collisions: int, operation: str, mean: bool, part: int) -> tuple[Tensor, Tensor]:
+    unique = torch.library.get_ctx().new_dynamic_size()
+    return ids.new_empty(unique), grad.new_empty(unique, parts[part].shape[1])
+
+
 def _weights_grad_cpu(kernels: ModuleType, grad: Tensor, parts: list[Tensor], ids: Tensor, offsets: Tensor,
                       collisions: int, operation: str, mean: bool) -> Tensor:
     return kernels.qr_weights_grad(grad, parts, ids, offsets, collisions, operation, mean)
@@ -90,14 +111,24 @@ def _backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple:
     part_grads = None
     if ctx.needs_input_grad[0]:
         if any(sparse_grads):
-            part_grads = reference.pooled_backward(grad, parts, ids, offsets, weights, collisions, operation, mean,
-                                                   sparse_grads)
+            part_grads = [_part_grad(grad, parts, ids, offsets, weights, collisions, operation, mean, j, sparse)
+                          for j, sparse in enumerate(sparse_grads)]
         else:
             part_grads = qr_pooled_backward(grad, parts, ids, offsets, weights, collisions, operation, mean)
     weights_grad = None
     if ctx.needs_input_grad[3]:
         weights_grad = qr_weights_grad(grad, parts, ids, offsets, collisions, operation, mean).to(weights.dtype)
     return part_grads, None, None, weights_grad, None, None, None, None
+
+
+def _part_grad(grad: Tensor, parts: list[Tensor], ids: Tensor, offsets: Tensor, weights: Tensor | None,
+               collisions: int, operation: str, mean: bool, part: int, sparse: bool) -> Tensor:
+    """Part ``part``'s gradient from ``qr_part_grad_rows``: sparse COO (coalesced) or dense."""
+    rows, values = qr_part_grad_rows(grad, parts, ids, offsets, weights, collisions, operation, mean, part)
+    shape = parts[part].shape
+    if sparse:
+        return torch.sparse_coo_tensor(rows.unsqueeze(0), values, shape, is_coalesced=True, check_invariants=False)
+    return values.new_zeros(shape).index_copy_(0, rows, values)
 
 
 register_autograd(qr_pooled, _backward, _setup_context)

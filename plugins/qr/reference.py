@@ -43,18 +43,18 @@ def pooled_forward(parts: list[torch.Tensor], ids: torch.Tensor, offsets: torch.
     return out.index_add_(0, offsets_to_bag_index(offsets, ids.numel()), embeddings)
 
 
-def pooled_backward(grad: torch.Tensor, parts: list[torch.Tensor], ids: torch.Tensor, offsets: torch.Tensor,
-                    weights: torch.Tensor | None, collisions: int, operation: str, mean: bool,
-                    sparse: list[bool] | None = None) -> list[torch.Tensor]:
-    """Gradient of every part table (dense, or sparse COO over rows where ``sparse[j]``)."""
+def part_grads_per_id(grad: torch.Tensor, parts: list[torch.Tensor], ids: torch.Tensor, offsets: torch.Tensor,
+                      weights: torch.Tensor | None, collisions: int, operation: str,
+                      mean: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per part: ``(rows [N], contributions [N, width])``, the row each id reads and its gradient there."""
     per_id = grad.index_select(0, offsets_to_bag_index(offsets, ids.numel()))
     scale = per_id_scale(offsets, weights, mean, ids.numel(), grad.dtype)
     if scale is not None:
         per_id = per_id * scale.unsqueeze(1)
     rows_of = digits(ids, collisions, len(parts))
     width = parts[0].shape[1]
-    grads = []
-    for j, (part, digit) in enumerate(zip(parts, rows_of)):
+    out = []
+    for j, digit in enumerate(rows_of):
         if operation == "concat":
             g = per_id[:, j * width:(j + 1) * width]
         elif operation == "add":
@@ -63,11 +63,32 @@ def pooled_backward(grad: torch.Tensor, parts: list[torch.Tensor], ids: torch.Te
             g = per_id
             for other, other_digit in zip(parts[:j] + parts[j + 1:], rows_of[:j] + rows_of[j + 1:]):
                 g = g * other.index_select(0, other_digit)
+        out.append((digit, g))
+    return out
+
+
+def pooled_backward(grad: torch.Tensor, parts: list[torch.Tensor], ids: torch.Tensor, offsets: torch.Tensor,
+                    weights: torch.Tensor | None, collisions: int, operation: str, mean: bool,
+                    sparse: list[bool] | None = None) -> list[torch.Tensor]:
+    """Gradient of every part table (dense, or sparse COO over rows where ``sparse[j]``)."""
+    grads = []
+    for j, (part, (digit, g)) in enumerate(zip(parts, part_grads_per_id(grad, parts, ids, offsets, weights,
+                                                                         collisions, operation, mean))):
         if sparse is not None and sparse[j]:
             grads.append(torch.sparse_coo_tensor(digit.unsqueeze(0), g, part.shape).coalesce())
         else:
             grads.append(torch.zeros_like(part).index_add_(0, digit, g))
     return grads
+
+
+def part_grad_rows(grad: torch.Tensor, parts: list[torch.Tensor], ids: torch.Tensor, offsets: torch.Tensor,
+                   weights: torch.Tensor | None, collisions: int, operation: str, mean: bool,
+                   part: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Part ``part``'s gradient over the rows the batch reads: ``(rows [U]`` ascending and unique, ``values
+    [U, width])``; the rows and values of its sparse COO gradient."""
+    digit, g = part_grads_per_id(grad, parts, ids, offsets, weights, collisions, operation, mean)[part]
+    rows, inverse = torch.unique(digit, return_inverse=True)
+    return rows, g.new_zeros(rows.numel(), g.shape[1]).index_add_(0, inverse, g)
 
 
 def weights_grad(grad: torch.Tensor, parts: list[torch.Tensor], ids: torch.Tensor, offsets: torch.Tensor,

@@ -1,5 +1,5 @@
-// QR compositional embeddings on the CPU: fused digits + compose + pool forward, its dense backward and the
-// gradient of the per-sample weights. The formulas are the contract of plugins/qr/reference.py:
+// QR compositional embeddings on the CPU: fused digits + compose + pool forward, its dense backward, one part's
+// gradient over the rows a batch reads (for sparse gradients) and the gradient of the per-sample weights. The formulas are the contract of plugins/qr/reference.py:
 //
 //   row_j(x) = (x // c^j) mod c  for j < k - 1,   row_{k-1}(x) = x // c^(k-1)   (floor division, any int64 x)
 //   E[x] = op(P_0[row_0(x)], ..., P_{k-1}[row_{k-1}(x)])   (mult / add elementwise, concat side by side)
@@ -25,8 +25,10 @@
 #include <cstdint>
 #include <limits>
 #include <memory>
+#include <numeric>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 namespace {
@@ -417,6 +419,55 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const Parts& parts,
   return grads;
 }
 
+// Part j's gradient over the rows the batch reads: (rows [U] int64, ascending, unique; values [U, width]). Rows
+// get compact slots in ascending order, the ids are counting-sorted by slot (stable), and each thread sums the
+// ids of its own range of slots, in id order.
+std::tuple<at::Tensor, at::Tensor> part_grad_rows(const at::Tensor& grad_out, const Parts& parts, const Bags& bags,
+                                                  const Plan& plan, int64_t j) {
+  const int64_t n = bags.num_ids, width = parts.width, num_rows = parts.rows[j];
+  const int64_t* digit = plan.of_part(j, n);
+  std::vector<int64_t> slot(num_rows, 0);
+  for (int64_t i = 0; i < n; ++i) {
+    slot[digit[i]] = 1;
+  }
+  int64_t unique = 0;
+  for (int64_t r = 0; r < num_rows; ++r) {
+    slot[r] = slot[r] ? unique++ : -1;
+  }
+  auto rows = at::empty({unique}, grad_out.options().dtype(at::kLong));
+  int64_t* rows_data = rows.data_ptr<int64_t>();
+  for (int64_t r = 0; r < num_rows; ++r) {
+    if (slot[r] >= 0) {
+      rows_data[slot[r]] = r;
+    }
+  }
+  std::vector<int64_t> start(unique + 1, 0), order(n);
+  for (int64_t i = 0; i < n; ++i) {
+    ++start[slot[digit[i]] + 1];
+  }
+  std::partial_sum(start.begin(), start.end(), start.begin());
+  std::vector<int64_t> next(start.begin(), start.end() - 1);
+  for (int64_t i = 0; i < n; ++i) {
+    order[next[slot[digit[i]]]++] = i;
+  }
+  auto values = at::zeros({unique, width}, grad_out.options().dtype(at::kFloat));
+  float* values_data = values.data_ptr<float>();
+  const float* grad = grad_out.data_ptr<float>();
+  const int64_t updates_per_row = std::max<int64_t>(1, n / std::max<int64_t>(unique, 1) * width);
+  at::parallel_for(0, unique, std::max<int64_t>(1, kScatterGrain / updates_per_row), [&](int64_t u0, int64_t u1) {
+    std::vector<const float*> row(parts.k);
+    std::vector<float> scratch(width);
+    for (int64_t u = u0; u < u1; ++u) {
+      for (int64_t e = start[u]; e < start[u + 1]; ++e) {
+        const int64_t i = order[e];
+        rows_of(parts, plan, n, i, row.data());
+        add_part_grad(parts, plan, grad, i, j, row.data(), values_data + u * width, scratch.data());
+      }
+    }
+  });
+  return {rows, values};
+}
+
 at::Tensor checked_grad(const at::Tensor& grad_out, const Parts& parts, const Bags& bags) {
   TORCH_CHECK(grad_out.device().is_cpu() && grad_out.is_floating_point(), "grad_out must be a floating CPU tensor");
   TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == bags.num_bags && grad_out.size(1) == parts.dim,
@@ -449,6 +500,18 @@ std::vector<at::Tensor> qr_pooled_backward(const at::Tensor& grad_out, const std
   const auto grad = checked_grad(grad_out, p, bags);
   const Plan plan(p, bags, collisions, mean, true);
   return backward(grad, p, bags, plan);
+}
+
+std::tuple<at::Tensor, at::Tensor> qr_part_grad_rows(const at::Tensor& grad_out, const std::vector<at::Tensor>& parts,
+                                                     const at::Tensor& ids, const at::Tensor& offsets,
+                                                     const std::optional<at::Tensor>& weights, int64_t collisions,
+                                                     const std::string& operation, bool mean, int64_t part) {
+  const Parts p(parts, operation);
+  TORCH_CHECK(part >= 0 && part < p.k, "part must be in [0, ", p.k, "), got ", part);
+  const Bags bags(ids, offsets, weights);
+  const auto grad = checked_grad(grad_out, p, bags);
+  const Plan plan(p, bags, collisions, mean, true);
+  return part_grad_rows(grad, p, bags, plan, part);
 }
 
 at::Tensor qr_weights_grad(const at::Tensor& grad_out, const std::vector<at::Tensor>& parts, const at::Tensor& ids,
@@ -493,6 +556,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("qr_pooled_backward", &qr_pooled_backward, no_gil, "Dense part-table gradients: [rows_j, width] each",
              arg("grad_out"), arg("parts"), arg("ids"), arg("offsets"), arg("weights"), arg("collisions"),
              arg("operation"), arg("mean"));
+  module.def("qr_part_grad_rows", &qr_part_grad_rows, no_gil,
+             "Gradient of one part table over the rows the batch reads: (rows [U], values [U, width])",
+             arg("grad_out"), arg("parts"), arg("ids"), arg("offsets"), arg("weights"), arg("collisions"),
+             arg("operation"), arg("mean"), arg("part"));
   module.def("qr_weights_grad", &qr_weights_grad, no_gil, "Gradient of the per-sample weights: [N]",
              arg("grad_out"), arg("parts"), arg("ids"), arg("offsets"), arg("collisions"), arg("operation"),
              arg("mean"));
