@@ -208,7 +208,8 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOpt
                 pooled.extend(compressed[table.name])
         return KeyedTensor(
             keys=self._embedding_names,
-            values=process_pooled_embeddings(pooled_embeddings=pooled, inverse_indices=inverse_indices),
+            values=pooled[0] if len(pooled) == 1 and features.inverse_indices_or_none() is None  # no copy
+            else process_pooled_embeddings(pooled_embeddings=pooled, inverse_indices=inverse_indices),
             length_per_key=self._lengths_per_embedding,
         )
 
