@@ -6,7 +6,9 @@ the kernels. Measured in one process at ``--batch`` bags of ``--pooling`` ids, `
 back-to-back calls (one device synchronisation per block, so on CUDA a call costs its launch, not a
 round trip):
 
-- ``kernel``: the device kernel called directly (the C++ extension on CPU, Triton on CUDA);
+- ``kernel``: the device kernel (the C++ extension on CPU, Triton on CUDA) called through the adapter the op's
+  kernel calls (``ops._pooled_kernel`` / ``ops._sgd_cpu`` / ``ops._sgd_cuda``), so ``op - kernel`` is the
+  registration's own cost;
 - ``op``: ``torchrec_pss::robe_pooled`` (:func:`torchrec_pss.kernels.define_op`), without and with autograd
   (``M`` requires grad, so the call records its backward), and ``torchrec_pss::robe_sgd_update_``;
 - ``custom_op``: the same kernels registered through ``torch.library.custom_op`` + ``register_autograd``
@@ -53,14 +55,9 @@ def device_loader(device: torch.device) -> Callable[[], Any]:
     return cpu_kernels.load
 
 
-def sgd_kernel(kernels: Any, device: torch.device) -> Callable[..., None]:
-    """``(memory, grad, ids, offsets, coefficients, keys) -> None``: the fused SGD kernel called directly."""
-    def update(memory: Tensor, grad: Tensor, ids: Tensor, offsets: Tensor, coefficients: Tensor, keys: Tensor) -> None:
-        extra = (grad.shape[1],) if device.type == "cuda" else ()
-        kernels.robe_sgd_update_(memory, grad, ids, offsets, None, coefficients[0], coefficients[1], keys, *extra,
-                                 CHUNK, True, False, LR)
-
-    return update
+def sgd_adapter(device: torch.device) -> Callable[..., None]:
+    """The adapter ``robe_sgd_update_``'s kernel for ``device`` calls: ``(kernels, *op_args)``."""
+    return ops._sgd_cuda if device.type == "cuda" else ops._sgd_cpu
 
 
 def custom_op_versions(device: torch.device) -> tuple[Callable[..., Tensor], Callable[..., None]]:
@@ -82,8 +79,7 @@ def custom_op_versions(device: torch.device) -> tuple[Callable[..., Tensor], Cal
             coefficients: Tensor, keys: Tensor, chunk_size: int, use_sign: bool, mean: bool, lr: float) -> None:
         reference.sgd_update_(memory, grad, ids, offsets, weights, coefficients, keys, chunk_size, use_sign, mean, lr)
 
-    call = ops._sgd_cuda if device.type == "cuda" else ops._sgd_cpu
-    sgd.register_kernel(device.type)(_device_kernel(sgd._init_fn, device_loader(device), call))
+    sgd.register_kernel(device.type)(_device_kernel(sgd._init_fn, device_loader(device), sgd_adapter(device)))
     return pooled, sgd
 
 
@@ -116,24 +112,22 @@ def measure(batch: int, pooling: int, rows: int, calls: int, repeats: int, devic
     offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
     grad = torch.randn(batch, DIM, device=device)
     plain = weight.detach()
-    update = sgd_kernel(kernels, device)
+    update = sgd_adapter(device)
     custom_pooled, custom_sgd = custom_ops
     args = (ids, offsets, None, coefficients, keys, DIM, CHUNK, True, False, False)
+    sgd_args = (grad, ids, offsets, None, coefficients, keys, CHUNK, True, False, 0.0)
     times: dict[str, float] = {}
 
     def timed(name: str, call: Callable[[], Any]) -> None:
         times[name] = per_call_us(call, calls, repeats, device)
 
     with torch.no_grad():
-        timed("kernel_forward_us", lambda: kernels.robe_pooled_forward(plain, ids, offsets, None, coefficients[0],
-                                                                        coefficients[1], keys, DIM, CHUNK, True, False))
+        timed("kernel_forward_us", lambda: ops._pooled_kernel(kernels, plain, *args))
         timed("op_forward_us", lambda: ops.robe_pooled(plain, *args))
         timed("custom_op_forward_us", lambda: custom_pooled(plain, *args))
-        timed("kernel_sgd_us", lambda: update(plain, grad, ids, offsets, coefficients, keys))
-        timed("op_sgd_us", lambda: ops.robe_sgd_update_(plain, grad, ids, offsets, None, coefficients, keys, CHUNK,
-                                                        True, False, 0.0))
-        timed("custom_op_sgd_us", lambda: custom_sgd(plain, grad, ids, offsets, None, coefficients, keys, CHUNK,
-                                                     True, False, 0.0))
+        timed("kernel_sgd_us", lambda: update(kernels, plain, *sgd_args))
+        timed("op_sgd_us", lambda: ops.robe_sgd_update_(plain, *sgd_args))
+        timed("custom_op_sgd_us", lambda: custom_sgd(plain, *sgd_args))
     timed("op_forward_autograd_us", lambda: ops.robe_pooled(weight, *args))
     timed("custom_op_forward_autograd_us", lambda: custom_pooled(weight, *args))
 

@@ -233,10 +233,6 @@ class RobeMemory(PSSMemory):
         update sees the step's whole gradient. Otherwise one call per request, which is faster on the CPU
         (a call's hash plan stays in cache; ``benchmarks/shared_memory.py``)."""
         update = self._in_backward_update()
-        if len(requests) == 1:
-            keys, ids, offsets, weights = _concatenated(requests, self._key, self.weight.dtype)
-            dim, mean = self.tables[requests[0].table].embedding_dim, requests[0].mean
-            return [self._bags(keys, dim, ids, offsets, weights, mean, update, len(self.tables) == 1)]
         whole_step_needed = update is not None and update.kind != "SGD"
         groups: dict[tuple[int, bool] | int, list[int]] = {}
         for index, request in enumerate(requests):
@@ -249,7 +245,8 @@ class RobeMemory(PSSMemory):
             keys, ids, offsets, weights = _concatenated(group, self._key, self.weight.dtype)
             dim, mean = self.tables[group[0].table].embedding_dim, group[0].mean
             pooled = self._bags(keys, dim, ids, offsets, weights, mean, update, whole_step)
-            for index, block in zip(members, pooled.split([r.lengths.numel() for r in group])):
+            blocks = [pooled] if len(group) == 1 else pooled.split([r.lengths.numel() for r in group])
+            for index, block in zip(members, blocks):
                 out[index] = block
         return out
 

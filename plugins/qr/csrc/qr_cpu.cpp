@@ -1,5 +1,6 @@
 // QR compositional embeddings on the CPU: fused digits + compose + pool forward, its dense backward, one part's
-// gradient over the rows a batch reads (for sparse gradients) and the gradient of the per-sample weights. The formulas are the contract of plugins/qr/reference.py:
+// gradient over the rows a batch reads (for sparse gradients) and the gradient of the per-sample weights. The
+// formulas are the contract of plugins/qr/reference.py:
 //
 //   row_j(x) = (x // c^j) mod c  for j < k - 1,   row_{k-1}(x) = x // c^(k-1)   (floor division, any int64 x)
 //   E[x] = op(P_0[row_0(x)], ..., P_{k-1}[row_{k-1}(x)])   (mult / add elementwise, concat side by side)
