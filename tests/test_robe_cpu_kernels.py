@@ -19,14 +19,15 @@ from torchrec_pss.optim import BlockwiseAdagrad, FusedUpdate
 KERNELS = load()
 pytestmark = pytest.mark.skipif(KERNELS is None, reason="the ROBE C++ extension could not be built here")
 
-D = 8
+D = 32
 
 
 @pytest.fixture(autouse=True)
 def reference_module(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TORCHREC_PSS_KERNELS", "reference")
 
-Z_CASES = [1, 4, D, 2 * D, 4 * D]  # Z = 1, Z < d, Z == d, Z > d (two ratios)
+# Z = 1 and short runs (hashed as used, Z < 16), Z < d through a plan, Z == d, Z > d (two ratios)
+Z_CASES = [1, 2, 8, 16, D, 2 * D, 4 * D]
 
 
 def build(z: int, use_sign: bool, memory_size: int = 97, d: int = D) -> RobeMemory:
@@ -95,7 +96,7 @@ def test_forward_wraps_at_the_end_of_memory() -> None:
     memory = build(16, False, memory_size=40)
     ids = torch.arange(200)
     starts, _ = memory.chunk_starts("t1", ids)
-    assert bool((starts > 40 - D).any()), "some runs must wrap"
+    assert bool((starts > 40 - 16).any()), "some runs must wrap"
     lengths = torch.ones(200, dtype=torch.int64)
     expected = memory.pooled("t1", ids, lengths, None, False).detach()
     torch.testing.assert_close(forward(memory, ids, lengths, None, False), expected, rtol=1e-6, atol=1e-6)
@@ -128,30 +129,53 @@ def test_sgd_update_equals_dense_sgd(z: int, use_sign: bool, weighted: bool, mea
     torch.testing.assert_close(updated, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("z", [3, 6, 12])
+def test_run_lengths_without_a_compiled_case(z: int) -> None:
+    """d = 24: runs of 3 and 6 (short, hashed as used) and 12 (through a plan) have no compile-time length."""
+    memory = build(z, True, memory_size=53, d=24)
+    ids, lengths, weights = batch(z)
+    offsets = offsets_of(lengths)
+    grad_out = torch.randn(lengths.numel(), 24, generator=torch.Generator().manual_seed(z))
+    args = (ids, offsets, weights, *hash_args(memory))
+    expected = memory.pooled("t1", ids, lengths, weights, True)
+    expected.backward(grad_out)
+    out = KERNELS.robe_pooled_forward(memory.weight.detach(), *args, 24, z, True, True)
+    torch.testing.assert_close(out, expected.detach(), rtol=1e-5, atol=1e-5)
+    updated = memory.weight.detach().clone()
+    KERNELS.robe_sgd_update_(updated, grad_out, *args, z, True, True, 0.1)
+    torch.testing.assert_close(updated, memory.weight.detach() - 0.1 * memory.weight.grad, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("threads", [1, 2, 5])
-def test_updates_lose_nothing_on_a_large_batch(threads: int) -> None:
-    """Several threads' memory ranges (runs crossing their bounds), many collisions: the in-place SGD and
-    blockwise Adagrad scatters equal the steps on the reference's dense gradient."""
-    memory = build(32, False, memory_size=4099, d=128)
+@pytest.mark.parametrize("z,memory_size", [(32, 4099), (1, 4099), (4, 4099), (8, 4_500_001)])
+def test_updates_lose_nothing_on_a_large_batch(threads: int, z: int, memory_size: int) -> None:
+    """Several threads' memory ranges (runs crossing their bounds) or, for short runs and a small M, their shares of
+    the bags and private copies of M; many collisions: the in-place SGD, the dense backward and the blockwise
+    Adagrad scatters equal the reference's."""
+    memory = build(z, True, memory_size=memory_size, d=128)
     generator = torch.Generator().manual_seed(3)
     lengths = torch.randint(0, 30, (512,), generator=generator)
     ids = torch.randint(0, 10**6, (int(lengths.sum()),), generator=generator)
     grad_out = torch.randn(512, 128, generator=generator)
     offsets = offsets_of(lengths)
-    args = (ids, offsets, None, memory.hash_coefficients, memory.table_keys[:1], 32, False, False)
-    expected, expected_sums = memory.weight.detach().clone(), torch.full((137,), 0.1)
+    blocks = math.ceil(memory_size / 30)
+    args = (ids, offsets, None, memory.hash_coefficients, memory.table_keys[:1], z, True, False)
+    expected, expected_sums = memory.weight.detach().clone(), torch.full((blocks,), 0.1)
     reference.adagrad_update_(expected, expected_sums, grad_out, *args, 0.01, 1e-8, 30)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         updated = memory.weight.detach().clone()
-        KERNELS.robe_sgd_update_(updated, grad_out, ids, offsets, None, *hash_args(memory), 32, False, False, 0.01)
-        param, sums = memory.weight.detach().clone(), torch.full((137,), 0.1)
-        KERNELS.robe_adagrad_update_(param, sums, grad_out, ids, offsets, None, *hash_args(memory), 32, False, False,
+        KERNELS.robe_sgd_update_(updated, grad_out, ids, offsets, None, *hash_args(memory), z, True, False, 0.01)
+        backward = KERNELS.robe_pooled_backward(grad_out, ids, offsets, None, *hash_args(memory), memory_size, 128, z,
+                                                True, False)
+        param, sums = memory.weight.detach().clone(), torch.full((blocks,), 0.1)
+        KERNELS.robe_adagrad_update_(param, sums, grad_out, ids, offsets, None, *hash_args(memory), z, True, False,
                                      0.01, 1e-8, 30)
     finally:
         torch.set_num_threads(previous)
-    dense = reference.pooled_backward(grad_out, *args[:-3], 4099, 32, False, False)
+    dense = reference.pooled_backward(grad_out, *args[:-3], memory_size, z, True, False)
+    torch.testing.assert_close(backward, dense, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(updated, memory.weight.detach() - 0.01 * dense, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(sums, expected_sums, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(param, expected, rtol=1e-5, atol=1e-5)

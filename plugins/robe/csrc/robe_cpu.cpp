@@ -26,6 +26,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -73,6 +74,9 @@ std::unique_ptr<T[]> uninitialized(int64_t n) {
   return std::unique_ptr<T[]>(new T[std::max<int64_t>(n, 1)]);
 }
 
+// Runs shorter than this are hashed as they are used (Hasher::short_runs).
+constexpr int64_t kShortRun = 16;
+
 // The per-table terms of the two hashes: (A t + D) mod P and (A' t + D') mod P.
 struct TableTerms {
   uint64_t loc, sign;
@@ -81,6 +85,7 @@ struct TableTerms {
 // The hash functions of tables of one embedding width, with every per-chunk and per-element term precomputed mod P.
 struct Hasher {
   int64_t dim, run, chunks, ids_per_block, m;
+  double inv_m;
   bool use_sign;
   uint64_t loc_a, loc_d, loc_b, sign_a, sign_d, sign_b;
   std::vector<uint32_t> loc_c;   // (C c) mod P per chunk
@@ -91,6 +96,7 @@ struct Hasher {
          int64_t memory_size)
       : dim(dim_),
         m(memory_size),
+        inv_m(1.0 / static_cast<double>(std::max<int64_t>(memory_size, 1))),
         use_sign(use_sign_),
         mod_m(static_cast<uint32_t>(std::max<int64_t>(memory_size, 1))) {
     TORCH_CHECK(dim > 0 && chunk_size > 0, "dim and chunk_size must be positive");
@@ -139,6 +145,41 @@ struct Hasher {
     const uint64_t offset = static_cast<uint64_t>(x - k * ids_per_block) * static_cast<uint64_t>(dim);
     const uint64_t block = mod_m(static_cast<uint32_t>(reduce_small(table.loc + reduce(loc_b * mod_prime(k)))));
     out[0] = static_cast<uint32_t>((block + offset) % static_cast<uint64_t>(m));
+  }
+
+  // Short runs (Z < kShortRun, Z <= |M| <= 2^30) are hashed per id as they are used (short_starts / sign_masks)
+  // instead of through a Plan: a Plan would store and reload d / Z starts per id.
+  bool short_runs() const { return ids_per_block == 0 && run < kShortRun && run <= m && m <= (int64_t{1} << 30); }
+
+  // (A t + B (x mod P) + D) mod P: the per-id part of the location hash (Z <= d).
+  uint32_t loc_base(int64_t x, const TableTerms& table) const {
+    return static_cast<uint32_t>(reduce_small(table.loc + reduce(loc_b * mod_prime(x))));
+  }
+
+  // The run starts of the id with location base `base`, as starts() but branch-free so that the loop vectorises:
+  // v mod |M| from a truncated double quotient, corrected by one |M| either way (|M| <= 2^30: r fits int32).
+  void short_starts(uint32_t base, uint32_t* __restrict__ out) const {
+    const uint32_t mm = static_cast<uint32_t>(m);
+    const uint32_t* __restrict__ terms = loc_c.data();
+    for (int64_t c = 0; c < chunks; ++c) {
+      uint32_t v = base + terms[c];  // < 2P < 2^32
+      v = std::min(v, v - static_cast<uint32_t>(kPrime));
+      const auto q = static_cast<uint32_t>(static_cast<int32_t>(static_cast<double>(static_cast<int32_t>(v)) * inv_m));
+      auto r = static_cast<int32_t>(v - q * mm);
+      r += r < 0 ? static_cast<int32_t>(mm) : 0;
+      r -= r >= static_cast<int32_t>(mm) ? static_cast<int32_t>(mm) : 0;
+      out[c] = static_cast<uint32_t>(r);
+    }
+  }
+
+  // The sign of every element of the id with sign base `base` as a float sign bit (0 or 1 << 31, to xor with).
+  void sign_masks(uint32_t base, uint32_t* __restrict__ out) const {
+    const uint32_t* __restrict__ terms = sign_i.data();
+    for (int64_t i = 0; i < dim; ++i) {
+      uint32_t v = base + terms[i];
+      v = std::min(v, v - static_cast<uint32_t>(kPrime));
+      out[i] = (v & 1u) << 31;
+    }
   }
 
   // (A' t + B' (x mod P) + D') mod P: the per-id part of the sign hash.
@@ -349,11 +390,226 @@ void scatter_range(const Hasher& h, const Plan& plan, int64_t num_ids, const flo
   }
 }
 
+// x with its sign flipped where `mask` holds the sign bit.
+inline float flip(float x, uint32_t mask) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  bits ^= mask;
+  std::memcpy(&x, &bits, sizeof x);
+  return x;
+}
+
+// The hashes of one id for short runs: its run starts [chunks] and element sign masks [dim] (zeros without signs).
+struct ShortId {
+  std::vector<uint32_t> starts, masks;
+
+  explicit ShortId(const Hasher& h) : starts(h.chunks), masks(h.dim, 0u) {}
+
+  void hash(const Hasher& h, int64_t x, const TableTerms& table) {
+    h.short_starts(h.loc_base(x, table), starts.data());
+    if (h.use_sign) {
+      h.sign_masks(h.sign_base(x, table), masks.data());
+    }
+  }
+};
+
+// Memory (floats) above which short runs are prefetched: below it M stays in the caches.
+constexpr int64_t kCachedFloats = int64_t{1} << 18;
+// Runs prefetched ahead of use by ShortIds (in whole ids, 1 to kAhead).
+constexpr int64_t kShortRunsAhead = 128;
+
+// The hashes of the ids of bags [b0, b1), in order (next()): each id is hashed some ids before its use, and when M
+// is larger than the caches the runs in [lo, hi) it reads (kWrite = 0) or writes (kWrite = 1) are prefetched then.
+template <int kWrite>
+class ShortIds {
+ public:
+  ShortIds(const Hasher& h, const Bags& bags, const TableKeys& keys, const float* mem, int64_t b0, int64_t b1,
+           int64_t lo, int64_t hi)
+      : h_(h),
+        bags_(bags),
+        keys_(keys),
+        mem_(mem),
+        low_(static_cast<uint32_t>(lo)),
+        span_(static_cast<uint32_t>(hi - lo)),
+        prefetch_(h.m > kCachedFloats),
+        ahead_(std::clamp<int64_t>(kShortRunsAhead / h.chunks, 1, kAhead)),
+        used_(bags.offsets[b0]),
+        hashed_(used_),
+        end_(bags.offsets[b1]),
+        bag_(b0),
+        ring_(ahead_ + 1, ShortId(h)) {
+    while (hashed_ < std::min(used_ + ahead_, end_)) {
+      hash_next();
+    }
+  }
+
+  // The hashes of the next id.
+  const ShortId& next() {
+    if (hashed_ < end_) {
+      hash_next();  // into the slot of the id used last
+    }
+    return ring_[used_++ % (ahead_ + 1)];
+  }
+
+ private:
+  void hash_next() {
+    while (bags_.offsets[bag_ + 1] <= hashed_) {
+      ++bag_;
+    }
+    ShortId& id = ring_[hashed_ % (ahead_ + 1)];
+    id.hash(h_, bags_.ids[hashed_], h_.table_terms(keys_(bag_)));
+    if (prefetch_) {
+      const auto last = static_cast<uint32_t>(h_.run - 1);
+      for (int64_t c = 0; c < h_.chunks; ++c) {  // both ends of the run (it may straddle two cache lines)
+        const uint32_t p = id.starts[c], e = std::min(p + last, static_cast<uint32_t>(h_.m - 1));
+        __builtin_prefetch(mem_ + (p - low_ < span_ ? p : low_), kWrite, 3);
+        __builtin_prefetch(mem_ + (e - low_ < span_ ? e : low_), kWrite, 3);
+      }
+    }
+    ++hashed_;
+  }
+
+  const Hasher& h_;
+  const Bags& bags_;
+  const TableKeys& keys_;
+  const float* mem_;
+  uint32_t low_, span_;
+  bool prefetch_;
+  int64_t ahead_, used_, hashed_, end_, bag_;
+  std::vector<ShortId> ring_;
+};
+
+// body(std::integral_constant<int64_t, R>{}) for short run lengths R in {1, 2, 4, 8}, integral_constant<0> otherwise.
+template <class Body>
+void dispatch_short(int64_t run, Body&& body) {
+  switch (run) {
+    case 1:
+      return body(std::integral_constant<int64_t, 1>{});
+    case 2:
+      return body(std::integral_constant<int64_t, 2>{});
+    case 4:
+      return body(std::integral_constant<int64_t, 4>{});
+    case 8:
+      return body(std::integral_constant<int64_t, 8>{});
+    default:
+      return body(std::integral_constant<int64_t, 0>{});
+  }
+}
+
+// scatter_range for short runs (no Plan) over the ids of bags [b0, b1): hashes them (ShortIds) and keeps the
+// elements in [lo, hi).
+template <int64_t kRun, class Touched>
+void scatter_short_range(const Hasher& h, const Bags& bags, const TableKeys& keys, bool mean, const float* grad,
+                         float alpha_scale, float* dst, int64_t b0, int64_t b1, int64_t lo, int64_t hi,
+                         Touched&& touched) {
+  const int64_t run = kRun > 0 ? kRun : h.run, chunks = h.chunks;
+  const auto m = static_cast<uint32_t>(h.m), low = static_cast<uint32_t>(lo), span = static_cast<uint32_t>(hi - lo);
+  ShortIds<1> ids(h, bags, keys, dst, b0, b1, lo, hi);
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t first = bags.offsets[b], last = bags.offsets[b + 1];
+    const float divisor = mean ? static_cast<float>(std::max<int64_t>(last - first, 1)) : 1.0f;
+    const float* __restrict__ row = grad + b * h.dim;
+    for (int64_t j = first; j < last; ++j) {
+      const ShortId& id = ids.next();
+      const float alpha = alpha_scale * (bags.weight(j) / divisor);
+      const uint32_t* __restrict__ starts = id.starts.data();
+      const uint32_t* __restrict__ masks = id.masks.data();
+      for (int64_t c = 0; c < chunks; ++c) {
+        const uint32_t start = starts[c];
+        const float* __restrict__ g = row + c * run;
+        const uint32_t* __restrict__ mask = masks + c * run;
+        if (start - low < span && start + run - 1 - low < span) {  // the whole run is in [lo, hi): no wrap
+          float* __restrict__ out = dst + start;
+          for (int64_t k = 0; k < run; ++k) {
+            out[k] += alpha * flip(g[k], mask[k]);
+          }
+          touched(static_cast<int64_t>(start), run);
+          continue;
+        }
+        for (int64_t k = 0; k < run; ++k) {  // the run wraps or crosses lo / hi
+          uint32_t p = start + static_cast<uint32_t>(k);
+          p = p >= m ? p - m : p;
+          if (p - low < span) {
+            dst[p] += alpha * flip(g[k], mask[k]);
+            touched(static_cast<int64_t>(p), int64_t{1});
+          }
+        }
+      }
+    }
+  }
+}
+
+// The positions of a batch's gradient for scatter: a Plan, or none for short runs (hashed inside every scatter).
+std::optional<Plan> scatter_plan(const Hasher& h, const Bags& bags, const TableKeys& keys, bool mean) {
+  std::optional<Plan> plan;
+  if (!h.short_runs()) {
+    plan.emplace(h, bags, keys, mean);
+  }
+  return plan;
+}
+
+// dst[pos] += alpha_scale * (the gradient of M at pos) for pos in [lo, hi), through `plan` (scatter_plan).
 template <class Touched>
-void scatter(const Hasher& h, const Plan& plan, int64_t num_ids, const float* grad, float alpha_scale, float* dst,
-             int64_t lo, int64_t hi, Touched&& touched) {
+void scatter(const Hasher& h, const Bags& bags, const TableKeys& keys, bool mean, const std::optional<Plan>& plan,
+             const float* grad, float alpha_scale, float* dst, int64_t lo, int64_t hi, Touched&& touched) {
+  if (!plan) {
+    dispatch_short(h.run, [&](auto run) {
+      scatter_short_range<decltype(run)::value>(h, bags, keys, mean, grad, alpha_scale, dst, 0, bags.num_bags, lo, hi,
+                                                touched);
+    });
+    return;
+  }
   dispatch_run(h.run, [&](auto run) {
-    scatter_range<decltype(run)::value>(h, plan, num_ids, grad, alpha_scale, dst, lo, hi, touched);
+    scatter_range<decltype(run)::value>(h, *plan, bags.num_ids, grad, alpha_scale, dst, lo, hi, touched);
+  });
+}
+
+// Private copies of M (floats, all threads together) up to which scatter_all splits short runs by bags.
+constexpr int64_t kPrivateFloats = int64_t{1} << 22;
+
+// dst[pos] += alpha_scale * (the gradient of M at pos) for all of M. Threads own memory ranges (scatter), except
+// for short runs when M is small: then they split the bags, as every thread would otherwise hash every id and
+// mispredict whether each element is its own. Part 0 adds into dst, the others into zeroed private copies of M
+// that are summed into dst afterwards.
+void scatter_all(const Hasher& h, const Bags& bags, const TableKeys& keys, bool mean, const std::optional<Plan>& plan,
+                 const float* grad, float alpha_scale, float* dst) {
+  const int64_t elements = bags.num_ids * h.dim;
+  const int64_t parts = std::max<int64_t>(
+      1, std::min<int64_t>({at::get_num_threads(), (elements + kScatterGrain - 1) / kScatterGrain, bags.num_bags}));
+  if (plan || parts == 1 || (parts - 1) * h.m > kPrivateFloats) {
+    over_memory_ranges(h.m, kLine, elements, [&](int64_t lo, int64_t hi) {
+      scatter(h, bags, keys, mean, plan, grad, alpha_scale, dst, lo, hi, [](int64_t, int64_t) {});
+    });
+    return;
+  }
+  std::vector<int64_t> bounds(parts + 1, bags.num_bags);  // bags [bounds[p], bounds[p + 1]) hold ~N / parts ids
+  for (int64_t p = 0; p < parts; ++p) {
+    const int64_t* at = std::lower_bound(bags.offsets, bags.offsets + bags.num_bags, bags.num_ids * p / parts);
+    bounds[p] = at - bags.offsets;
+  }
+  std::vector<std::unique_ptr<float[]>> copies(parts - 1);
+  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      float* target = dst;
+      if (p > 0) {
+        copies[p - 1] = uninitialized<float>(h.m);
+        target = copies[p - 1].get();
+        std::fill(target, target + h.m, 0.0f);
+      }
+      dispatch_short(h.run, [&](auto run) {
+        scatter_short_range<decltype(run)::value>(h, bags, keys, mean, grad, alpha_scale, target, bounds[p],
+                                                  bounds[p + 1], 0, h.m, [](int64_t, int64_t) {});
+      });
+    }
+  });
+  at::parallel_for(0, h.m, kScatterGrain, [&](int64_t i0, int64_t i1) {
+    for (const auto& copy : copies) {
+      const float* __restrict__ src = copy.get();
+      float* __restrict__ out = dst;
+      for (int64_t i = i0; i < i1; ++i) {
+        out[i] += src[i];
+      }
+    }
   });
 }
 
@@ -439,6 +695,39 @@ void forward_range(const Hasher& h, const Bags& bags, const Plan& plan, const fl
   }
 }
 
+// forward_range for short runs (no Plan): the ids are hashed as they are read (ShortIds) and accumulate into a
+// row of d floats.
+template <int64_t kRun>
+void forward_short_range(const Hasher& h, const Bags& bags, const TableKeys& keys, const float* mem, float* out,
+                         bool mean, int64_t b0, int64_t b1) {
+  const int64_t run = kRun > 0 ? kRun : h.run, dim = h.dim, chunks = h.chunks;
+  const auto m = static_cast<uint32_t>(h.m);
+  ShortIds<0> ids(h, bags, keys, mem, b0, b1, 0, h.m);
+  std::vector<float> sums(dim);
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t first = bags.offsets[b], last = bags.offsets[b + 1];
+    float* __restrict__ acc = sums.data();
+    std::fill(acc, acc + dim, 0.0f);
+    for (int64_t j = first; j < last; ++j) {
+      const ShortId& id = ids.next();
+      const float w = bags.weight(j);
+      const uint32_t* __restrict__ starts = id.starts.data();
+      const uint32_t* __restrict__ masks = id.masks.data();
+      for (int64_t c = 0; c < chunks; ++c) {
+        for (int64_t k = 0; k < run; ++k) {
+          uint32_t p = starts[c] + static_cast<uint32_t>(k);
+          p = p >= m ? p - m : p;
+          acc[c * run + k] += w * flip(mem[p], masks[c * run + k]);
+        }
+      }
+    }
+    const float divisor = mean && last > first ? static_cast<float>(last - first) : 1.0f;
+    for (int64_t k = 0; k < dim; ++k) {
+      out[b * dim + k] = acc[k] / divisor;
+    }
+  }
+}
+
 // out[j] = <grad[bag of j], E[ids_j]> (/ bag length for MEAN) for the ids of bags [b0, b1).
 template <int64_t kRun>
 void weights_grad_range(const Hasher& h, const Bags& bags, const Plan& plan, const float* mem, const float* grad,
@@ -500,6 +789,14 @@ at::Tensor robe_pooled_forward(const at::Tensor& memory, const at::Tensor& ids, 
   auto out = at::empty({bags.num_bags, dim}, memory.options());
   const float* mem = memory.data_ptr<float>();
   float* out_data = out.data_ptr<float>();
+  if (h.short_runs()) {
+    dispatch_short(h.run, [&](auto run) {
+      at::parallel_for(0, bags.num_bags, bag_grain(bags, dim), [&](int64_t b0, int64_t b1) {
+        forward_short_range<decltype(run)::value>(h, bags, table_keys, mem, out_data, mean, b0, b1);
+      });
+    });
+    return out;
+  }
   const Plan plan(h, bags, table_keys, mean);
   dispatch_run(h.run, [&](auto run) {
     at::parallel_for(0, bags.num_bags, bag_grain(bags, dim), [&](int64_t b0, int64_t b1) {
@@ -518,13 +815,11 @@ at::Tensor robe_pooled_backward(const at::Tensor& grad_out, const at::Tensor& id
   const auto grad = checked_grad(grad_out, bags);
   const Hasher h(location_coefficients, sign_coefficients, dim, chunk_size, use_sign, memory_size);
   TORCH_CHECK(grad.size(1) == dim, "grad_out must be [B, dim]");
-  const Plan plan(h, bags, table_keys, mean);
+  const auto plan = scatter_plan(h, bags, table_keys, mean);
   auto out = at::zeros({memory_size}, grad.options());
   float* dst = out.data_ptr<float>();
   const float* g = grad.data_ptr<float>();
-  over_memory_ranges(memory_size, kLine, bags.num_ids * dim, [&](int64_t lo, int64_t hi) {
-    scatter(h, plan, bags.num_ids, g, 1.0f, dst, lo, hi, [](int64_t, int64_t) {});
-  });
+  scatter_all(h, bags, table_keys, mean, plan, g, 1.0f, dst);
   return out;
 }
 
@@ -538,12 +833,10 @@ void robe_sgd_update_(at::Tensor& memory, const at::Tensor& grad_out, const at::
   const auto grad = checked_grad(grad_out, bags);
   const int64_t dim = grad.size(1);
   const Hasher h(location_coefficients, sign_coefficients, dim, chunk_size, use_sign, memory.numel());
-  const Plan plan(h, bags, table_keys, mean);
+  const auto plan = scatter_plan(h, bags, table_keys, mean);
   float* dst = memory.data_ptr<float>();
   const float* g = grad.data_ptr<float>();
-  over_memory_ranges(memory.numel(), kLine, bags.num_ids * dim, [&](int64_t lo, int64_t hi) {
-    scatter(h, plan, bags.num_ids, g, static_cast<float>(-lr), dst, lo, hi, [](int64_t, int64_t) {});
-  });
+  scatter_all(h, bags, table_keys, mean, plan, g, static_cast<float>(-lr), dst);
 }
 
 void robe_adagrad_update_(at::Tensor& memory, at::Tensor& accumulator, const at::Tensor& grad_out,
@@ -563,7 +856,7 @@ void robe_adagrad_update_(at::Tensor& memory, at::Tensor& accumulator, const at:
   const auto grad = checked_grad(grad_out, bags);
   const int64_t dim = grad.size(1);
   const Hasher h(location_coefficients, sign_coefficients, dim, chunk_size, use_sign, m);
-  const Plan plan(h, bags, table_keys, mean);
+  const auto plan = scatter_plan(h, bags, table_keys, mean);
   float* param = memory.data_ptr<float>();
   float* sum = accumulator.data_ptr<float>();
   const float* g = grad.data_ptr<float>();
@@ -581,7 +874,7 @@ void robe_adagrad_update_(at::Tensor& memory, at::Tensor& accumulator, const at:
   uint8_t* flag = s.touched.data();
   over_memory_ranges(m, block_size, bags.num_ids * dim, [&](int64_t lo, int64_t hi) {
     std::vector<int64_t> touched;
-    scatter(h, plan, bags.num_ids, g, 1.0f, acc, lo, hi, [&](int64_t a, int64_t n) {
+    scatter(h, bags, table_keys, mean, plan, g, 1.0f, acc, lo, hi, [&](int64_t a, int64_t n) {
       for (int64_t blk = a / block_size; blk <= (a + n - 1) / block_size; ++blk) {
         if (!flag[blk]) {
           flag[blk] = 1;
