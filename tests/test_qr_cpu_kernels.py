@@ -99,11 +99,12 @@ def test_kernels_match_reference_and_autograd(operation: str, k: int, weighted: 
     close(got, reference.weights_grad(grad_out, parts, ids, offsets, collisions, operation, mean))
     if weights is not None:
         close(got, weights_grad)
-    for j, (part, auto) in enumerate(zip(parts, part_grads)):
-        rows, values = KERNELS.qr_part_grad_rows(grad_out, parts, *args, j)
-        ref_rows, ref_values = reference.part_grad_rows(grad_out, parts, *args, j)
-        assert torch.equal(rows, ref_rows) and torch.equal(rows, python_digits(ids, collisions, k)[j].unique())
-        close(values, ref_values)
+    all_rows, all_values = KERNELS.qr_grad_rows(grad_out, parts, *args)
+    ref_rows, ref_values = reference.grad_rows(grad_out, parts, *args)
+    assert len(all_rows) == len(all_values) == k
+    for j, (part, auto, rows, values) in enumerate(zip(parts, part_grads, all_rows, all_values, strict=True)):
+        assert torch.equal(rows, ref_rows[j]) and torch.equal(rows, python_digits(ids, collisions, k)[j].unique())
+        close(values, ref_values[j])
         close(torch.zeros_like(part).index_copy_(0, rows, values), auto)
 
 
@@ -183,11 +184,10 @@ def test_threaded_scatter_loses_no_update(k: int, collisions: int, last_rows: in
         torch.testing.assert_close(g.double(), e, rtol=1e-4, atol=1e-4)
     torch.set_num_threads(threads)
     try:
-        per_part = [KERNELS.qr_part_grad_rows(grad_out, parts, ids, offsets, weights, collisions, "mult", True, j)
-                    for j in range(k)]
+        all_rows, all_values = KERNELS.qr_grad_rows(grad_out, parts, ids, offsets, weights, collisions, "mult", True)
     finally:
         torch.set_num_threads(previous)
-    for (rows, values), e in zip(per_part, expected):
+    for rows, values, e in zip(all_rows, all_values, expected, strict=True):
         torch.testing.assert_close(values.double(), e[rows], rtol=1e-4, atol=1e-4)
         assert torch.count_nonzero(e.abs().sum(1)) <= rows.numel()
     expected_out = reference.pooled_forward([p.double() for p in parts], ids, offsets, weights.double(), collisions,
@@ -249,14 +249,12 @@ def test_ops_dispatch_to_the_kernels_and_fall_back(monkeypatch: pytest.MonkeyPat
         ops.qr_pooled(parts, bad, torch.tensor([0, 1]), None, 5, "add", False, [False, False])
 
 
-def test_weights_grad_and_part_grad_rows_op_check() -> None:
+def test_weights_grad_and_grad_rows_op_check() -> None:
     parts = make_parts("mult", 3, 5, 7, seed=5)
     ids, weights = batch(5, 3, 5, 7)
     grad_out = torch.randn(LENGTHS.numel(), 8)
     torch.library.opcheck(ops.qr_weights_grad, (grad_out, parts, ids, offsets_of(LENGTHS), 5, "mult", True))
-    for part in range(3):
-        torch.library.opcheck(ops.qr_part_grad_rows, (grad_out, parts, ids, offsets_of(LENGTHS), weights, 5, "mult",
-                                                      True, part))
+    torch.library.opcheck(ops.qr_grad_rows, (grad_out, parts, ids, offsets_of(LENGTHS), weights, 5, "mult", True))
 
 
 @pytest.mark.parametrize("sparse_grads", [[True, True], [True, False], [False, True]])

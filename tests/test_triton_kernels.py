@@ -16,8 +16,15 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
-from torchrec_pss_plugins.qr.triton_kernels import qr_pooled_backward, qr_pooled_forward
+from torchrec_pss_plugins.qr import reference as qr_reference
+from torchrec_pss_plugins.qr.triton_kernels import (
+    qr_grad_rows,
+    qr_pooled_backward,
+    qr_pooled_forward,
+    qr_weights_grad,
+)
 from torchrec_pss_plugins.robe import reference
+from torchrec_pss_plugins.tt import reference as tt_reference
 from torchrec_pss_plugins.robe import triton_kernels as robe_triton
 from torchrec_pss_plugins.robe.triton_kernels import (
     blockwise_adagrad_update_,
@@ -26,7 +33,7 @@ from torchrec_pss_plugins.robe.triton_kernels import (
     robe_sgd_update_,
     robe_weights_grad,
 )
-from torchrec_pss_plugins.tt.triton_kernels import tt_rows
+from torchrec_pss_plugins.tt.triton_kernels import tt_rows, tt_rows_backward
 
 from torchrec_pss import (
     CompressedEmbeddingBagCollection,
@@ -219,6 +226,27 @@ def test_qr_matches_reference(num_partitions: int, operation: str, weighted: boo
     grads = qr_pooled_backward(grad_d, parts, ids_d, offsets_d, weights_d, memory.collisions, operation, mean)
     for grad, expected_grad in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(grad.cpu(), expected_grad.to_dense(), **TOL)
+    rows, values = qr_grad_rows(grad_d, parts, ids_d, offsets_d, weights_d, memory.collisions, operation, mean)
+    cpu_parts = [part.detach() for part in memory.parts]
+    args = (ids, offsets, weights, memory.collisions, operation, mean)
+    for part_rows, part_values, ref_rows, ref_values in zip(rows, values, *qr_reference.grad_rows(grad_out, cpu_parts,
+                                                                                                   *args), strict=True):
+        assert torch.equal(part_rows.cpu(), ref_rows)
+        torch.testing.assert_close(part_values.cpu(), ref_values, **TOL)
+
+
+@pytest.mark.parametrize("operation, width", [("mult", 12), ("add", 160), ("concat", 80)])
+@pytest.mark.parametrize("mean", [False, True])
+def test_qr_weights_grad_matches_autograd(operation: str, width: int, mean: bool) -> None:
+    """Per-sample weights' gradient, over one and over two blocks of columns (d = 160)."""
+    parts = [torch.randn(rows, width, generator=torch.Generator().manual_seed(rows)) for rows in (7, 150)]
+    ids, _, offsets, weights = bags(1000, seed=4)
+    weights = weights.clone().requires_grad_(True)
+    out = qr_reference.pooled_forward(parts, ids, offsets, weights, 7, operation, mean)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(5))
+    out.backward(grad_out)
+    got = qr_weights_grad(on_device(grad_out)[0], on_device(*parts), *on_device(ids, offsets), 7, operation, mean)
+    torch.testing.assert_close(got.cpu(), weights.grad, **TOL)
 
 
 @pytest.mark.parametrize("n, d, config", [
@@ -236,3 +264,26 @@ def test_tt_rows_match_reference(n: int, d: int, config: TTConfig) -> None:
     out = tt_rows(on_device(*memory.cores), ids.to(DEVICE))
     torch.testing.assert_close(out.cpu(), expected, **TOL)
     assert tt_rows(on_device(*memory.cores), ids[:0].to(DEVICE)).shape == (0, d)
+
+
+@pytest.mark.parametrize("n, d, config", [
+    (1000, 12, TTConfig(ranks=3, num_cores=2, seed=0)),
+    (1000, 16, TTConfig(ranks=(3, 5), num_cores=3, seed=0)),
+    (5000, 24, TTConfig(ranks=4, num_cores=4, seed=0)),
+    (40_000, 128, TTConfig(ranks=16, seed=0)),
+])
+def test_tt_rows_backward_matches_autograd(n: int, d: int, config: TTConfig) -> None:
+    """Core gradients against autograd of the reference chain of products, with a repeated id (its slices'
+    gradients add up) and the last id."""
+    table = EmbeddingBagConfig(name="t", embedding_dim=d, num_embeddings=n, feature_names=["f"])
+    memory = CompressedEmbeddingBagCollection([table], {"t": config}).memory_for("t")
+    ids = bags(n, seed=d, lengths=[6])[0]
+    ids[2] = ids[4]
+    cores = [core.detach().clone().requires_grad_(True) for core in memory.cores]
+    grad_out = torch.randn(ids.numel(), d, generator=torch.Generator().manual_seed(d))
+    tt_reference.rows(cores, ids).backward(grad_out)
+    grads = tt_rows_backward(on_device(grad_out)[0], on_device(*memory.cores), ids.to(DEVICE))
+    for grad, core in zip(grads, cores, strict=True):
+        torch.testing.assert_close(grad.cpu(), core.grad, **TOL)
+    empty = tt_rows_backward(on_device(grad_out[:0])[0], on_device(*memory.cores), ids[:0].to(DEVICE))
+    assert all(bool((grad == 0).all()) and grad.shape == core.shape for grad, core in zip(empty, cores, strict=True))

@@ -9,9 +9,9 @@ built. The functions (``parts`` the ``k >= 2`` float32 part tables ``[rows_j, wi
   :func:`~torchrec_pss_plugins.qr.reference.pooled_forward`.
 - ``qr_pooled_backward(grad_out, parts, ids, offsets, weights, collisions, operation, mean) -> list[Tensor]``:
   the dense gradient of every part table (:func:`~torchrec_pss_plugins.qr.reference.pooled_backward`).
-- ``qr_part_grad_rows(grad_out, parts, ids, offsets, weights, collisions, operation, mean, part) -> (rows,
-  values)``: part ``part``'s gradient over the rows the batch reads, rows ascending and unique
-  (:func:`~torchrec_pss_plugins.qr.reference.part_grad_rows`).
+- ``qr_grad_rows(grad_out, parts, ids, offsets, weights, collisions, operation, mean) -> (rows, values)``:
+  every part's gradient over the rows the batch reads (lists, one entry per part), rows ascending and unique
+  (:func:`~torchrec_pss_plugins.qr.reference.grad_rows`).
 - ``qr_weights_grad(grad_out, parts, ids, offsets, collisions, operation, mean) -> [N]``: the gradient of the
   per-sample weights (:func:`~torchrec_pss_plugins.qr.reference.weights_grad`).
 """

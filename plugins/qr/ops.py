@@ -3,13 +3,12 @@ compose + pool.
 
 ``qr_pooled(parts, ids, offsets, weights, collisions, operation, mean, sparse_grads) -> [B, d]``,
 differentiable in every part (dense, or sparse COO for part ``j`` when ``sparse_grads[j]``) and in
-``weights``; ``qr_pooled_backward`` gives the dense part gradients, ``qr_part_grad_rows`` one part's gradient over
-the rows the batch reads (``(rows [U], values [U, width])``, the sparse gradients and, beside them, dense
-ones) and ``qr_weights_grad`` the gradient of the per-sample weights ``[N]``. Default kernels: the reference
-(:mod:`~torchrec_pss_plugins.qr.reference`); CPU: the C++ extension (:mod:`~torchrec_pss_plugins.qr.cpu_kernels`;
-the reference when it cannot be built); CUDA: Triton (:mod:`~torchrec_pss_plugins.qr.triton_kernels`;
-``qr_part_grad_rows`` and the weights gradient stay on the reference); fake kernels for ``torch.compile`` /
-``torch.export``.
+``weights``; ``qr_pooled_backward`` gives the dense part gradients, ``qr_grad_rows`` every part's gradient over
+the rows the batch reads (``(rows, values)``: lists of ``[U_j]`` and ``[U_j, width]``, the sparse gradients and,
+beside them, dense ones) and ``qr_weights_grad`` the gradient of the per-sample weights ``[N]``. Default kernels:
+the reference (:mod:`~torchrec_pss_plugins.qr.reference`); CPU: the C++ extension
+(:mod:`~torchrec_pss_plugins.qr.cpu_kernels`; the reference when it cannot be built); CUDA: Triton
+(:mod:`~torchrec_pss_plugins.qr.triton_kernels`); fake kernels for ``torch.compile`` / ``torch.export``.
 """
 
 from __future__ import annotations
@@ -60,31 +59,33 @@ def _qr_pooled_backward_fake(grad: Tensor, parts: list[Tensor], ids: Tensor, off
     return [torch.empty_like(part) for part in parts]
 
 
-def _part_grad_rows_cpu(kernels: ModuleType, grad: Tensor, parts: list[Tensor], ids: Tensor, offsets: Tensor,
-                        weights: Tensor | None, collisions: int, operation: str, mean: bool,
-                        part: int) -> tuple[Tensor, Tensor]:
-    return kernels.qr_part_grad_rows(grad, parts, ids, offsets, weights, collisions, operation, mean, part)
+def _grad_rows_kernel(kernels: ModuleType, grad: Tensor, parts: list[Tensor], ids: Tensor, offsets: Tensor,
+                      weights: Tensor | None, collisions: int, operation: str,
+                      mean: bool) -> tuple[list[Tensor], list[Tensor]]:
+    return kernels.qr_grad_rows(grad, parts, ids, offsets, weights, collisions, operation, mean)
 
 
-@define_op("qr_part_grad_rows", cpu=(cpu_kernels.load, _part_grad_rows_cpu))
-def qr_part_grad_rows(grad: Tensor, parts: list[Tensor], ids: Tensor, offsets: Tensor, weights: Tensor | None,
-                      collisions: int, operation: str, mean: bool, part: int) -> tuple[Tensor, Tensor]:
-    return reference.part_grad_rows(grad, parts, ids, offsets, weights, collisions, operation, mean, part)
+@define_op("qr_grad_rows", cpu=(cpu_kernels.load, _grad_rows_kernel), cuda=(_triton, _grad_rows_kernel))
+def qr_grad_rows(grad: Tensor, parts: list[Tensor], ids: Tensor, offsets: Tensor, weights: Tensor | None,
+                 collisions: int, operation: str, mean: bool) -> tuple[list[Tensor], list[Tensor]]:
+    return reference.grad_rows(grad, parts, ids, offsets, weights, collisions, operation, mean)
 
 
-@torch.library.register_fake(qr_part_grad_rows)
-def _qr_part_grad_rows_fake(grad: Tensor, parts: list[Tensor], ids: Tensor, offsets: Tensor, weights: Tensor | None,
-                            collisions: int, operation: str, mean: bool, part: int) -> tuple[Tensor, Tensor]:
-    unique = torch.library.get_ctx().new_dynamic_size()
-    return ids.new_empty(unique), grad.new_empty(unique, parts[part].shape[1])
+@torch.library.register_fake(qr_grad_rows)
+def _qr_grad_rows_fake(grad: Tensor, parts: list[Tensor], ids: Tensor, offsets: Tensor, weights: Tensor | None,
+                       collisions: int, operation: str, mean: bool) -> tuple[list[Tensor], list[Tensor]]:
+    ctx = torch.library.get_ctx()
+    unique = [ctx.new_dynamic_size() for _ in parts]
+    return ([ids.new_empty(u) for u in unique],
+            [grad.new_empty(u, part.shape[1]) for u, part in zip(unique, parts, strict=True)])
 
 
-def _weights_grad_cpu(kernels: ModuleType, grad: Tensor, parts: list[Tensor], ids: Tensor, offsets: Tensor,
-                      collisions: int, operation: str, mean: bool) -> Tensor:
+def _weights_grad_kernel(kernels: ModuleType, grad: Tensor, parts: list[Tensor], ids: Tensor, offsets: Tensor,
+                         collisions: int, operation: str, mean: bool) -> Tensor:
     return kernels.qr_weights_grad(grad, parts, ids, offsets, collisions, operation, mean)
 
 
-@define_op("qr_weights_grad", cpu=(cpu_kernels.load, _weights_grad_cpu))
+@define_op("qr_weights_grad", cpu=(cpu_kernels.load, _weights_grad_kernel), cuda=(_triton, _weights_grad_kernel))
 def qr_weights_grad(grad: Tensor, parts: list[Tensor], ids: Tensor, offsets: Tensor, collisions: int, operation: str,
                     mean: bool) -> Tensor:
     return reference.weights_grad(grad, parts, ids, offsets, collisions, operation, mean)
@@ -111,8 +112,9 @@ def _backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple:
     part_grads = None
     if ctx.needs_input_grad[0]:
         if any(sparse_grads):
-            part_grads = [_part_grad(grad, parts, ids, offsets, weights, collisions, operation, mean, j, sparse)
-                          for j, sparse in enumerate(sparse_grads)]
+            rows, values = qr_grad_rows(grad, parts, ids, offsets, weights, collisions, operation, mean)
+            part_grads = [_part_grad(part, part_rows, part_values, sparse) for part, part_rows, part_values, sparse
+                          in zip(parts, rows, values, sparse_grads, strict=True)]
         else:
             part_grads = qr_pooled_backward(grad, parts, ids, offsets, weights, collisions, operation, mean)
     weights_grad = None
@@ -121,14 +123,11 @@ def _backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple:
     return part_grads, None, None, weights_grad, None, None, None, None
 
 
-def _part_grad(grad: Tensor, parts: list[Tensor], ids: Tensor, offsets: Tensor, weights: Tensor | None,
-               collisions: int, operation: str, mean: bool, part: int, sparse: bool) -> Tensor:
-    """Part ``part``'s gradient from ``qr_part_grad_rows``: sparse COO (coalesced) or dense."""
-    rows, values = qr_part_grad_rows(grad, parts, ids, offsets, weights, collisions, operation, mean, part)
-    shape = parts[part].shape
+def _part_grad(part: Tensor, rows: Tensor, values: Tensor, sparse: bool) -> Tensor:
+    """A part's gradient from its ``qr_grad_rows`` entry: sparse COO (coalesced) or dense."""
     if sparse:
-        return torch.sparse_coo_tensor(rows.unsqueeze(0), values, shape, is_coalesced=True, check_invariants=False)
-    return values.new_zeros(shape).index_copy_(0, rows, values)
+        return torch.sparse_coo_tensor(rows.unsqueeze(0), values, part.shape, is_coalesced=True, check_invariants=False)
+    return values.new_zeros(part.shape).index_copy_(0, rows, values)
 
 
 register_autograd(qr_pooled, _backward, _setup_context)

@@ -81,14 +81,17 @@ def pooled_backward(grad: torch.Tensor, parts: list[torch.Tensor], ids: torch.Te
     return grads
 
 
-def part_grad_rows(grad: torch.Tensor, parts: list[torch.Tensor], ids: torch.Tensor, offsets: torch.Tensor,
-                   weights: torch.Tensor | None, collisions: int, operation: str, mean: bool,
-                   part: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Part ``part``'s gradient over the rows the batch reads: ``(rows [U]`` ascending and unique, ``values
-    [U, width])``; the rows and values of its sparse COO gradient."""
-    digit, g = part_grads_per_id(grad, parts, ids, offsets, weights, collisions, operation, mean)[part]
-    rows, inverse = torch.unique(digit, return_inverse=True)
-    return rows, g.new_zeros(rows.numel(), g.shape[1]).index_add_(0, inverse, g)
+def grad_rows(grad: torch.Tensor, parts: list[torch.Tensor], ids: torch.Tensor, offsets: torch.Tensor,
+              weights: torch.Tensor | None, collisions: int, operation: str,
+              mean: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Every part's gradient over the rows the batch reads: ``rows[j]`` ``[U_j]`` ascending and unique and
+    ``values[j]`` ``[U_j, width]``; the indices and values of part ``j``'s sparse COO gradient."""
+    rows, values = [], []
+    for digit, g in part_grads_per_id(grad, parts, ids, offsets, weights, collisions, operation, mean):
+        unique, inverse = torch.unique(digit, return_inverse=True)
+        rows.append(unique)
+        values.append(g.new_zeros(unique.numel(), g.shape[1]).index_add_(0, inverse, g))
+    return rows, values
 
 
 def weights_grad(grad: torch.Tensor, parts: list[torch.Tensor], ids: torch.Tensor, offsets: torch.Tensor,

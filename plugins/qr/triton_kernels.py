@@ -1,4 +1,6 @@
-"""Triton kernels for QR embeddings: compose rows from the part tables and pool them in one kernel.
+"""Triton kernels for QR embeddings: compose rows from the part tables and pool them in one kernel; the
+dense part gradients (atomics), their rows read by a batch (sparse gradients) and the per-sample weights'
+gradient.
 
 Id ``x`` reads row ``(x // c^j) mod c`` of part ``j < k - 1`` and row ``x // c^(k-1)`` of the last part
 (:meth:`QRMemory.digits <torchrec_pss_plugins.qr.qr.QRMemory.digits>`, ids ``>= 0``) and composes the
@@ -17,6 +19,8 @@ from collections.abc import Sequence
 import torch
 import triton
 import triton.language as tl
+
+from torchrec_pss_plugins.qr.reference import digits
 
 BLOCK_N = 8
 """Ids of a bag handled together by one program (rows of a tile)."""
@@ -127,6 +131,33 @@ def _backward_kernel(
         first += BLOCK_N
 
 
+@triton.jit(do_not_specialize=["c"])
+def _weights_grad_kernel(
+    parts, grad_out, ids_ptr, offsets, out, c,
+    K: tl.constexpr, DIM: tl.constexpr, WIDTH: tl.constexpr, OPERATION: tl.constexpr, MEAN: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    bag = tl.program_id(0)
+    start = tl.load(offsets + bag)
+    end = tl.load(offsets + bag + 1)
+    first = start
+    while first < end:
+        rows = first + tl.arange(0, BLOCK_N)
+        row_mask = rows < end
+        x = tl.load(ids_ptr + rows, mask=row_mask, other=0)
+        dot = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for block in tl.static_range((DIM + BLOCK_D - 1) // BLOCK_D):
+            cols = (block * BLOCK_D + tl.arange(0, BLOCK_D)).to(tl.int64)
+            col_mask = cols < DIM
+            g = tl.load(grad_out + bag.to(tl.int64) * DIM + cols, mask=col_mask, other=0.0)
+            vals = _composed(parts, x, c, cols, row_mask[:, None] & col_mask[None, :], K, WIDTH, OPERATION, K)
+            dot += tl.sum(vals * g[None, :], axis=1)
+        if MEAN:
+            dot = dot / tl.maximum(end - start, 1).to(tl.float32)
+        tl.store(out + rows, dot, mask=row_mask)
+        first += BLOCK_N
+
+
 def _prepare(
     parts: Sequence[torch.Tensor], ids: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor | None,
     operation: str,
@@ -210,3 +241,47 @@ def qr_pooled_backward(
         HAS_WEIGHTS=weights is not None, MEAN=mean, BLOCK_N=BLOCK_N, BLOCK_D=block_d,
     )
     return grads
+
+
+def qr_grad_rows(
+    grad_out: torch.Tensor,
+    parts: Sequence[torch.Tensor],
+    ids: torch.Tensor,
+    offsets: torch.Tensor,
+    weights: torch.Tensor | None,
+    collisions: int,
+    operation: str,
+    mean: bool,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Every part's gradient over the rows the batch reads: ``(rows, values)``, lists of ``[U_j]`` int64
+    (ascending, unique) and ``[U_j, width]`` float32; the rows of :func:`qr_pooled_backward`'s dense gradients
+    that the ids read (``torch.unique`` of each part's rows)."""
+    dense = qr_pooled_backward(grad_out, parts, ids, offsets, weights, collisions, operation, mean)
+    rows = [torch.unique(digit) for digit in digits(ids, collisions, len(parts))]
+    return rows, [grad.index_select(0, part_rows) for grad, part_rows in zip(dense, rows, strict=True)]
+
+
+def qr_weights_grad(
+    grad_out: torch.Tensor,
+    parts: Sequence[torch.Tensor],
+    ids: torch.Tensor,
+    offsets: torch.Tensor,
+    collisions: int,
+    operation: str,
+    mean: bool,
+) -> torch.Tensor:
+    """The gradient ``[N]`` (float32) of the per-sample weights: each id's composed row dotted with its bag's
+    ``grad_out`` row (``/`` the bag length for MEAN); one program per bag, no atomics."""
+    num_bags, dim, width = _prepare(parts, ids, offsets, None, operation)
+    if grad_out.shape != (num_bags, dim):
+        raise ValueError(f"grad_out must be [B, d] = {(num_bags, dim)}, got {tuple(grad_out.shape)}")
+    out = torch.empty(ids.numel(), dtype=torch.float32, device=ids.device)
+    if num_bags == 0 or ids.numel() == 0:
+        return out.zero_()
+    block_d = min(triton.next_power_of_2(dim), MAX_BLOCK_D)
+    _weights_grad_kernel[(num_bags,)](
+        tuple(p.contiguous() for p in parts), grad_out.to(torch.float32).contiguous(), ids.contiguous(),
+        offsets.contiguous(), out, collisions, K=len(parts), DIM=dim, WIDTH=width, OPERATION=OPERATIONS[operation],
+        MEAN=mean, BLOCK_N=BLOCK_N, BLOCK_D=block_d,
+    )
+    return out

@@ -5,11 +5,12 @@ Each op has a pure-PyTorch reference as its default kernel (:mod:`~torchrec_pss_
 fake kernel (so ``torch.compile`` / ``torch.export`` trace it) and a CPU kernel from the C++ extension
 (:mod:`~torchrec_pss_plugins.tt.cpu_kernels`; the reference when it cannot be built).
 
-- ``tt_rows(cores, ids) -> [U, d]``, differentiable in ``cores`` through ``tt_rows_backward``; its CUDA kernel
-  is in Triton (:mod:`~torchrec_pss_plugins.tt.triton_kernels`; the reference without Triton).
+- ``tt_rows(cores, ids) -> [U, d]``, differentiable in ``cores`` through ``tt_rows_backward``.
 - ``tt_rows_backward(grad, cores, ids) -> list[Tensor]``: the dense gradients of the cores (their shapes) for
-  the gradient ``grad`` ``[U, d]`` of the rows; its reference (the CUDA kernel too) differentiates
-  ``reference.rows``'s chain of batched products.
+  the gradient ``grad`` ``[U, d]`` of the rows; its reference differentiates ``reference.rows``'s chain of
+  batched products.
+
+Both CUDA kernels are in Triton (:mod:`~torchrec_pss_plugins.tt.triton_kernels`; the references without Triton).
 """
 
 from __future__ import annotations
@@ -48,7 +49,11 @@ def _backward_cpu(kernels: ModuleType, grad: Tensor, cores: list[Tensor], ids: T
     return kernels.tt_rows_backward(grad, cores, ids)
 
 
-@define_op("tt_rows_backward", cpu=(cpu_kernels.load, _backward_cpu))
+def _backward_cuda(kernels: ModuleType, grad: Tensor, cores: list[Tensor], ids: Tensor) -> list[Tensor]:
+    return kernels.tt_rows_backward(grad, cores, ids)
+
+
+@define_op("tt_rows_backward", cpu=(cpu_kernels.load, _backward_cpu), cuda=(_triton, _backward_cuda))
 def tt_rows_backward(grad: Tensor, cores: list[Tensor], ids: Tensor) -> list[Tensor]:
     return reference.rows_backward(grad, cores, ids)
 

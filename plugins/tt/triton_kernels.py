@@ -4,8 +4,11 @@
 digits ``i`` of the row ``x`` (base ``p``, most significant first; the first digit is ``x // ∏_{k>1} p_k``
 unreduced, as in ``TTMemory.rows``) and ``j`` of the column (base ``q``). Each program owns one id and a
 block of ``BLOCK_D`` columns and carries, per column, the running row vector ``[R_k]`` of the chain
-product (padded to ``R_PAD``) from core to core. The backward stays with torch's autograd of
-``TTMemory.rows`` (the reference).
+product (padded to ``R_PAD``) from core to core.
+
+The backward (:func:`tt_rows_backward`) has the same layout: per column, core ``k``'s slice gets
+``grad[x, j] · outer(L_k, R_k)``, with ``L_k`` the row vector of the cores before it and ``R_k`` the column vector
+of the cores after it (both recomputed per core: N is small), added with atomics into the dense core gradients.
 
 Run on CUDA tensors, or on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1``).
 """
@@ -50,17 +53,49 @@ def _tt_rows_kernel(
     tl.store(out + row * DIM + cols, tl.sum(v, axis=1), mask=col_mask)
 
 
+@triton.jit
+def _tt_rows_backward_kernel(
+    grad, cores, grads, ids_ptr,
+    P: tl.constexpr, P_STRIDES: tl.constexpr, Q: tl.constexpr, Q_STRIDES: tl.constexpr, RANKS: tl.constexpr,
+    NUM_CORES: tl.constexpr, DIM: tl.constexpr, R_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = (tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)).to(tl.int64)
+    col_mask = cols < DIM
+    r = tl.arange(0, R_PAD)
+    x = tl.load(ids_ptr + row)
+    g = tl.load(grad + row * DIM + cols, mask=col_mask, other=0.0)
+    unit = tl.zeros([BLOCK_D, R_PAD], dtype=tl.float32) + (r == 0).to(tl.float32)[None, :]  # R_0 = R_N = 1
+    for k in tl.static_range(NUM_CORES):
+        left = unit  # [BLOCK_D, R_k]: G_1[i_1] ··· G_{k-1}[i_{k-1}] per column
+        for m in tl.static_range(k):
+            i = x // P_STRIDES[m] if m == 0 else (x // P_STRIDES[m]) % P[m]
+            j = (cols // Q_STRIDES[m]) % Q[m]
+            offsets = ((i * RANKS[m] + r[None, :, None]) * Q[m] + j[:, None, None]) * RANKS[m + 1] + r[None, None, :]
+            mask = col_mask[:, None, None] & (r < RANKS[m])[None, :, None] & (r < RANKS[m + 1])[None, None, :]
+            left = tl.sum(left[:, :, None] * tl.load(cores[m] + offsets, mask=mask, other=0.0), axis=1)
+        right = unit  # [BLOCK_D, R_{k+1}]: G_{k+1}[i_{k+1}] ··· G_N[i_N] per column
+        for m in tl.static_range(NUM_CORES - 1, k, -1):
+            i = (x // P_STRIDES[m]) % P[m]
+            j = (cols // Q_STRIDES[m]) % Q[m]
+            offsets = ((i * RANKS[m] + r[None, :, None]) * Q[m] + j[:, None, None]) * RANKS[m + 1] + r[None, None, :]
+            mask = col_mask[:, None, None] & (r < RANKS[m])[None, :, None] & (r < RANKS[m + 1])[None, None, :]
+            right = tl.sum(tl.load(cores[m] + offsets, mask=mask, other=0.0) * right[:, None, :], axis=2)
+        i = x // P_STRIDES[k] if k == 0 else (x // P_STRIDES[k]) % P[k]
+        j = (cols // Q_STRIDES[k]) % Q[k]
+        offsets = ((i * RANKS[k] + r[None, :, None]) * Q[k] + j[:, None, None]) * RANKS[k + 1] + r[None, None, :]
+        mask = col_mask[:, None, None] & (r < RANKS[k])[None, :, None] & (r < RANKS[k + 1])[None, None, :]
+        tl.atomic_add(grads[k] + offsets, g[:, None, None] * left[:, :, None] * right[:, None, :], mask=mask,
+                      sem="relaxed")
+
+
 def _strides(factors: Sequence[int]) -> tuple[int, ...]:
     """``∏_{l>k} factors[l]`` for every ``k``."""
     return tuple(math.prod(factors[k + 1:]) for k in range(len(factors)))
 
 
-def tt_rows(cores: Sequence[torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
-    """Rows ``[U, d]`` (float32) of ``ids`` ``[U]`` (int64, ``0 <= id < ∏ p_k``) contracted from ``cores``.
-
-    ``cores`` are ``TTMemory.cores``: core ``k`` ``[p_k, R_{k-1}, q_k, R_k]`` float32 with ``R_0 = R_N = 1``
-    and ``d = ∏ q_k``. Equals ``TTMemory.rows(ids)``.
-    """
+def _layout(cores: Sequence[torch.Tensor], ids: torch.Tensor) -> dict[str, object]:
+    """The kernels' shape constants (checked): ``P``, ``Q``, their strides, ``RANKS``, ``DIM``, ``R_PAD``, ``BLOCK_D``."""
     if len(cores) < 2 or any(core.dim() != 4 for core in cores):
         raise ValueError(f"cores must be >= 2 tensors [p, R_in, q, R_out], got {[tuple(c.shape) for c in cores]}")
     ranks = (cores[0].shape[1], *(core.shape[3] for core in cores))
@@ -71,14 +106,39 @@ def tt_rows(cores: Sequence[torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
     p = tuple(core.shape[0] for core in cores)
     q = tuple(core.shape[2] for core in cores)
     dim = math.prod(q)
-    out = torch.empty(ids.numel(), dim, dtype=torch.float32, device=ids.device)
-    if ids.numel() == 0:
-        return out
     r_pad = triton.next_power_of_2(max(ranks))
     block_d = max(1, min(triton.next_power_of_2(dim), TILE_ELEMENTS // (r_pad * r_pad)))
-    _tt_rows_kernel[(ids.numel(), triton.cdiv(dim, block_d))](
-        tuple(core.contiguous() for core in cores), ids.contiguous(), out,
-        P=p, P_STRIDES=_strides(p), Q=q, Q_STRIDES=_strides(q), RANKS=ranks,
-        NUM_CORES=len(cores), DIM=dim, R_PAD=r_pad, BLOCK_D=block_d,
+    return {"P": p, "P_STRIDES": _strides(p), "Q": q, "Q_STRIDES": _strides(q), "RANKS": ranks,
+            "NUM_CORES": len(cores), "DIM": dim, "R_PAD": r_pad, "BLOCK_D": block_d}
+
+
+def tt_rows(cores: Sequence[torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
+    """Rows ``[U, d]`` (float32) of ``ids`` ``[U]`` (int64, ``0 <= id < ∏ p_k``) contracted from ``cores``.
+
+    ``cores`` are ``TTMemory.cores``: core ``k`` ``[p_k, R_{k-1}, q_k, R_k]`` float32 with ``R_0 = R_N = 1``
+    and ``d = ∏ q_k``. Equals ``TTMemory.rows(ids)``.
+    """
+    layout = _layout(cores, ids)
+    out = torch.empty(ids.numel(), layout["DIM"], dtype=torch.float32, device=ids.device)
+    if ids.numel() == 0:
+        return out
+    _tt_rows_kernel[(ids.numel(), triton.cdiv(layout["DIM"], layout["BLOCK_D"]))](
+        tuple(core.contiguous() for core in cores), ids.contiguous(), out, **layout,
     )
     return out
+
+
+def tt_rows_backward(grad: torch.Tensor, cores: Sequence[torch.Tensor], ids: torch.Tensor) -> list[torch.Tensor]:
+    """The dense gradients of ``cores`` (float32, their shapes) for the gradient ``grad`` ``[U, d]`` of
+    ``tt_rows(cores, ids)``; equals ``reference.rows_backward``. Repeated ids add up."""
+    layout = _layout(cores, ids)
+    if grad.shape != (ids.numel(), layout["DIM"]):
+        raise ValueError(f"grad must be [U, d] = [{ids.numel()}, {layout['DIM']}], got {tuple(grad.shape)}")
+    grads = [torch.zeros(core.shape, dtype=torch.float32, device=core.device) for core in cores]
+    if ids.numel() == 0:
+        return grads
+    _tt_rows_backward_kernel[(ids.numel(), triton.cdiv(layout["DIM"], layout["BLOCK_D"]))](
+        grad.to(torch.float32).contiguous(), tuple(core.contiguous() for core in cores), tuple(grads),
+        ids.contiguous(), **layout,
+    )
+    return grads

@@ -1,5 +1,5 @@
-// QR compositional embeddings on the CPU: fused digits + compose + pool forward, its dense backward, one part's
-// gradient over the rows a batch reads (for sparse gradients) and the gradient of the per-sample weights. The
+// QR compositional embeddings on the CPU: fused digits + compose + pool forward, its dense backward, the parts'
+// gradients over the rows a batch reads (for sparse gradients) and the gradient of the per-sample weights. The
 // formulas are the contract of plugins/qr/reference.py:
 //
 //   row_j(x) = (x // c^j) mod c  for j < k - 1,   row_{k-1}(x) = x // c^(k-1)   (floor division, any int64 x)
@@ -503,16 +503,20 @@ std::vector<at::Tensor> qr_pooled_backward(const at::Tensor& grad_out, const std
   return backward(grad, p, bags, plan);
 }
 
-std::tuple<at::Tensor, at::Tensor> qr_part_grad_rows(const at::Tensor& grad_out, const std::vector<at::Tensor>& parts,
-                                                     const at::Tensor& ids, const at::Tensor& offsets,
-                                                     const std::optional<at::Tensor>& weights, int64_t collisions,
-                                                     const std::string& operation, bool mean, int64_t part) {
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> qr_grad_rows(
+    const at::Tensor& grad_out, const std::vector<at::Tensor>& parts, const at::Tensor& ids, const at::Tensor& offsets,
+    const std::optional<at::Tensor>& weights, int64_t collisions, const std::string& operation, bool mean) {
   const Parts p(parts, operation);
-  TORCH_CHECK(part >= 0 && part < p.k, "part must be in [0, ", p.k, "), got ", part);
   const Bags bags(ids, offsets, weights);
   const auto grad = checked_grad(grad_out, p, bags);
   const Plan plan(p, bags, collisions, mean, true);
-  return part_grad_rows(grad, p, bags, plan, part);
+  std::vector<at::Tensor> rows, values;
+  for (int64_t j = 0; j < p.k; ++j) {
+    auto [part_rows, part_values] = part_grad_rows(grad, p, bags, plan, j);
+    rows.push_back(std::move(part_rows));
+    values.push_back(std::move(part_values));
+  }
+  return {rows, values};
 }
 
 at::Tensor qr_weights_grad(const at::Tensor& grad_out, const std::vector<at::Tensor>& parts, const at::Tensor& ids,
@@ -557,10 +561,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("qr_pooled_backward", &qr_pooled_backward, no_gil, "Dense part-table gradients: [rows_j, width] each",
              arg("grad_out"), arg("parts"), arg("ids"), arg("offsets"), arg("weights"), arg("collisions"),
              arg("operation"), arg("mean"));
-  module.def("qr_part_grad_rows", &qr_part_grad_rows, no_gil,
-             "Gradient of one part table over the rows the batch reads: (rows [U], values [U, width])",
+  module.def("qr_grad_rows", &qr_grad_rows, no_gil,
+             "Every part's gradient over the rows the batch reads: ([rows [U_j]], [values [U_j, width]])",
              arg("grad_out"), arg("parts"), arg("ids"), arg("offsets"), arg("weights"), arg("collisions"),
-             arg("operation"), arg("mean"), arg("part"));
+             arg("operation"), arg("mean"));
   module.def("qr_weights_grad", &qr_weights_grad, no_gil, "Gradient of the per-sample weights: [N]",
              arg("grad_out"), arg("parts"), arg("ids"), arg("offsets"), arg("collisions"), arg("operation"),
              arg("mean"));

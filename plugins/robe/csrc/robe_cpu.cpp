@@ -16,6 +16,11 @@
 // by run into memory ranges owned by one thread each (every thread scans all runs and keeps the pieces in its
 // range; small batches use fewer threads), so no update is lost and no atomics are needed. Adagrad first sums the batch's gradient
 // into a persistent zero scratch of |M| floats, then updates and re-zeroes only the touched blocks.
+//
+// Short runs (Z < 16, HashedNet's Z = 1 above all) skip the Plan, which would store and reload d / Z starts per id:
+// each id is hashed a few ids before its use by a branch-free loop that vectorises, and its runs are prefetched
+// then when M does not fit the caches. With a small M the scatter of short runs splits the bags over threads
+// instead of M (private copies of M, summed afterwards), as every thread would otherwise hash every id.
 
 #include <torch/extension.h>
 
