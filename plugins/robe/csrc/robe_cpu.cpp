@@ -769,6 +769,34 @@ void weights_grad_range(const Hasher& h, const Bags& bags, const Plan& plan, con
   }
 }
 
+// weights_grad_range for short runs (no Plan; `bags` without weights).
+template <int64_t kRun>
+void weights_grad_short_range(const Hasher& h, const Bags& bags, const TableKeys& keys, const float* mem,
+                              const float* grad, float* out, bool mean, int64_t b0, int64_t b1) {
+  const int64_t run = kRun > 0 ? kRun : h.run, chunks = h.chunks;
+  const auto m = static_cast<uint32_t>(h.m);
+  ShortIds<0> ids(h, bags, keys, mem, b0, b1, 0, h.m);
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t first = bags.offsets[b], last = bags.offsets[b + 1];
+    const float scale = 1.0f / (mean ? static_cast<float>(std::max<int64_t>(last - first, 1)) : 1.0f);
+    const float* __restrict__ row = grad + b * h.dim;
+    for (int64_t j = first; j < last; ++j) {
+      const ShortId& id = ids.next();
+      const uint32_t* __restrict__ starts = id.starts.data();
+      const uint32_t* __restrict__ masks = id.masks.data();
+      float dot = 0.0f;
+      for (int64_t c = 0; c < chunks; ++c) {
+        for (int64_t k = 0; k < run; ++k) {
+          uint32_t p = starts[c] + static_cast<uint32_t>(k);
+          p = p >= m ? p - m : p;
+          dot += row[c * run + k] * flip(mem[p], masks[c * run + k]);
+        }
+      }
+      out[j] = dot * scale;
+    }
+  }
+}
+
 // Dense zero scratch of |M| floats and a touched flag per optimizer block, kept all-zero between calls.
 struct Scratch {
   std::mutex mutex;
@@ -926,6 +954,14 @@ at::Tensor robe_weights_grad(const at::Tensor& memory, const at::Tensor& grad_ou
   const float* mem = memory.data_ptr<float>();
   const float* g = grad.data_ptr<float>();
   float* out_data = out.data_ptr<float>();
+  if (h.short_runs()) {
+    dispatch_short(h.run, [&](auto run) {
+      at::parallel_for(0, bags.num_bags, bag_grain(bags, dim), [&](int64_t b0, int64_t b1) {
+        weights_grad_short_range<decltype(run)::value>(h, bags, table_keys, mem, g, out_data, mean, b0, b1);
+      });
+    });
+    return out;
+  }
   const Plan plan(h, bags, table_keys, mean);  // no weights: scale = 1 / bag length for MEAN
   dispatch_run(h.run, [&](auto run) {
     at::parallel_for(0, bags.num_bags, bag_grain(bags, dim), [&](int64_t b0, int64_t b1) {
