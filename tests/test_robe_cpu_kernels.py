@@ -116,6 +116,26 @@ def test_dense_backward_matches_autograd(z: int, use_sign: bool, weighted: bool,
 
 
 @pytest.mark.parametrize("z,use_sign,weighted,mean", CASES)
+@pytest.mark.parametrize("memory_size", [97, 5, 1 << 17])
+def test_sparse_grad_matches_the_coalesced_reference(z: int, use_sign: bool, weighted: bool, mean: bool,
+                                                     memory_size: int) -> None:
+    """Touched positions (ascending, unique) and their summed values; |M| = 5 < Z wraps runs several times and
+    |M| = 2^17 needs both radix passes."""
+    memory = build(z, use_sign, memory_size)
+    ids, lengths, weights = batch(z + 4)
+    weights = weights if weighted else None
+    grad_out = torch.randn(lengths.numel(), D, generator=torch.Generator().manual_seed(7))
+    args = (grad_out, ids, offsets_of(lengths), weights)
+    positions, values = KERNELS.robe_sparse_grad(*args, *hash_args(memory), memory_size, D, z, use_sign, mean)
+    expected = reference.pooled_backward(*args, memory.hash_coefficients, memory.table_keys[:1], memory_size, z,
+                                         use_sign, mean, sparse=True)
+    assert torch.equal(positions, expected.indices()[0])
+    torch.testing.assert_close(values, expected.values(), rtol=1e-5, atol=1e-5)
+    dense = reference_step(memory, ids, lengths, weights, mean, grad_out)
+    torch.testing.assert_close(torch.zeros(memory_size).index_add_(0, positions, values), dense, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("z,use_sign,weighted,mean", CASES)
 def test_sgd_update_equals_dense_sgd(z: int, use_sign: bool, weighted: bool, mean: bool) -> None:
     memory = build(z, use_sign, memory_size=61)
     ids, lengths, weights = batch(z + 2)

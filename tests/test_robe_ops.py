@@ -46,6 +46,8 @@ def test_opcheck_pooled_and_backward(z: int, use_sign: bool, weighted: bool, mea
     grad = torch.randn(4, 8)
     torch.library.opcheck(ops.robe_pooled_backward, (grad, a["ids"], a["offsets"], a["weights"], a["coefficients"],
                                                      a["keys"], a["memory"].numel(), z, use_sign, mean))
+    torch.library.opcheck(ops.robe_sparse_grad, (grad, a["ids"], a["offsets"], a["weights"], a["coefficients"],
+                                                 a["keys"], a["memory"].numel(), z, use_sign, mean))
     torch.library.opcheck(ops.robe_weights_grad, (grad, a["memory"], a["ids"], a["offsets"],
                                                   a["coefficients"], a["keys"], z, use_sign, mean))
     torch.library.opcheck(ops.robe_sgd_update_, (a["memory"].clone(), grad, a["ids"], a["offsets"],

@@ -10,8 +10,9 @@ the reference without Triton).
   sparse_grad) -> [B, dim]``, differentiable in ``memory`` (dense, or sparse COO when ``sparse_grad``)
   and ``weights``.
 - ``robe_pooled_backward(grad, ids, offsets, weights, coefficients, keys, memory_size, chunk_size,
-  use_sign, mean) -> [|M|]`` and ``robe_weights_grad(grad, memory, ids, offsets, coefficients, keys,
-  chunk_size, use_sign, mean) -> [N]``.
+  use_sign, mean) -> [|M|]``, ``robe_sparse_grad(...same...) -> (positions [U], values [U])`` (the touched
+  positions, ascending and unique; CUDA: the reference) and ``robe_weights_grad(grad, memory, ids, offsets,
+  coefficients, keys, chunk_size, use_sign, mean) -> [N]``.
 - ``robe_sgd_update_`` / ``robe_adagrad_update_``: backward fused with the optimizer step, in place.
 
 ``keys`` (int64) are the tables' keys ``t``: ``[1]`` when every bag reads one table, ``[B]`` (bag ``b`` reads
@@ -74,6 +75,29 @@ def _robe_pooled_backward_fake(grad: Tensor, ids: Tensor, offsets: Tensor, weigh
     return grad.new_empty(memory_size)
 
 
+def _sparse_grad_cpu(kernels: ModuleType, grad: Tensor, ids: Tensor, offsets: Tensor, weights: Tensor | None,
+                     coefficients: Tensor, keys: Tensor, memory_size: int, chunk_size: int, use_sign: bool,
+                     mean: bool) -> tuple[Tensor, Tensor]:
+    return kernels.robe_sparse_grad(grad, ids, offsets, weights, coefficients[0], coefficients[1], keys, memory_size,
+                                    grad.shape[1], chunk_size, use_sign, mean)
+
+
+@define_op("robe_sparse_grad", cpu=(cpu_kernels.load, _sparse_grad_cpu))
+def robe_sparse_grad(grad: Tensor, ids: Tensor, offsets: Tensor, weights: Tensor | None, coefficients: Tensor,
+                     keys: Tensor, memory_size: int, chunk_size: int, use_sign: bool,
+                     mean: bool) -> tuple[Tensor, Tensor]:
+    return reference.sparse_grad(grad, ids, offsets, weights, coefficients, keys, memory_size, chunk_size, use_sign,
+                                 mean)
+
+
+@torch.library.register_fake(robe_sparse_grad)
+def _robe_sparse_grad_fake(grad: Tensor, ids: Tensor, offsets: Tensor, weights: Tensor | None, coefficients: Tensor,
+                           keys: Tensor, memory_size: int, chunk_size: int, use_sign: bool,
+                           mean: bool) -> tuple[Tensor, Tensor]:
+    unique = torch.library.get_ctx().new_dynamic_size()
+    return ids.new_empty(unique), grad.new_empty(unique)
+
+
 def _weights_grad_cpu(kernels: ModuleType, grad: Tensor, memory: Tensor, ids: Tensor, offsets: Tensor,
                       coefficients: Tensor, keys: Tensor, chunk_size: int, use_sign: bool, mean: bool) -> Tensor:
     return kernels.robe_weights_grad(memory.contiguous(), grad.contiguous(), ids, offsets, coefficients[0],
@@ -111,8 +135,10 @@ def _backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple:
     memory_grad = weights_grad = None
     if ctx.needs_input_grad[0]:
         if sparse_grad:
-            memory_grad = reference.pooled_backward(grad, ids, offsets, weights, coefficients, keys,
-                                                    memory.numel(), chunk_size, use_sign, mean, sparse=True)
+            positions, values = robe_sparse_grad(grad, ids, offsets, weights, coefficients, keys, memory.numel(),
+                                                 chunk_size, use_sign, mean)
+            memory_grad = torch.sparse_coo_tensor(positions.unsqueeze(0), values, memory.shape, is_coalesced=True,
+                                                  check_invariants=False)
         else:
             memory_grad = robe_pooled_backward(grad, ids, offsets, weights, coefficients, keys, memory.numel(),
                                                chunk_size, use_sign, mean)

@@ -166,6 +166,16 @@ def pooled_backward(grad: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor
     return (sparse_runs_grad if sparse else dense_runs_grad)(starts, run_grads, memory_size)
 
 
+def sparse_grad(grad: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor | None,
+                coefficients: torch.Tensor, keys: torch.Tensor, memory_size: int, chunk_size: int, use_sign: bool,
+                mean: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sparse gradient of ``M`` as ``(positions [U]`` ascending and unique, ``values [U])``: the indices and
+    values of :func:`pooled_backward`'s coalesced COO gradient."""
+    coo = pooled_backward(grad, ids, offsets, weights, coefficients, keys, memory_size, chunk_size, use_sign, mean,
+                          sparse=True)
+    return coo.indices()[0], coo.values()
+
+
 def weights_grad(grad: torch.Tensor, memory: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor,
                  coefficients: torch.Tensor, keys: torch.Tensor, chunk_size: int, use_sign: bool,
                  mean: bool) -> torch.Tensor:

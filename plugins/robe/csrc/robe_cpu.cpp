@@ -34,6 +34,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <numeric>
 #include <optional>
 #include <vector>
 
@@ -809,6 +810,85 @@ Scratch& scratch() {
   return instance;
 }
 
+// The gradient of M over the positions the batch touches: (positions [U] int64, ascending and unique; values [U]).
+// The runs (id, chunk) are sorted by start (two stable 16-bit radix passes), the runs of one start summed, and the
+// sums swept in start order: the positions of a run below the last one written are the tail of the output (runs
+// have one length, so the positions >= its start written so far are contiguous). Pieces wrapped past the end of M
+// (positions < run) are summed apart and merged in front. O(runs) but for the sort; no |M|-sized buffer.
+std::tuple<at::Tensor, at::Tensor> sparse_grad(const Hasher& h, const Bags& bags, const Plan& plan, const float* grad,
+                                               const at::TensorOptions& options) {
+  const int64_t run = h.run, chunks = h.chunks, m = h.m, count = bags.num_ids * chunks;
+  TORCH_CHECK(count < (int64_t{1} << 32), "too many runs for a sparse gradient: ", count);
+  std::vector<uint64_t> order(count), buffer(count);  // start << 32 | run number (id * chunks + chunk)
+  for (int64_t r = 0; r < count; ++r) {
+    order[r] = static_cast<uint64_t>(plan.starts[r]) << 32 | static_cast<uint64_t>(r);
+  }
+  for (int shift = 32; shift < 64 && (m - 1) >> (shift - 32) > 0; shift += 16) {
+    std::vector<int64_t> next(65537, 0);
+    for (const uint64_t key : order) {
+      ++next[((key >> shift) & 0xFFFFu) + 1];
+    }
+    std::partial_sum(next.begin(), next.end(), next.begin());
+    for (const uint64_t key : order) {
+      buffer[next[(key >> shift) & 0xFFFFu]++] = key;
+    }
+    order.swap(buffer);
+  }
+  std::vector<int64_t> positions;
+  std::vector<float> values, sum(run), head(run, 0.0f);
+  std::vector<uint8_t> in_head(run, 0);
+  int64_t last = -1;
+  for (int64_t e = 0; e < count;) {
+    const uint64_t start = order[e] >> 32;
+    std::fill(sum.begin(), sum.end(), 0.0f);
+    for (; e < count && order[e] >> 32 == start; ++e) {
+      const auto r = static_cast<int64_t>(order[e] & 0xFFFFFFFFu);
+      const int64_t j = r / chunks, c = r % chunks;
+      const float alpha = plan.scale[j];
+      const float* row = grad + static_cast<int64_t>(plan.bag[j]) * h.dim + c * run;
+      for (int64_t k = 0; k < run; ++k) {
+        sum[k] += alpha * ((h.use_sign ? h.sign(plan.sign_base[j], c * run + k) : 1.0f) * row[k]);
+      }
+    }
+    for (int64_t k = 0; k < run; ++k) {
+      const int64_t p = static_cast<int64_t>(start) + k;
+      if (p >= m) {
+        head[p % m] += sum[k];
+        in_head[p % m] = 1;
+      } else if (p > last) {
+        positions.push_back(p);
+        values.push_back(sum[k]);
+        last = p;
+      } else {
+        values[values.size() - 1 - (last - p)] += sum[k];
+      }
+    }
+  }
+  std::vector<int64_t> merged_positions;
+  std::vector<float> merged_values;
+  size_t next = 0;
+  for (int64_t p = 0; p < run; ++p) {
+    if (!in_head[p]) {
+      continue;
+    }
+    for (; next < positions.size() && positions[next] < p; ++next) {
+      merged_positions.push_back(positions[next]);
+      merged_values.push_back(values[next]);
+    }
+    const bool both = next < positions.size() && positions[next] == p;
+    merged_positions.push_back(p);
+    merged_values.push_back(head[p] + (both ? values[next++] : 0.0f));
+  }
+  merged_positions.insert(merged_positions.end(), positions.begin() + next, positions.end());
+  merged_values.insert(merged_values.end(), values.begin() + next, values.end());
+  const auto unique = static_cast<int64_t>(merged_positions.size());
+  auto out_positions = at::empty({unique}, options.dtype(at::kLong));
+  auto out_values = at::empty({unique}, options.dtype(at::kFloat));
+  std::copy(merged_positions.begin(), merged_positions.end(), out_positions.data_ptr<int64_t>());
+  std::copy(merged_values.begin(), merged_values.end(), out_values.data_ptr<float>());
+  return {out_positions, out_values};
+}
+
 }  // namespace
 
 at::Tensor robe_pooled_forward(const at::Tensor& memory, const at::Tensor& ids, const at::Tensor& offsets,
@@ -854,6 +934,21 @@ at::Tensor robe_pooled_backward(const at::Tensor& grad_out, const at::Tensor& id
   const float* g = grad.data_ptr<float>();
   scatter_all(h, bags, table_keys, mean, plan, g, 1.0f, dst);
   return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> robe_sparse_grad(const at::Tensor& grad_out, const at::Tensor& ids,
+                                                    const at::Tensor& offsets, const std::optional<at::Tensor>& weights,
+                                                    const at::Tensor& location_coefficients,
+                                                    const at::Tensor& sign_coefficients, const at::Tensor& keys,
+                                                    int64_t memory_size, int64_t dim, int64_t chunk_size, bool use_sign,
+                                                    bool mean) {
+  const Bags bags(ids, offsets, weights);
+  const TableKeys table_keys(keys, bags);
+  const auto grad = checked_grad(grad_out, bags);
+  const Hasher h(location_coefficients, sign_coefficients, dim, chunk_size, use_sign, memory_size);
+  TORCH_CHECK(grad.size(1) == dim, "grad_out must be [B, dim]");
+  const Plan plan(h, bags, table_keys, mean);
+  return sparse_grad(h, bags, plan, grad.data_ptr<float>(), grad.options());
 }
 
 void robe_sgd_update_(at::Tensor& memory, const at::Tensor& grad_out, const at::Tensor& ids, const at::Tensor& offsets,
@@ -983,6 +1078,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              arg("grad_out"), arg("ids"), arg("offsets"), arg("weights"), arg("location_coefficients"),
              arg("sign_coefficients"), arg("keys"), arg("memory_size"), arg("dim"), arg("chunk_size"),
              arg("use_sign"), arg("mean"));
+  module.def("robe_sparse_grad", &robe_sparse_grad, no_gil,
+             "Memory gradient over the touched positions: (positions [U], values [U])", arg("grad_out"), arg("ids"),
+             arg("offsets"), arg("weights"), arg("location_coefficients"), arg("sign_coefficients"), arg("keys"),
+             arg("memory_size"), arg("dim"), arg("chunk_size"), arg("use_sign"), arg("mean"));
   module.def("robe_sgd_update_", &robe_sgd_update_, no_gil, "Backward fused with SGD, in place", arg("memory"),
              arg("grad_out"), arg("ids"), arg("offsets"), arg("weights"), arg("location_coefficients"),
              arg("sign_coefficients"), arg("keys"), arg("chunk_size"), arg("use_sign"), arg("mean"), arg("lr"));
