@@ -120,11 +120,14 @@ def test_fused_steps_equal_unfused_steps(method: str, optimizer: str) -> None:
         reference.step(step)
         assert all(p.grad is None for p in module.parameters()), "fused parameters keep no gradient"
     state = fused_optimizer.state_dict()["state"]
+    # float32 kernels on both sides, summing a position's contributions in different orders (the fused scatter id
+    # by id, the sparse gradient run start by run start): Adagrad's division brings such rounding to ~1e-7.
+    tolerance = {"rtol": 1e-5, "atol": 1e-6}
     for (name, param), expected in zip(module.named_parameters(), reference.module.parameters()):
-        torch.testing.assert_close(param, expected, rtol=1e-6, atol=1e-7, msg=name)
+        torch.testing.assert_close(param, expected, **tolerance, msg=name)
         for key in ("sum", "exp_avg", "exp_avg_sq"):
             if key in state[name]:
-                torch.testing.assert_close(state[name][key], reference.state(name)[key], rtol=1e-6, atol=1e-7,
+                torch.testing.assert_close(state[name][key], reference.state(name)[key], **tolerance,
                                            msg=f"{name} {key}")
 
 
