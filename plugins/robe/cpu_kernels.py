@@ -8,6 +8,9 @@ coefficient arguments are the rows of ``RobeMemory.hash_coefficients``):
   dim, chunk_size, use_sign, mean) -> [B, dim]``: equals ``RobeMemory.pooled``.
 - ``robe_pooled_backward(grad_out, ids, offsets, weights, location_coefficients, sign_coefficients, table_key,
   memory_size, dim, chunk_size, use_sign, mean) -> [|M|]``: the dense gradient of ``M``.
+- ``robe_sparse_grad(grad_out, ids, offsets, weights, location_coefficients, sign_coefficients, table_key,
+  memory_size, dim, chunk_size, use_sign, mean) -> (positions [U], values [U])``: the gradient of ``M`` over the
+  positions the batch touches (ascending, unique), the indices and values of its coalesced sparse COO form.
 - ``robe_sgd_update_(memory, grad_out, ids, offsets, weights, location_coefficients, sign_coefficients,
   table_key, chunk_size, use_sign, mean, lr)``: backward fused with ``p -= lr·g`` in place.
 - ``robe_adagrad_update_(memory, accumulator, grad_out, ids, offsets, weights, location_coefficients,

@@ -27,6 +27,21 @@ TILE_ELEMENTS = 8192
 
 
 @triton.jit
+def _slice(x, cols, col_mask, r, K: tl.constexpr, P: tl.constexpr, P_STRIDES: tl.constexpr, Q: tl.constexpr,
+           Q_STRIDES: tl.constexpr, RANKS: tl.constexpr):
+    """Offsets ``[BLOCK_D, R_PAD, R_PAD]`` into core ``K`` of the slices ``G_K[i_K(x), :, j_K(col), :]`` and their
+    mask (the first digit unreduced)."""
+    if K == 0:
+        i = x // P_STRIDES[K]
+    else:
+        i = (x // P_STRIDES[K]) % P[K]
+    j = (cols // Q_STRIDES[K]) % Q[K]
+    offsets = ((i * RANKS[K] + r[None, :, None]) * Q[K] + j[:, None, None]) * RANKS[K + 1] + r[None, None, :]
+    mask = col_mask[:, None, None] & (r < RANKS[K])[None, :, None] & (r < RANKS[K + 1])[None, None, :]
+    return offsets, mask
+
+
+@triton.jit
 def _tt_rows_kernel(
     cores, ids_ptr, out,
     P: tl.constexpr, P_STRIDES: tl.constexpr, Q: tl.constexpr, Q_STRIDES: tl.constexpr, RANKS: tl.constexpr,
@@ -37,20 +52,11 @@ def _tt_rows_kernel(
     col_mask = cols < DIM
     r = tl.arange(0, R_PAD)
     x = tl.load(ids_ptr + row)
-    first = x // P_STRIDES[0]
-    j = (cols // Q_STRIDES[0]) % Q[0]
-    v = tl.load(
-        cores[0] + (first * Q[0] + j[:, None]) * RANKS[1] + r[None, :],
-        mask=col_mask[:, None] & (r < RANKS[1])[None, :], other=0.0,
-    )
-    for k in tl.static_range(1, NUM_CORES):
-        i = (x // P_STRIDES[k]) % P[k]
-        j = (cols // Q_STRIDES[k]) % Q[k]
-        offsets = ((i * RANKS[k] + r[None, :, None]) * Q[k] + j[:, None, None]) * RANKS[k + 1] + r[None, None, :]
-        mask = col_mask[:, None, None] & (r < RANKS[k])[None, :, None] & (r < RANKS[k + 1])[None, None, :]
-        core = tl.load(cores[k] + offsets, mask=mask, other=0.0)
-        v = tl.sum(v[:, :, None] * core, axis=1)
-    tl.store(out + row * DIM + cols, tl.sum(v, axis=1), mask=col_mask)
+    v = tl.zeros([BLOCK_D, R_PAD], dtype=tl.float32) + (r == 0).to(tl.float32)[None, :]  # R_0 = 1
+    for k in tl.static_range(NUM_CORES):
+        offsets, mask = _slice(x, cols, col_mask, r, k, P, P_STRIDES, Q, Q_STRIDES, RANKS)
+        v = tl.sum(v[:, :, None] * tl.load(cores[k] + offsets, mask=mask, other=0.0), axis=1)
+    tl.store(out + row * DIM + cols, tl.sum(v, axis=1), mask=col_mask)  # R_N = 1: only entry 0 is non-zero
 
 
 @triton.jit
@@ -69,22 +75,13 @@ def _tt_rows_backward_kernel(
     for k in tl.static_range(NUM_CORES):
         left = unit  # [BLOCK_D, R_k]: G_1[i_1] ··· G_{k-1}[i_{k-1}] per column
         for m in tl.static_range(k):
-            i = x // P_STRIDES[m] if m == 0 else (x // P_STRIDES[m]) % P[m]
-            j = (cols // Q_STRIDES[m]) % Q[m]
-            offsets = ((i * RANKS[m] + r[None, :, None]) * Q[m] + j[:, None, None]) * RANKS[m + 1] + r[None, None, :]
-            mask = col_mask[:, None, None] & (r < RANKS[m])[None, :, None] & (r < RANKS[m + 1])[None, None, :]
+            offsets, mask = _slice(x, cols, col_mask, r, m, P, P_STRIDES, Q, Q_STRIDES, RANKS)
             left = tl.sum(left[:, :, None] * tl.load(cores[m] + offsets, mask=mask, other=0.0), axis=1)
         right = unit  # [BLOCK_D, R_{k+1}]: G_{k+1}[i_{k+1}] ··· G_N[i_N] per column
         for m in tl.static_range(NUM_CORES - 1, k, -1):
-            i = (x // P_STRIDES[m]) % P[m]
-            j = (cols // Q_STRIDES[m]) % Q[m]
-            offsets = ((i * RANKS[m] + r[None, :, None]) * Q[m] + j[:, None, None]) * RANKS[m + 1] + r[None, None, :]
-            mask = col_mask[:, None, None] & (r < RANKS[m])[None, :, None] & (r < RANKS[m + 1])[None, None, :]
+            offsets, mask = _slice(x, cols, col_mask, r, m, P, P_STRIDES, Q, Q_STRIDES, RANKS)
             right = tl.sum(tl.load(cores[m] + offsets, mask=mask, other=0.0) * right[:, None, :], axis=2)
-        i = x // P_STRIDES[k] if k == 0 else (x // P_STRIDES[k]) % P[k]
-        j = (cols // Q_STRIDES[k]) % Q[k]
-        offsets = ((i * RANKS[k] + r[None, :, None]) * Q[k] + j[:, None, None]) * RANKS[k + 1] + r[None, None, :]
-        mask = col_mask[:, None, None] & (r < RANKS[k])[None, :, None] & (r < RANKS[k + 1])[None, None, :]
+        offsets, mask = _slice(x, cols, col_mask, r, k, P, P_STRIDES, Q, Q_STRIDES, RANKS)
         tl.atomic_add(grads[k] + offsets, g[:, None, None] * left[:, :, None] * right[:, None, :], mask=mask,
                       sem="relaxed")
 

@@ -222,25 +222,19 @@ inline void for_pieces(int64_t start, int64_t run, int64_t m, Piece&& piece) {
   }
 }
 
-// body(std::integral_constant<int64_t, R>{}) for the common run lengths R, body(integral_constant<0>) otherwise.
+// body(std::integral_constant<int64_t, R>{}) when run is one of kRuns, body(integral_constant<0>) otherwise.
+template <int64_t... kRuns, class Body>
+void dispatch_among(int64_t run, Body&& body) {
+  const bool compiled = ((run == kRuns && (body(std::integral_constant<int64_t, kRuns>{}), true)) || ...);
+  if (!compiled) {
+    body(std::integral_constant<int64_t, 0>{});
+  }
+}
+
+// The run lengths of the Plan paths with a compiled case.
 template <class Body>
 void dispatch_run(int64_t run, Body&& body) {
-  switch (run) {
-    case 4:
-      return body(std::integral_constant<int64_t, 4>{});
-    case 8:
-      return body(std::integral_constant<int64_t, 8>{});
-    case 16:
-      return body(std::integral_constant<int64_t, 16>{});
-    case 32:
-      return body(std::integral_constant<int64_t, 32>{});
-    case 64:
-      return body(std::integral_constant<int64_t, 64>{});
-    case 128:
-      return body(std::integral_constant<int64_t, 128>{});
-    default:
-      return body(std::integral_constant<int64_t, 0>{});
-  }
+  dispatch_among<4, 8, 16, 32, 64, 128>(run, body);
 }
 
 // Prefetches the cache lines of M[a : e) with e = min(start + run, hi, |M|), a = max(start, lo) (the part of a run
@@ -485,21 +479,10 @@ class ShortIds {
   std::vector<ShortId> ring_;
 };
 
-// body(std::integral_constant<int64_t, R>{}) for short run lengths R in {1, 2, 4, 8}, integral_constant<0> otherwise.
+// The short run lengths with a compiled case.
 template <class Body>
 void dispatch_short(int64_t run, Body&& body) {
-  switch (run) {
-    case 1:
-      return body(std::integral_constant<int64_t, 1>{});
-    case 2:
-      return body(std::integral_constant<int64_t, 2>{});
-    case 4:
-      return body(std::integral_constant<int64_t, 4>{});
-    case 8:
-      return body(std::integral_constant<int64_t, 8>{});
-    default:
-      return body(std::integral_constant<int64_t, 0>{});
-  }
+  dispatch_among<1, 2, 4, 8>(run, body);
 }
 
 // scatter_range for short runs (no Plan) over the ids of bags [b0, b1): hashes them (ShortIds) and keeps the
