@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks of issue 7, run on a lent H100/H200 (Python 3.12, torch + Triton, no registry).
-# Needs the wheels in .whl/ (torchrec, fbgemm-gpu-cpu for cp312, tensordict and its needs, iopath, this
+# Needs the wheels in .whl/ (torchrec, fbgemm-gpu-cpu for cp312, tensordict and pyvers, iopath, this
 # project's own wheel). Writes the logs and results under $OUT (default ./gpu_out).
 set -uo pipefail
 OUT=${OUT:-gpu_out}
@@ -9,11 +9,16 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD/benchmarks PYTHONUNBUFFERED=1 MAX_JOBS=16
 nvidia-smi -L
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-timeout "${TEST_S:-240}" python3 -m pytest -q -rf --tb=short -p no:cacheprovider \
-  tests/test_triton_kernels.py tests/test_cuda.py 2>&1 | tee "$OUT/tests.log" | tail -40
+# The tests' session start loads the C++ CPU extensions: build the three at once, beside the bandwidth run.
+for method in robe qr tt; do
+  python3 -c "import torchrec_pss_plugins.$method.cpu_kernels as k; assert k.load() is not None" &
+done
 timeout "${BANDWIDTH_S:-90}" python3 benchmarks/gpu_bandwidth.py --out "$OUT/gpu_bandwidth" 2>&1 | tail -20
+wait
+timeout "${TEST_S:-240}" python3 -m pytest -q -rf --tb=short -p no:cacheprovider -n "${TEST_WORKERS:-8}" \
+  tests/test_triton_kernels.py tests/test_cuda.py 2>&1 | tee "$OUT/tests.log" | tail -40
 timeout "${OVERHEAD_S:-60}" python3 benchmarks/op_overhead.py --device cuda --batch 8 10240 --pooling 1 20 \
-  --out "$OUT/op_overhead_cuda" 2>&1 | tail -5
+  --out /tmp/gpu_results/op_overhead_cuda 2>&1 | tail -5
 GRID_ARGS=${GRID_ARGS:---rows 4000000 64000000 --compressions 10 100 1000 10000 --chunk-sizes 1 32 --pooling 1 20}
 timeout "${GRID_S:-180}" python3 benchmarks/grid.py --device cuda $GRID_ARGS --out /tmp/gpu_results/grid_cuda 2>&1 \
   | tee "$OUT/grid.log" | tail -5

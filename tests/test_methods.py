@@ -14,6 +14,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 import reference
 from helpers import make_kjt, random_bags, random_weights
 from torchrec_pss import CompressedEmbeddingBagCollection, HashingConfig, MLETConfig, QRConfig, TTConfig
+from torchrec_pss.contract import BagRequest
 
 D = 8
 
@@ -168,3 +169,11 @@ def test_auto_gradient_picks_sparse_for_large_memories_only(case: str) -> None:
         largest = max(module.memory_for("t").parameters(), key=lambda p: p.numel())
         layouts[name] = largest.grad.is_sparse
     assert layouts == {"small": False, "large": True}
+
+
+def test_bag_request_offsets_are_computed_only_when_not_given() -> None:
+    lengths = torch.tensor([2, 0, 3])
+    request = BagRequest("t", torch.arange(5), lengths, None, False)
+    assert request.bag_offsets().tolist() == [0, 2, 2, 5]
+    given = torch.tensor([0, 2, 2, 5])
+    assert request._replace(offsets=given).bag_offsets() is given

@@ -117,6 +117,26 @@ def test_robe_matches_reference(z: int, use_sign: bool, weighted: bool, mean: bo
         torch.testing.assert_close(weights_grad.cpu(), expected_grads[1], **TOL)
 
 
+@pytest.mark.parametrize("layout", ["expanded", "column_slice", "transposed"])
+def test_robe_backward_reads_strided_gradients(layout: str) -> None:
+    """The scatter reads ``grad_out`` through its strides (the expanded gradient of a ``sum`` is not copied)."""
+    z = 4
+    memory = robe(z, use_sign=True)
+    ids, lengths, offsets, _ = bags(BIG, seed=7)
+    expected = memory.pooled("t1", ids, lengths, None, False)
+    wide = torch.randn(expected.shape[0], 2 * D, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    grad_d = {"expanded": torch.full((1, 1), 0.5, device=DEVICE).expand(expected.shape),
+              "column_slice": wide[:, D:], "transposed": wide[:, :D].t().contiguous().t()}[layout]
+    assert not grad_d.is_contiguous()
+    expected_grad = torch.autograd.grad((expected * grad_d.cpu()).sum(), [memory.weight])[0].to_dense()
+    args = robe_args(memory, z, True, False)
+    m, ids_d, offsets_d = on_device(memory.weight, ids, offsets)
+    grad = robe_pooled_backward(grad_d, ids_d, offsets_d, None, memory_size=m.numel(), **args)
+    torch.testing.assert_close(grad.cpu(), expected_grad, **TOL)
+    updated = robe_sgd_update_(m.clone(), grad_d, ids_d, offsets_d, None, lr=0.1, **args)
+    torch.testing.assert_close(updated.cpu(), memory.weight.detach() - 0.1 * expected_grad, **TOL)
+
+
 @pytest.mark.parametrize("dim, z", [(12, 3), (12, 24), (256, 32)])
 def test_robe_odd_and_wide_dims(dim: int, z: int) -> None:
     """Column blocks with masked columns (d = 12) and several column blocks per bag (d = 256)."""

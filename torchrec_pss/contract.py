@@ -17,7 +17,7 @@ from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
 from torchrec_pss.config_checks import float32_tables
-from torchrec_pss.pooling import pool
+from torchrec_pss.pooling import lengths_to_offsets, pool
 
 IN_SIGNATURE = "pss_in_signature"
 """Dataclass-field metadata key; ``False`` leaves the field out of the recovery signature."""
@@ -46,13 +46,19 @@ class MethodConfig:
 
 
 class BagRequest(NamedTuple):
-    """Bags of one table to pool: ``ids`` ``[N]`` int64, ``lengths`` ``[S]`` (sum ``N``), ``weights`` ``[N]`` or None."""
+    """Bags of one table to pool: ``ids`` ``[N]`` int64, ``lengths`` ``[S]`` (sum ``N``), ``weights`` ``[N]`` or None;
+    ``offsets`` ``[S + 1]`` int64 when the caller has them already (a KJT computes them), else None."""
 
     table: str
     ids: torch.Tensor
     lengths: torch.Tensor
     weights: torch.Tensor | None
     mean: bool
+    offsets: torch.Tensor | None = None
+
+    def bag_offsets(self) -> torch.Tensor:
+        """The bags' offsets ``[S + 1]``: ``offsets`` when given, else computed from ``lengths``."""
+        return lengths_to_offsets(self.lengths) if self.offsets is None else self.offsets
 
 
 class PSSMemory(nn.Module, abc.ABC):
@@ -144,4 +150,4 @@ class PSSMemory(nn.Module, abc.ABC):
         (ROBE: one per embedding width and pooling mode, which also lets its fused Adagrad see the step's
         whole gradient of a memory shared by several tables).
         """
-        return [self.pooled(*request) for request in requests]
+        return [self.pooled(r.table, r.ids, r.lengths, r.weights, r.mean) for r in requests]

@@ -161,8 +161,8 @@ def _sgd_cpu(kernels: ModuleType, memory: Tensor, grad: Tensor, ids: Tensor, off
 def _sgd_cuda(kernels: ModuleType, memory: Tensor, grad: Tensor, ids: Tensor, offsets: Tensor,
               weights: Tensor | None, coefficients: Tensor, keys: Tensor, chunk_size: int, use_sign: bool,
               mean: bool, lr: float) -> None:
-    kernels.robe_sgd_update_(memory, grad.contiguous(), ids, offsets, weights, coefficients[0], coefficients[1],
-                             keys, grad.shape[1], chunk_size, use_sign, mean, lr)
+    kernels.robe_sgd_update_(memory, grad, ids, offsets, weights, coefficients[0], coefficients[1], keys,
+                             grad.shape[1], chunk_size, use_sign, mean, lr)
 
 
 @define_op("robe_sgd_update_", mutates_args=("memory",), cpu=(cpu_kernels.load, _sgd_cpu),
@@ -190,8 +190,8 @@ def _adagrad_cpu(kernels: ModuleType, memory: Tensor, accumulator: Tensor, grad:
 def _adagrad_cuda(kernels: ModuleType, memory: Tensor, accumulator: Tensor, grad: Tensor, ids: Tensor,
                   offsets: Tensor, weights: Tensor | None, coefficients: Tensor, keys: Tensor, chunk_size: int,
                   use_sign: bool, mean: bool, lr: float, eps: float, block_size: int) -> None:
-    dense = kernels.robe_pooled_backward(grad.contiguous(), ids, offsets, weights, coefficients[0], coefficients[1],
-                                         keys, memory.numel(), grad.shape[1], chunk_size, use_sign, mean)
+    dense = kernels.robe_pooled_backward(grad, ids, offsets, weights, coefficients[0], coefficients[1], keys,
+                                         memory.numel(), grad.shape[1], chunk_size, use_sign, mean)
     kernels.blockwise_adagrad_update_(memory, accumulator, dense, lr, eps, block_size)
 
 

@@ -258,7 +258,7 @@ def _concatenated(requests: Sequence[BagRequest], key_of: Callable[[str], torch.
     if len(requests) == 1:
         (request,) = requests
         weights = None if request.weights is None else request.weights.to(dtype)
-        return key_of(request.table), request.ids, lengths_to_offsets(request.lengths), weights
+        return key_of(request.table), request.ids, request.bag_offsets(), weights
     keys = torch.cat([key_of(r.table).expand(r.lengths.numel()) for r in requests])
     ids = torch.cat([r.ids for r in requests])
     offsets = lengths_to_offsets(torch.cat([r.lengths for r in requests]))

@@ -30,6 +30,12 @@ _ROWS_PER_ADAGRAD_TILE = 1024
 """Elements per Adagrad program (rounded to whole blocks)."""
 NARROW_LIMIT = 2**31
 """``M`` sizes (and chunk + row widths) below this use 32-bit positions."""
+CACHED_MEMORY_BYTES = 16 * 2**20
+"""Memories up to this size stay in the L2 cache of an H100 / H200 (50 / 60 MB)."""
+NUM_WARPS = {True: 1, False: 2}
+"""Warps per program of the bag kernels, for a memory that stays in L2 (True) or not. Measured on an H200
+(B = 10240, d = 128, Z = 32, L = 20, forward): a 2 MB memory takes 0.037 / 0.041 / 0.056 ms with 1 / 2 / 4
+warps, a 328 MB one 0.054 / 0.048 / 0.058 ms; the scatter ties across them."""
 
 
 @triton.jit
@@ -138,7 +144,7 @@ def _pooled_forward_kernel(
 
 @triton.jit(do_not_specialize=["m"])
 def _scatter_kernel(
-    target, grad_out, ids_ptr, offsets, weights, loc_ptr, sign_ptr, keys_ptr, scale, m,
+    target, grad_out, grad_stride_b, grad_stride_d, ids_ptr, offsets, weights, loc_ptr, sign_ptr, keys_ptr, scale, m,
     DIM: tl.constexpr, Z: tl.constexpr, USE_SIGN: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
     MEAN: tl.constexpr, NARROW: tl.constexpr, KEY_PER_BAG: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -151,7 +157,7 @@ def _scatter_kernel(
     chunk_term, run_offset, sign_term = _column_terms(cols64, loc_ptr, sign_ptr, DIM, Z)
     start = tl.load(offsets + bag)
     end = tl.load(offsets + bag + 1)
-    g = tl.load(grad_out + bag.to(tl.int64) * DIM + cols64, mask=col_mask, other=0.0)
+    g = tl.load(grad_out + bag.to(tl.int64) * grad_stride_b + cols64 * grad_stride_d, mask=col_mask, other=0.0)
     if MEAN:
         g = g / tl.maximum(end - start, 1).to(tl.float32)
     first = start
@@ -241,13 +247,15 @@ def _check_bags(
 def _launch(num_ids: int, num_bags: int, dim: int, chunk_size: int, memory_size: int,
             keys: torch.Tensor) -> dict[str, int | bool]:
     """The constants of one launch: ``BLOCK_N`` (ids per step, up to ``BLOCK_N`` and no more than the mean bag
-    length needs), ``BLOCK_D``, ``NARROW`` (32-bit positions when ``M`` and a run fit in them), ``KEY_PER_BAG``."""
+    length needs), ``BLOCK_D``, ``NARROW`` (32-bit positions when ``M`` and a run fit in them), ``KEY_PER_BAG``,
+    and ``num_warps``."""
     mean_length = triton.cdiv(num_ids, max(num_bags, 1))
     return {
         "KEY_PER_BAG": keys.numel() > 1,
         "BLOCK_N": max(2, min(BLOCK_N, triton.next_power_of_2(mean_length))),
         "BLOCK_D": min(triton.next_power_of_2(dim), MAX_BLOCK_D),
         "NARROW": memory_size < NARROW_LIMIT and chunk_size + dim < NARROW_LIMIT,
+        "num_warps": NUM_WARPS[memory_size * torch.float32.itemsize <= CACHED_MEMORY_BYTES],
     }
 
 
@@ -308,7 +316,8 @@ def _scatter(
     use_sign: bool,
     mean: bool,
 ) -> None:
-    """``target[pos] += scale · contribution`` for every element every id reads (atomics)."""
+    """``target[pos] += scale · contribution`` for every element every id reads (atomics); ``grad_out`` may be
+    strided (e.g. the expanded gradient of a ``sum``: no copy)."""
     _check_bags(ids, offsets, weights, keys, dim, chunk_size)
     num_bags = offsets.numel() - 1
     if grad_out.shape != (num_bags, dim):
@@ -316,8 +325,9 @@ def _scatter(
     if num_bags == 0:
         return
     tiles = _launch(ids.numel(), num_bags, dim, chunk_size, target.numel(), keys)
+    grad_out = grad_out.to(torch.float32)
     _scatter_kernel[_grid(num_bags, dim, tiles)](
-        target, grad_out.to(torch.float32).contiguous(), ids.contiguous(), offsets.contiguous(),
+        target, grad_out, grad_out.stride(0), grad_out.stride(1), ids.contiguous(), offsets.contiguous(),
         _contiguous_weights(weights), location_coefficients.contiguous(), sign_coefficients.contiguous(),
         keys.contiguous(), float(scale), target.numel(),
         DIM=dim, Z=chunk_size, USE_SIGN=use_sign, HAS_WEIGHTS=weights is not None, MEAN=mean, **tiles,

@@ -242,6 +242,7 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOpt
             requests.setdefault(self._group_of[table.name], []).append(BagRequest(
                 table.name, _joined([jt.values() for jt in jagged]).long(),
                 _joined([jt.lengths() for jt in jagged]).long(), weights, table.pooling == PoolingType.MEAN,
+                jagged[0].offsets().long() if len(jagged) == 1 else None,  # KJT.to_dict computed them
             ))
         out: dict[str, list[torch.Tensor]] = {}
         for group, group_requests in requests.items():
