@@ -153,6 +153,14 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_result(result: dict[str, Any], stem: Path, table: str) -> None:
+    """``STEM.json`` (``result``) and ``STEM.md`` (``table``, also printed)."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    stem.with_suffix(".md").write_text(table)
+    print(table)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, nargs="+", default=[4_000_000, 64_000_000])
@@ -180,10 +188,7 @@ def main(argv: list[str] | None = None) -> None:
                                     bandwidth)
                     print(json.dumps(cell), flush=True)
                     result["cells"].append(cell)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    args.out.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    write_result(result, args.out, markdown(result))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import torch
 import triton
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
-from gpu_bandwidth import copy_bandwidth, forward_bytes, graph_ms
+from gpu_bandwidth import copy_bandwidth, forward_bytes, graph_ms, write_result
 from torchrec_pss import CompressedEmbeddingBagCollection, RobeConfig
 from torchrec_pss_plugins.robe import triton_kernels
 
@@ -104,10 +104,7 @@ def main(argv: list[str] | None = None) -> None:
         settings = list(itertools.product(block_ns, args.block_d, args.warps))
         result["cells"] += sweep_case(rows, compression, chunk, pooling, args.batch, args.dim, settings, bandwidth)
         torch.cuda.empty_cache()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    args.out.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    write_result(result, args.out, markdown(result))
 
 
 if __name__ == "__main__":
