@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # The GPU checks of issue 7, run on a lent H100/H200 (Python 3.12, torch + Triton, no registry).
-# Needs the wheels in .whl/ (torchrec, fbgemm-gpu-cpu for cp312, tensordict and pyvers, iopath, this
-# project's own wheel). Writes the logs and results under $OUT (default ./gpu_out).
+# Needs the wheels in .whl/ (git-ignored through .git/info/exclude), made on a machine with a registry:
+#   P="--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any"
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp $P -d .whl \
+#     torchrec==1.6.1 fbgemm-gpu-cpu==1.6.0 tensordict==0.15.3 "pyvers<0.3" iopath
+#   pip wheel --no-deps --no-build-isolation . -w .whl      # this project, from the working tree
+# (torchrec 1.8.0 does not import with fbgemm-gpu-cpu 1.6.0, the build for the GPU machine's torch 2.11:
+# fbgemm_gpu.tbe.monitoring is missing.) Writes the logs and results under $OUT (default ./gpu_out).
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT" /tmp/gpu_results
