@@ -9,10 +9,11 @@ is timed, in the same process and on the same device, through:
   be installed on the lent GPU machine (the outputs say so);
 - ``torchrec.EmbeddingBagCollection`` (dense table gradient) with SGD fused into backward;
 - every method at every asked compression (``--compressions``), as ``CompressedEmbeddingBagCollection``
-  with ``apply_optimizer_in_backward(torch.optim.SGD)``: ROBE at every chunk size Z (``--chunk-sizes``)
-  and gradient layout (``--gradients``); QR (mult), the hashing trick and MLET (the widest low-rank
-  table reaching the ratio) at every gradient layout; TT (the largest rank <= 32 reaching the ratio;
-  it has no gradient switch).
+  with ``apply_optimizer_in_backward(torch.optim.SGD)``: ROBE at every chunk size Z (``--chunk-sizes``;
+  its backward scatters the SGD update straight into ``M``, whatever the gradient layout, so it has one
+  variant per Z); QR (mult), the hashing trick and MLET (the widest low-rank table reaching the ratio) at
+  every gradient layout (``--gradients``); TT (the largest rank <= 32 reaching the ratio; it has no
+  gradient switch).
 
 Every cell reports the median forward time (under ``torch.no_grad``) and the median training step
 (forward + backward + fused SGD, loss = sum of the pooled outputs) over ``--steps`` timed steps after
@@ -107,7 +108,7 @@ class Variant:
     def config(self, table: EmbeddingBagConfig, ratio: float) -> MethodConfig | None:
         """The method config at ``ratio``x, or None where the benchmark's rule finds none reaching it."""
         if self.method == "robe":
-            return RobeConfig(compression=ratio, chunk_size=self.chunk_size, gradient=self.gradient)
+            return RobeConfig(compression=ratio, chunk_size=self.chunk_size)
         if self.method == "hashing":
             return HashingConfig(compression=ratio, gradient=self.gradient)
         if self.method == "tt":
@@ -117,11 +118,12 @@ class Variant:
 
 
 def variants(methods: list[str], chunk_sizes: list[int], gradients: list[str]) -> list[Variant]:
-    """Every ROBE (Z, gradient), every (method, gradient) of QR, hashing and MLET, and TT."""
+    """Every ROBE Z (its fused SGD takes no gradient layout), every (method, gradient) of QR, hashing and MLET,
+    and TT."""
     out: list[Variant] = []
     for method in methods:
         if method == "robe":
-            out += [Variant(method, chunk, gradient) for chunk in chunk_sizes for gradient in gradients]
+            out += [Variant(method, chunk) for chunk in chunk_sizes]
         elif method in GRADIENT_METHODS:
             out += [Variant(method, gradient=gradient) for gradient in gradients]
         else:
@@ -389,7 +391,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--chunk-sizes", type=int, nargs="+", help="ROBE chunk sizes Z (default 1 4 8 16 32)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--gradients", nargs="+", choices=("dense", "sparse", "auto"), default=["dense", "sparse"],
-                        help="gradient layouts of ROBE, QR, hashing and MLET")
+                        help="gradient layouts of QR, hashing and MLET")
     parser.add_argument("--pooling", type=int, nargs="+", help="pooling factors L (default 1 20)")
     parser.add_argument("--steps", type=int, help="timed steps per cell (default 5)")
     parser.add_argument("--warmup", type=int, help="untimed steps before them (default 2)")
