@@ -21,6 +21,7 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -135,8 +136,11 @@ def qr_config(table: EmbeddingBagConfig, ratio: float) -> QRConfig | None:
     return config
 
 
+METHODS = ("robe", "hashing", "qr", "tt", "mlet")
+
+
 def method_configs(table: EmbeddingBagConfig, ratio: float, chunk: int) -> list[tuple[str, MethodConfig | None]]:
-    """Every method at ``ratio``x (None where the method cannot reach it)."""
+    """Every method at ``ratio``x (None where the method cannot reach it); labels start with a ``METHODS`` name."""
     configs: list[tuple[str, MethodConfig | None]] = [
         (f"robe {gradient}", RobeConfig(compression=ratio, chunk_size=chunk, gradient=gradient))
         for gradient in ("dense", "sparse", "auto")
@@ -150,7 +154,7 @@ def method_configs(table: EmbeddingBagConfig, ratio: float, chunk: int) -> list[
 
 
 def run(rows: list[int], poolings: list[int], ratios: list[float], batch: int, dim: int, chunk: int,
-        warmup: int, iters: int, device: torch.device) -> list[dict]:
+        warmup: int, iters: int, device: torch.device, methods: tuple[str, ...] = METHODS) -> list[dict]:
     results = []
     for n in rows:
         table = EmbeddingBagConfig(name="t", embedding_dim=dim, num_embeddings=n, feature_names=["f"])
@@ -172,6 +176,8 @@ def run(rows: list[int], poolings: list[int], ratios: list[float], batch: int, d
             results.append({**common, "method": "ebc", "asked": 1, "compression": 1.0, "ms": ebc_ms})
             for ratio in ratios:
                 for label, config in method_configs(table, ratio, chunk):
+                    if label.split()[0] not in methods:
+                        continue
                     row = {**common, "method": label, "asked": ratio, "config": repr(config)}
                     if config is not None:
                         module = CompressedEmbeddingBagCollection([table], {"t": config}, device)
@@ -214,6 +220,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--chunk-size", type=int, default=32, help="ROBE chunk size Z")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=7)
     parser.add_argument("--device", type=torch.device, default=torch.device("cpu"))
@@ -223,9 +230,10 @@ def main() -> None:
     out = args.out or Path(__file__).parent / "results" / ("lookup_cuda" if cuda else "lookup")
     baseline = "nn.EmbeddingBag (sparse grad) + SGD on CUDA" if cuda else "FBGEMM CPU TBE (EXACT_SGD)"
     results = run(args.rows, args.pooling, args.compression, args.batch, args.dim, args.chunk_size,
-                  args.warmup, args.iters, args.device)
+                  args.warmup, args.iters, args.device, tuple(args.methods))
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {
+        "command": "python benchmarks/lookup.py " + " ".join(sys.argv[1:]),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "machine": platform.machine(),

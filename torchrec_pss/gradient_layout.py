@@ -3,7 +3,8 @@
 A dense gradient costs about one pass over the memory (``|M|`` elements: zero, accumulate, update);
 a sparse one costs a sort of the elements the batch touches. ``"auto"`` picks dense while
 ``|M| <= auto_dense_ratio x touched`` — 50 by default, the crossover measured by
-``benchmarks/fused_step.py`` and ``benchmarks/lookup.py`` on the CPU. When the batch size is symbolic
+``benchmarks/fused_step.py`` and ``benchmarks/lookup.py`` on the CPU (ROBE, whose sparse gradient has its
+own kernel, uses 35: ``RobeConfig.auto_dense_ratio``). When the batch size is symbolic
 (``torch.export`` or ``torch.compile`` with dynamic shapes) and the rule cannot be decided, ``"auto"``
 picks dense: the traced graph keeps one layout, and dense works with every optimizer.
 """

@@ -9,10 +9,17 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
 from torchrec_pss import config_checks as checks
 from torchrec_pss.contract import IN_SIGNATURE, MethodConfig
-from torchrec_pss.gradient_layout import DEFAULT_AUTO_DENSE_RATIO, GRADIENT_MODES
+from torchrec_pss.gradient_layout import GRADIENT_MODES
 from torchrec_pss.hashing import PRIME
 
 GradientMode = Literal["dense", "sparse", "auto"]
+ROBE_AUTO_DENSE_RATIO = 35.0
+"""ROBE's dense / sparse crossover in ``|M|`` / touched elements: the dense step costs about one pass over
+``|M|``, the sparse one (``robe_sparse_grad``) a sort of the touched elements. Measured by
+``python benchmarks/lookup.py --rows 4000000 --pooling 1 --compression 10 20 40 100 --methods robe --chunk-size Z``
+on a 2-core CPU (``benchmarks/results/lookup_crossover_z32.md``, ``_z1.md``; B = 4096, torch SGD after
+backward): dense wins at 24.4 (Z = 32: 19.6 against 30.5 ms; Z = 1: 23.0 against 30.0), sparse at 48.8
+(18.6 against 33.2; 37.4 against 44.0) and above. (Before ``robe_sparse_grad`` the crossover was near 50.)"""
 _NOT_SIGNED = {IN_SIGNATURE: False}
 
 
@@ -33,10 +40,7 @@ class RobeConfig(MethodConfig):
         gradient: ``"dense"`` (an ``|M|``-sized gradient), ``"sparse"`` (touched positions only,
             a torch sparse COO gradient) or ``"auto"`` (dense when ``|M| <= auto_dense_ratio`` x the
             number of elements the batch touches, sparse otherwise).
-        auto_dense_ratio: threshold of the ``"auto"`` rule. The default 50 is the crossover measured by
-            ``benchmarks/lookup.py`` on a 2-core CPU: the dense step costs about one pass over ``|M|``,
-            the sparse one a sort of the touched elements (dense won at ``|M|/touched`` = 10 and 24,
-            sparse at 98).
+        auto_dense_ratio: threshold of the ``"auto"`` rule, :data:`ROBE_AUTO_DENSE_RATIO` by default.
     """
 
     compression: float | None = dataclasses.field(default=None, metadata=_NOT_SIGNED)
@@ -47,7 +51,7 @@ class RobeConfig(MethodConfig):
     seed: int = 0
     init_scale: float | None = dataclasses.field(default=None, metadata=_NOT_SIGNED)
     gradient: GradientMode = dataclasses.field(default="auto", metadata=_NOT_SIGNED)
-    auto_dense_ratio: float = dataclasses.field(default=DEFAULT_AUTO_DENSE_RATIO, metadata=_NOT_SIGNED)
+    auto_dense_ratio: float = dataclasses.field(default=ROBE_AUTO_DENSE_RATIO, metadata=_NOT_SIGNED)
 
     def __post_init__(self) -> None:
         checks.exactly_one(self, "compression", "memory_size")
