@@ -15,7 +15,8 @@ round trip):
   (how the ops were registered before), for comparison;
 - ``step``: ``CompressedEmbeddingBagCollection`` (input checks off) forward + backward with SGD fused into
   backward, against ``torch.nn.EmbeddingBag(sparse=True)`` with torch's SGD in backward (the GPU baseline of
-  ``benchmarks/grid.py``); ``forward``: the same under ``no_grad``.
+  ``benchmarks/grid.py``); ``forward``: the same under ``no_grad``. On CUDA also the step's device time
+  (its kernels, summed by ``torch.profiler``), so ``step - device`` shows the host's share.
 
     python benchmarks/op_overhead.py --out benchmarks/results/op_overhead_cpu
 
@@ -37,6 +38,7 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor
+from torch.profiler import ProfilerActivity, profile
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.optim import apply_optimizer_in_backward
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -99,6 +101,17 @@ def per_call_us(call: Callable[[], Any], calls: int, repeats: int, device: torch
     return statistics.median(blocks)
 
 
+def device_us_per_call(call: Callable[[], Any], calls: int,
+                       activity: ProfilerActivity = ProfilerActivity.CUDA) -> float:
+    """Microseconds of device time (the kernels' own, summed by ``torch.profiler``) per call of ``call``."""
+    with profile(activities=[activity]) as prof:
+        for _ in range(calls):
+            call()
+        if activity == ProfilerActivity.CUDA:
+            torch.cuda.synchronize()
+    return sum(event.self_device_time_total for event in prof.key_averages()) / calls
+
+
 def measure(batch: int, pooling: int, rows: int, calls: int, repeats: int, device: torch.device,
             kernels: Any, custom_ops: tuple[Callable[..., Tensor], Callable[..., None]]) -> dict[str, float]:
     table = EmbeddingBagConfig(name="t", embedding_dim=DIM, num_embeddings=rows, feature_names=["f"])
@@ -133,14 +146,23 @@ def measure(batch: int, pooling: int, rows: int, calls: int, repeats: int, devic
 
     kjt = KeyedJaggedTensor(keys=["f"], values=ids, lengths=lengths, offsets=offsets)
     apply_optimizer_in_backward(torch.optim.SGD, module.parameters(), {"lr": LR})
-    timed("module_step_us", lambda: module(kjt).values().sum().backward())
+    def module_step() -> None:
+        module(kjt).values().sum().backward()
+
+    timed("module_step_us", module_step)
     with torch.no_grad():
         timed("module_forward_us", lambda: module(kjt).values())
     bag = torch.nn.EmbeddingBag(rows, DIM, mode="sum", sparse=True, include_last_offset=True, device=device)
     apply_optimizer_in_backward(torch.optim.SGD, bag.parameters(), {"lr": LR})
-    timed("embedding_bag_step_us", lambda: bag(ids, offsets).sum().backward())
+    def bag_step() -> None:
+        bag(ids, offsets).sum().backward()
+
+    timed("embedding_bag_step_us", bag_step)
     with torch.no_grad():
         timed("embedding_bag_forward_us", lambda: bag(ids, offsets))
+    if device.type == "cuda":
+        times["module_step_device_us"] = device_us_per_call(module_step, calls)
+        times["embedding_bag_step_device_us"] = device_us_per_call(bag_step, calls)
     return times
 
 
@@ -172,6 +194,16 @@ def markdown(result: dict[str, Any]) -> str:
                      f"{cell['module_forward_us'] / cell['embedding_bag_forward_us']:.2f} | "
                      f"{cell['module_step_us']:.1f} | {cell['embedding_bag_step_us']:.1f} | "
                      f"{cell['module_step_us'] / cell['embedding_bag_step_us']:.2f} |")
+    if all("module_step_device_us" in cell for cell in result["cells"]):
+        lines += ["", "## Training step: device (kernel) time against wall time", "",
+                  "Device time: the step's kernels as `torch.profiler` sums them; the rest of a back-to-back step's "
+                  "wall time is the host's (Python, dispatch, launches) not hidden behind the kernels.", "",
+                  "| B | L | module step us | module kernels us | EmbeddingBag step us | EmbeddingBag kernels us |",
+                  "|---:|---:|---:|---:|---:|---:|"]
+        for cell in result["cells"]:
+            lines.append(f"| {cell['batch']} | {cell['pooling']} | {cell['module_step_us']:.1f} | "
+                         f"{cell['module_step_device_us']:.1f} | {cell['embedding_bag_step_us']:.1f} | "
+                         f"{cell['embedding_bag_step_device_us']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
