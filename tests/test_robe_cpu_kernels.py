@@ -284,3 +284,40 @@ def test_non_contiguous_grad_and_bad_offsets() -> None:
     with pytest.raises(RuntimeError, match="offsets"):
         KERNELS.robe_pooled_forward(memory.weight.detach(), ids, offsets[:-1], None, *hash_args(memory), D, 4, False,
                                     False)
+
+
+@pytest.mark.parametrize("z", [1, D])
+@pytest.mark.parametrize("layout", ["expanded", "column_slice", "transposed"])
+def test_strided_gradients_are_read_in_place(z: int, layout: str) -> None:
+    """Every kernel that reads ``grad_out`` gives with a strided one what it gives with its contiguous copy:
+    the expanded gradient of a ``sum`` (row stride 0), a column slice of a wider gradient, a transposed one."""
+    memory = build(z, use_sign=True)
+    ids, lengths, weights = batch(z + 9)
+    wide = torch.randn(lengths.numel(), 2 * D, generator=torch.Generator().manual_seed(3))
+    grad = {"expanded": torch.full((1, 1), 0.25).expand(lengths.numel(), D), "column_slice": wide[:, D:],
+            "transposed": wide[:, :D].t().contiguous().t()}[layout]
+    assert not grad.is_contiguous()
+    dense = grad.contiguous()
+    bags = (ids, offsets_of(lengths))
+    hashed = (*hash_args(memory), z, True, True)
+    m = memory.memory_size
+
+    def both(call):
+        return call(grad), call(dense)
+
+    for got, expected in [
+        both(lambda g: KERNELS.robe_pooled_backward(g, *bags, weights, *hash_args(memory), m, D, z, True, True)),
+        both(lambda g: KERNELS.robe_sparse_grad(g, *bags, weights, *hash_args(memory), m, D, z, True, True)),
+        both(lambda g: KERNELS.robe_weights_grad(memory.weight.detach(), g, *bags, *hashed)),
+    ]:
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    for update in ("sgd", "adagrad"):
+        results = []
+        for g in (grad, dense):
+            param = memory.weight.detach().clone()
+            if update == "sgd":
+                KERNELS.robe_sgd_update_(param, g, *bags, weights, *hashed, 0.1)
+            else:
+                KERNELS.robe_adagrad_update_(param, torch.zeros(m), g, *bags, weights, *hashed, 0.1, 1e-8, 1)
+            results.append(param)
+        torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)

@@ -57,8 +57,8 @@ def _robe_pooled_fake(memory: Tensor, ids: Tensor, offsets: Tensor, weights: Ten
 def _backward_kernel(kernels: ModuleType, grad: Tensor, ids: Tensor, offsets: Tensor, weights: Tensor | None,
                      coefficients: Tensor, keys: Tensor, memory_size: int, chunk_size: int, use_sign: bool,
                      mean: bool) -> Tensor:
-    return kernels.robe_pooled_backward(grad.contiguous(), ids, offsets, weights, coefficients[0], coefficients[1],
-                                        keys, memory_size, grad.shape[1], chunk_size, use_sign, mean)
+    return kernels.robe_pooled_backward(grad, ids, offsets, weights, coefficients[0], coefficients[1], keys,
+                                        memory_size, grad.shape[1], chunk_size, use_sign, mean)
 
 
 @define_op("robe_pooled_backward", cpu=(cpu_kernels.load, _backward_kernel), cuda=(_triton, _backward_kernel))
@@ -100,14 +100,14 @@ def _robe_sparse_grad_fake(grad: Tensor, ids: Tensor, offsets: Tensor, weights: 
 
 def _weights_grad_cpu(kernels: ModuleType, grad: Tensor, memory: Tensor, ids: Tensor, offsets: Tensor,
                       coefficients: Tensor, keys: Tensor, chunk_size: int, use_sign: bool, mean: bool) -> Tensor:
-    return kernels.robe_weights_grad(memory.contiguous(), grad.contiguous(), ids, offsets, coefficients[0],
-                                     coefficients[1], keys, chunk_size, use_sign, mean)
+    return kernels.robe_weights_grad(memory.contiguous(), grad, ids, offsets, coefficients[0], coefficients[1], keys,
+                                     chunk_size, use_sign, mean)
 
 
 def _weights_grad_cuda(kernels: ModuleType, grad: Tensor, memory: Tensor, ids: Tensor, offsets: Tensor,
                        coefficients: Tensor, keys: Tensor, chunk_size: int, use_sign: bool, mean: bool) -> Tensor:
-    return kernels.robe_weights_grad(grad.contiguous(), memory.contiguous(), ids, offsets, coefficients[0],
-                                     coefficients[1], keys, grad.shape[1], chunk_size, use_sign, mean)
+    return kernels.robe_weights_grad(grad, memory.contiguous(), ids, offsets, coefficients[0], coefficients[1], keys,
+                                     grad.shape[1], chunk_size, use_sign, mean)
 
 
 @define_op("robe_weights_grad", cpu=(cpu_kernels.load, _weights_grad_cpu), cuda=(_triton, _weights_grad_cuda))
@@ -154,8 +154,8 @@ register_autograd(robe_pooled, _backward, _setup_context)
 def _sgd_cpu(kernels: ModuleType, memory: Tensor, grad: Tensor, ids: Tensor, offsets: Tensor,
              weights: Tensor | None, coefficients: Tensor, keys: Tensor, chunk_size: int, use_sign: bool,
              mean: bool, lr: float) -> None:
-    kernels.robe_sgd_update_(memory, grad.contiguous(), ids, offsets, weights, coefficients[0], coefficients[1],
-                             keys, chunk_size, use_sign, mean, lr)
+    kernels.robe_sgd_update_(memory, grad, ids, offsets, weights, coefficients[0], coefficients[1], keys, chunk_size,
+                             use_sign, mean, lr)
 
 
 def _sgd_cuda(kernels: ModuleType, memory: Tensor, grad: Tensor, ids: Tensor, offsets: Tensor,
@@ -183,8 +183,8 @@ def _robe_sgd_update_fake(memory: Tensor, grad: Tensor, ids: Tensor, offsets: Te
 def _adagrad_cpu(kernels: ModuleType, memory: Tensor, accumulator: Tensor, grad: Tensor, ids: Tensor,
                  offsets: Tensor, weights: Tensor | None, coefficients: Tensor, keys: Tensor, chunk_size: int,
                  use_sign: bool, mean: bool, lr: float, eps: float, block_size: int) -> None:
-    kernels.robe_adagrad_update_(memory, accumulator, grad.contiguous(), ids, offsets, weights, coefficients[0],
-                                 coefficients[1], keys, chunk_size, use_sign, mean, lr, eps, block_size)
+    kernels.robe_adagrad_update_(memory, accumulator, grad, ids, offsets, weights, coefficients[0], coefficients[1],
+                                 keys, chunk_size, use_sign, mean, lr, eps, block_size)
 
 
 def _adagrad_cuda(kernels: ModuleType, memory: Tensor, accumulator: Tensor, grad: Tensor, ids: Tensor,

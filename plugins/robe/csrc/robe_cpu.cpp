@@ -281,9 +281,23 @@ void check_memory(const at::Tensor& memory) {
   TORCH_CHECK(memory.is_contiguous() && memory.numel() > 0, "memory must be contiguous and non-empty");
 }
 
-at::Tensor checked_grad(const at::Tensor& grad_out, const Bags& bags) {
+// The rows of grad_out [B, dim] as float32 with a unit column stride: row b starts at row(b). Read in place when
+// the columns are unit-strided (any row stride: a column slice of a wider gradient, or 0 for the expanded
+// gradient of a sum); otherwise the one row of a row-stride-0 gradient, or the whole gradient, is copied.
+struct GradRows {
+  at::Tensor tensor;  // keeps the rows alive
+  const float* data;
+  int64_t stride;
+  const float* row(int64_t b) const { return data + b * stride; }
+};
+
+GradRows checked_grad(const at::Tensor& grad_out, const Bags& bags) {
   TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == bags.num_bags, "grad_out must be [B, dim]");
-  return grad_out.to(at::kFloat).contiguous();
+  at::Tensor g = grad_out.to(at::kFloat);
+  if (g.size(1) > 1 && g.stride(1) != 1) {
+    g = g.size(0) > 0 && g.stride(0) == 0 ? g.narrow(0, 0, 1).contiguous().expand(g.sizes()) : g.contiguous();
+  }
+  return {g, g.data_ptr<float>(), g.stride(0)};
 }
 
 // Per id of a batch: its run starts, its pooling scale (weight, / bag length for MEAN), its bag and sign base.
@@ -347,7 +361,7 @@ void over_memory_ranges(int64_t m, int64_t align, int64_t elements, Body&& body)
 // dst[pos] += alpha_scale * scale_j * sign * grad for every element of every run that falls in [lo, hi);
 // touched(position, length) is called after each contiguous piece.
 template <int64_t kRun, class Touched>
-void scatter_range(const Hasher& h, const Plan& plan, int64_t num_ids, const float* grad, float alpha_scale,
+void scatter_range(const Hasher& h, const Plan& plan, int64_t num_ids, const GradRows& grad, float alpha_scale,
                    float* dst, int64_t lo, int64_t hi, Touched&& touched) {
   const int64_t run = kRun > 0 ? kRun : h.run;
   for (int64_t j = 0; j < num_ids; ++j) {
@@ -359,7 +373,7 @@ void scatter_range(const Hasher& h, const Plan& plan, int64_t num_ids, const flo
     }
     const uint32_t* starts = plan.starts.get() + j * h.chunks;
     const float alpha = alpha_scale * plan.scale[j];
-    const float* row = grad + static_cast<int64_t>(plan.bag[j]) * h.dim;
+    const float* row = grad.row(plan.bag[j]);
     const auto add = [&](int64_t pos, int64_t i0, auto len) {
       float* __restrict__ out = dst + pos;
       const float* __restrict__ g = row + i0;
@@ -488,7 +502,7 @@ void dispatch_short(int64_t run, Body&& body) {
 // scatter_range for short runs (no Plan) over the ids of bags [b0, b1): hashes them (ShortIds) and keeps the
 // elements in [lo, hi).
 template <int64_t kRun, class Touched>
-void scatter_short_range(const Hasher& h, const Bags& bags, const TableKeys& keys, bool mean, const float* grad,
+void scatter_short_range(const Hasher& h, const Bags& bags, const TableKeys& keys, bool mean, const GradRows& grad,
                          float alpha_scale, float* dst, int64_t b0, int64_t b1, int64_t lo, int64_t hi,
                          Touched&& touched) {
   const int64_t run = kRun > 0 ? kRun : h.run, chunks = h.chunks;
@@ -497,7 +511,7 @@ void scatter_short_range(const Hasher& h, const Bags& bags, const TableKeys& key
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t first = bags.offsets[b], last = bags.offsets[b + 1];
     const float divisor = mean ? static_cast<float>(std::max<int64_t>(last - first, 1)) : 1.0f;
-    const float* __restrict__ row = grad + b * h.dim;
+    const float* __restrict__ row = grad.row(b);
     for (int64_t j = first; j < last; ++j) {
       const ShortId& id = ids.next();
       const float alpha = alpha_scale * (bags.weight(j) / divisor);
@@ -540,7 +554,7 @@ std::optional<Plan> scatter_plan(const Hasher& h, const Bags& bags, const TableK
 // dst[pos] += alpha_scale * (the gradient of M at pos) for pos in [lo, hi), through `plan` (scatter_plan).
 template <class Touched>
 void scatter(const Hasher& h, const Bags& bags, const TableKeys& keys, bool mean, const std::optional<Plan>& plan,
-             const float* grad, float alpha_scale, float* dst, int64_t lo, int64_t hi, Touched&& touched) {
+             const GradRows& grad, float alpha_scale, float* dst, int64_t lo, int64_t hi, Touched&& touched) {
   if (!plan) {
     dispatch_short(h.run, [&](auto run) {
       scatter_short_range<decltype(run)::value>(h, bags, keys, mean, grad, alpha_scale, dst, 0, bags.num_bags, lo, hi,
@@ -561,7 +575,7 @@ constexpr int64_t kPrivateFloats = int64_t{1} << 22;
 // mispredict whether each element is its own. Part 0 adds into dst, the others into zeroed private copies of M
 // that are summed into dst afterwards.
 void scatter_all(const Hasher& h, const Bags& bags, const TableKeys& keys, bool mean, const std::optional<Plan>& plan,
-                 const float* grad, float alpha_scale, float* dst) {
+                 const GradRows& grad, float alpha_scale, float* dst) {
   const int64_t elements = bags.num_ids * h.dim;
   const int64_t parts = std::max<int64_t>(
       1, std::min<int64_t>({at::get_num_threads(), (elements + kScatterGrain - 1) / kScatterGrain, bags.num_bags}));
@@ -719,7 +733,7 @@ void forward_short_range(const Hasher& h, const Bags& bags, const TableKeys& key
 
 // out[j] = <grad[bag of j], E[ids_j]> (/ bag length for MEAN) for the ids of bags [b0, b1).
 template <int64_t kRun>
-void weights_grad_range(const Hasher& h, const Bags& bags, const Plan& plan, const float* mem, const float* grad,
+void weights_grad_range(const Hasher& h, const Bags& bags, const Plan& plan, const float* mem, const GradRows& grad,
                         float* out, int64_t b0, int64_t b1) {
   const int64_t run = kRun > 0 ? kRun : h.run;
   const int64_t j0 = bags.offsets[b0], j1 = bags.offsets[b1];
@@ -731,7 +745,7 @@ void weights_grad_range(const Hasher& h, const Bags& bags, const Plan& plan, con
     if (j + kAhead < j1) {
       prefetch_id(h, plan, mem, j + kAhead);
     }
-    const float* row = grad + static_cast<int64_t>(plan.bag[j]) * h.dim;
+    const float* row = grad.row(plan.bag[j]);
     float dot = 0.0f;
     for (int64_t c = 0; c < h.chunks; ++c) {
       const float* __restrict__ src = run_at(h, mem, plan.starts[j * h.chunks + c], run, gathered.data());
@@ -756,14 +770,14 @@ void weights_grad_range(const Hasher& h, const Bags& bags, const Plan& plan, con
 // weights_grad_range for short runs (no Plan; `bags` without weights).
 template <int64_t kRun>
 void weights_grad_short_range(const Hasher& h, const Bags& bags, const TableKeys& keys, const float* mem,
-                              const float* grad, float* out, bool mean, int64_t b0, int64_t b1) {
+                              const GradRows& grad, float* out, bool mean, int64_t b0, int64_t b1) {
   const int64_t run = kRun > 0 ? kRun : h.run, chunks = h.chunks;
   const auto m = static_cast<uint32_t>(h.m);
   ShortIds<0> ids(h, bags, keys, mem, b0, b1, 0, h.m);
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t first = bags.offsets[b], last = bags.offsets[b + 1];
     const float scale = 1.0f / (mean ? static_cast<float>(std::max<int64_t>(last - first, 1)) : 1.0f);
-    const float* __restrict__ row = grad + b * h.dim;
+    const float* __restrict__ row = grad.row(b);
     for (int64_t j = first; j < last; ++j) {
       const ShortId& id = ids.next();
       const uint32_t* __restrict__ starts = id.starts.data();
@@ -798,7 +812,7 @@ Scratch& scratch() {
 // sums swept in start order: the positions of a run below the last one written are the tail of the output (runs
 // have one length, so the positions >= its start written so far are contiguous). Pieces wrapped past the end of M
 // (positions < run) are summed apart and merged in front. O(runs) but for the sort; no |M|-sized buffer.
-std::tuple<at::Tensor, at::Tensor> sparse_grad(const Hasher& h, const Bags& bags, const Plan& plan, const float* grad,
+std::tuple<at::Tensor, at::Tensor> sparse_grad(const Hasher& h, const Bags& bags, const Plan& plan, const GradRows& grad,
                                                const at::TensorOptions& options) {
   const int64_t run = h.run, chunks = h.chunks, m = h.m, count = bags.num_ids * chunks;
   TORCH_CHECK(count < (int64_t{1} << 32), "too many runs for a sparse gradient: ", count);
@@ -828,7 +842,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_grad(const Hasher& h, const Bags& bags
       const auto r = static_cast<int64_t>(order[e] & 0xFFFFFFFFu);
       const int64_t j = r / chunks, c = r % chunks;
       const float alpha = plan.scale[j];
-      const float* row = grad + static_cast<int64_t>(plan.bag[j]) * h.dim + c * run;
+      const float* row = grad.row(plan.bag[j]) + c * run;
       for (int64_t k = 0; k < run; ++k) {
         sum[k] += alpha * ((h.use_sign ? h.sign(plan.sign_base[j], c * run + k) : 1.0f) * row[k]);
       }
@@ -910,12 +924,10 @@ at::Tensor robe_pooled_backward(const at::Tensor& grad_out, const at::Tensor& id
   const TableKeys table_keys(keys, bags);
   const auto grad = checked_grad(grad_out, bags);
   const Hasher h(location_coefficients, sign_coefficients, dim, chunk_size, use_sign, memory_size);
-  TORCH_CHECK(grad.size(1) == dim, "grad_out must be [B, dim]");
+  TORCH_CHECK(grad.tensor.size(1) == dim, "grad_out must be [B, dim]");
   const auto plan = scatter_plan(h, bags, table_keys, mean);
-  auto out = at::zeros({memory_size}, grad.options());
-  float* dst = out.data_ptr<float>();
-  const float* g = grad.data_ptr<float>();
-  scatter_all(h, bags, table_keys, mean, plan, g, 1.0f, dst);
+  auto out = at::zeros({memory_size}, grad.tensor.options());
+  scatter_all(h, bags, table_keys, mean, plan, grad, 1.0f, out.data_ptr<float>());
   return out;
 }
 
@@ -929,9 +941,9 @@ std::tuple<at::Tensor, at::Tensor> robe_sparse_grad(const at::Tensor& grad_out, 
   const TableKeys table_keys(keys, bags);
   const auto grad = checked_grad(grad_out, bags);
   const Hasher h(location_coefficients, sign_coefficients, dim, chunk_size, use_sign, memory_size);
-  TORCH_CHECK(grad.size(1) == dim, "grad_out must be [B, dim]");
+  TORCH_CHECK(grad.tensor.size(1) == dim, "grad_out must be [B, dim]");
   const Plan plan(h, bags, table_keys, mean);
-  return sparse_grad(h, bags, plan, grad.data_ptr<float>(), grad.options());
+  return sparse_grad(h, bags, plan, grad, grad.tensor.options());
 }
 
 void robe_sgd_update_(at::Tensor& memory, const at::Tensor& grad_out, const at::Tensor& ids, const at::Tensor& offsets,
@@ -942,12 +954,10 @@ void robe_sgd_update_(at::Tensor& memory, const at::Tensor& grad_out, const at::
   const Bags bags(ids, offsets, weights);
   const TableKeys table_keys(keys, bags);
   const auto grad = checked_grad(grad_out, bags);
-  const int64_t dim = grad.size(1);
+  const int64_t dim = grad.tensor.size(1);
   const Hasher h(location_coefficients, sign_coefficients, dim, chunk_size, use_sign, memory.numel());
   const auto plan = scatter_plan(h, bags, table_keys, mean);
-  float* dst = memory.data_ptr<float>();
-  const float* g = grad.data_ptr<float>();
-  scatter_all(h, bags, table_keys, mean, plan, g, static_cast<float>(-lr), dst);
+  scatter_all(h, bags, table_keys, mean, plan, grad, static_cast<float>(-lr), memory.data_ptr<float>());
 }
 
 void robe_adagrad_update_(at::Tensor& memory, at::Tensor& accumulator, const at::Tensor& grad_out,
@@ -965,12 +975,11 @@ void robe_adagrad_update_(at::Tensor& memory, at::Tensor& accumulator, const at:
   const Bags bags(ids, offsets, weights);
   const TableKeys table_keys(keys, bags);
   const auto grad = checked_grad(grad_out, bags);
-  const int64_t dim = grad.size(1);
+  const int64_t dim = grad.tensor.size(1);
   const Hasher h(location_coefficients, sign_coefficients, dim, chunk_size, use_sign, m);
   const auto plan = scatter_plan(h, bags, table_keys, mean);
   float* param = memory.data_ptr<float>();
   float* sum = accumulator.data_ptr<float>();
-  const float* g = grad.data_ptr<float>();
   const float step = static_cast<float>(lr), epsilon = static_cast<float>(eps);
   const float block = static_cast<float>(block_size);
   Scratch& s = scratch();
@@ -985,7 +994,7 @@ void robe_adagrad_update_(at::Tensor& memory, at::Tensor& accumulator, const at:
   uint8_t* flag = s.touched.data();
   over_memory_ranges(m, block_size, bags.num_ids * dim, [&](int64_t lo, int64_t hi) {
     std::vector<int64_t> touched;
-    scatter(h, bags, table_keys, mean, plan, g, 1.0f, acc, lo, hi, [&](int64_t a, int64_t n) {
+    scatter(h, bags, table_keys, mean, plan, grad, 1.0f, acc, lo, hi, [&](int64_t a, int64_t n) {
       for (int64_t blk = a / block_size; blk <= (a + n - 1) / block_size; ++blk) {
         if (!flag[blk]) {
           flag[blk] = 1;
@@ -1026,16 +1035,15 @@ at::Tensor robe_weights_grad(const at::Tensor& memory, const at::Tensor& grad_ou
   const Bags bags(ids, offsets, std::nullopt);
   const TableKeys table_keys(keys, bags);
   const auto grad = checked_grad(grad_out, bags);
-  const int64_t dim = grad.size(1);
+  const int64_t dim = grad.tensor.size(1);
   const Hasher h(location_coefficients, sign_coefficients, dim, chunk_size, use_sign, memory.numel());
   auto out = at::empty({bags.num_ids}, memory.options());
   const float* mem = memory.data_ptr<float>();
-  const float* g = grad.data_ptr<float>();
   float* out_data = out.data_ptr<float>();
   if (h.short_runs()) {
     dispatch_short(h.run, [&](auto run) {
       at::parallel_for(0, bags.num_bags, bag_grain(bags, dim), [&](int64_t b0, int64_t b1) {
-        weights_grad_short_range<decltype(run)::value>(h, bags, table_keys, mem, g, out_data, mean, b0, b1);
+        weights_grad_short_range<decltype(run)::value>(h, bags, table_keys, mem, grad, out_data, mean, b0, b1);
       });
     });
     return out;
@@ -1043,7 +1051,7 @@ at::Tensor robe_weights_grad(const at::Tensor& memory, const at::Tensor& grad_ou
   const Plan plan(h, bags, table_keys, mean);  // no weights: scale = 1 / bag length for MEAN
   dispatch_run(h.run, [&](auto run) {
     at::parallel_for(0, bags.num_bags, bag_grain(bags, dim), [&](int64_t b0, int64_t b1) {
-      weights_grad_range<decltype(run)::value>(h, bags, plan, mem, g, out_data, b0, b1);
+      weights_grad_range<decltype(run)::value>(h, bags, plan, mem, grad, out_data, b0, b1);
     });
   });
   return out;
