@@ -306,3 +306,23 @@ def test_qr_memory_training_step_matches_reference(monkeypatch: pytest.MonkeyPat
     slow = training_step(monkeypatch, "reference", operation, k, mean, gradient)
     for got, expected in zip(fast, slow):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("operation", ["mult", "concat"])
+@pytest.mark.parametrize("layout", ["expanded", "column_slice", "transposed"])
+def test_strided_gradients_are_read_in_place(operation: str, layout: str) -> None:
+    """The backward, grad-rows and weights-gradient kernels give with a strided ``grad_out`` what they give with
+    its contiguous copy: a ``sum``'s expanded gradient (row stride 0), a column slice, a transposed gradient."""
+    k, collisions, last_rows = 3, 5, 7
+    parts = make_parts(operation, k, collisions, last_rows, seed=4)
+    ids, weights = batch(11, k, collisions, last_rows)
+    d = parts[0].shape[1] * (k if operation == "concat" else 1)
+    wide = torch.randn(LENGTHS.numel(), 2 * d, generator=torch.Generator().manual_seed(5))
+    grad = {"expanded": torch.full((1, 1), 0.5).expand(LENGTHS.numel(), d), "column_slice": wide[:, d:],
+            "transposed": wide[:, :d].t().contiguous().t()}[layout]
+    assert not grad.is_contiguous()
+    args = (ids, offsets_of(LENGTHS), weights, collisions, operation, True)
+    for call in (lambda g: KERNELS.qr_pooled_backward(g, parts, *args),
+                 lambda g: KERNELS.qr_grad_rows(g, parts, *args),
+                 lambda g: KERNELS.qr_weights_grad(g, parts, ids, args[1], collisions, operation, True)):
+        torch.testing.assert_close(call(grad), call(grad.contiguous()), rtol=0, atol=0)

@@ -48,6 +48,24 @@ struct Bags {
   float weight(int64_t i) const { return weights == nullptr ? 1.0f : weights[i]; }
 };
 
+// The rows of a gradient grad_out [B, d] as float32 with a unit column stride: row b starts at row(b). Read in
+// place when the columns are unit-strided (any row stride: a column slice of a wider gradient, or 0 for the
+// expanded gradient of a sum); otherwise the one row of a row-stride-0 gradient, or the whole gradient, is copied.
+struct GradRows {
+  at::Tensor tensor;  // keeps the rows alive
+  const float* data;
+  int64_t stride;
+  const float* row(int64_t b) const { return data + b * stride; }
+};
+
+inline GradRows grad_rows(const at::Tensor& grad_out) {
+  at::Tensor g = grad_out.to(at::kFloat);
+  if (g.size(1) > 1 && g.stride(1) != 1) {
+    g = g.size(0) > 0 && g.stride(0) == 0 ? g.narrow(0, 0, 1).contiguous().expand(g.sizes()) : g.contiguous();
+  }
+  return {g, g.data_ptr<float>(), g.stride(0)};
+}
+
 // Bags per task of at::parallel_for: about 16k elements read per task.
 inline int64_t bag_grain(const Bags& bags, int64_t dim) {
   const int64_t per_bag = std::max<int64_t>(1, (bags.num_ids / std::max<int64_t>(bags.num_bags, 1)) * dim);

@@ -111,6 +111,8 @@ struct Parts {
 
 using torchrec_pss::Bags;
 using torchrec_pss::bag_grain;
+using torchrec_pss::grad_rows;
+using torchrec_pss::GradRows;
 
 // Per id of a batch: its row of every part (part-major: rows[j * N + i]); for the backward also its pooling
 // scale (weight, / bag length for MEAN) and its bag.
@@ -269,11 +271,11 @@ void forward_range(const Parts& parts, const Bags& bags, const Plan& plan, float
 
 // dst[0:width) += the gradient of part j's row from id i: scale_i * grad[bag_i] (its slice j for concat), times
 // the other parts' rows for mult.
-inline void add_part_grad(const Parts& parts, const Plan& plan, const float* grad, int64_t i, int64_t j,
+inline void add_part_grad(const Parts& parts, const Plan& plan, const GradRows& grad, int64_t i, int64_t j,
                           const float* const* row, float* __restrict__ dst, float* __restrict__ scratch) {
   const int64_t width = parts.width;
   const float s = plan.scale[i];
-  const float* __restrict__ g = grad + plan.bag[i] * parts.dim + (parts.op == Operation::kConcat ? j * width : 0);
+  const float* __restrict__ g = grad.row(plan.bag[i]) + (parts.op == Operation::kConcat ? j * width : 0);
   if (parts.op != Operation::kMult) {
     for (int64_t c = 0; c < width; ++c) {
       dst[c] += s * g[c];
@@ -325,10 +327,10 @@ bool private_part(const Parts& parts, int64_t j, int64_t num_ids, int64_t thread
   return threads > 1 && parts.rows[j] * parts.width <= 2 * num_ids;
 }
 
-// The dense gradient of every part for `grad_out` (float32, contiguous [B, d]).
-std::vector<at::Tensor> backward(const at::Tensor& grad_out, const Parts& parts, const Bags& bags, const Plan& plan) {
+// The dense gradient of every part for the rows of `grad` [B, d].
+std::vector<at::Tensor> backward(const GradRows& grad, const Parts& parts, const Bags& bags, const Plan& plan) {
   const int64_t k = parts.k, width = parts.width, n = bags.num_ids;
-  const auto options = grad_out.options().dtype(at::kFloat);
+  const auto options = grad.tensor.options().dtype(at::kFloat);
   std::vector<at::Tensor> grads;
   if (n == 0) {
     for (int64_t j = 0; j < k; ++j) {
@@ -336,7 +338,6 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const Parts& parts,
     }
     return grads;
   }
-  const float* grad = grad_out.data_ptr<float>();
   const int64_t updates = n * k * width;
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), (updates + kScatterGrain - 1) / kScatterGrain);
   const int64_t align = std::max<int64_t>(1, 16 / width);  // rows of different threads never share a cache line
@@ -423,7 +424,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const Parts& parts,
 // Part j's gradient over the rows the batch reads: (rows [U] int64, ascending, unique; values [U, width]). Rows
 // get compact slots in ascending order, the ids are counting-sorted by slot (stable), and each thread sums the
 // ids of its own range of slots, in id order.
-std::tuple<at::Tensor, at::Tensor> part_grad_rows(const at::Tensor& grad_out, const Parts& parts, const Bags& bags,
+std::tuple<at::Tensor, at::Tensor> part_grad_rows(const GradRows& grad, const Parts& parts, const Bags& bags,
                                                   const Plan& plan, int64_t j) {
   const int64_t n = bags.num_ids, width = parts.width, num_rows = parts.rows[j];
   const int64_t* digit = plan.of_part(j, n);
@@ -435,7 +436,7 @@ std::tuple<at::Tensor, at::Tensor> part_grad_rows(const at::Tensor& grad_out, co
   for (int64_t r = 0; r < num_rows; ++r) {
     slot[r] = slot[r] ? unique++ : -1;
   }
-  auto rows = at::empty({unique}, grad_out.options().dtype(at::kLong));
+  auto rows = at::empty({unique}, grad.tensor.options().dtype(at::kLong));
   int64_t* rows_data = rows.data_ptr<int64_t>();
   for (int64_t r = 0; r < num_rows; ++r) {
     if (slot[r] >= 0) {
@@ -451,9 +452,8 @@ std::tuple<at::Tensor, at::Tensor> part_grad_rows(const at::Tensor& grad_out, co
   for (int64_t i = 0; i < n; ++i) {
     order[next[slot[digit[i]]]++] = i;
   }
-  auto values = at::zeros({unique, width}, grad_out.options().dtype(at::kFloat));
+  auto values = at::zeros({unique, width}, grad.tensor.options().dtype(at::kFloat));
   float* values_data = values.data_ptr<float>();
-  const float* grad = grad_out.data_ptr<float>();
   const int64_t updates_per_row = std::max<int64_t>(1, n / std::max<int64_t>(unique, 1) * width);
   at::parallel_for(0, unique, std::max<int64_t>(1, kScatterGrain / updates_per_row), [&](int64_t u0, int64_t u1) {
     std::vector<const float*> row(parts.k);
@@ -469,11 +469,11 @@ std::tuple<at::Tensor, at::Tensor> part_grad_rows(const at::Tensor& grad_out, co
   return {rows, values};
 }
 
-at::Tensor checked_grad(const at::Tensor& grad_out, const Parts& parts, const Bags& bags) {
+GradRows checked_grad(const at::Tensor& grad_out, const Parts& parts, const Bags& bags) {
   TORCH_CHECK(grad_out.device().is_cpu() && grad_out.is_floating_point(), "grad_out must be a floating CPU tensor");
   TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == bags.num_bags && grad_out.size(1) == parts.dim,
               "grad_out must be [B, d] = [", bags.num_bags, ", ", parts.dim, "], got ", grad_out.sizes());
-  return grad_out.to(at::kFloat).contiguous();
+  return grad_rows(grad_out);
 }
 
 }  // namespace
@@ -523,9 +523,8 @@ at::Tensor qr_weights_grad(const at::Tensor& grad_out, const std::vector<at::Ten
                            const at::Tensor& offsets, int64_t collisions, const std::string& operation, bool mean) {
   const Parts p(parts, operation);
   const Bags bags(ids, offsets, std::nullopt);
-  const auto grad_t = checked_grad(grad_out, p, bags);
+  const auto grad = checked_grad(grad_out, p, bags);
   const Plan plan(p, bags, collisions, mean, true);  // no weights: scale = 1 / bag length for MEAN
-  const float* grad = grad_t.data_ptr<float>();
   auto out = at::empty({bags.num_ids}, p.tensors[0].options());
   float* out_data = out.data_ptr<float>();
   const int64_t k = p.k, width = p.width, n = bags.num_ids;
@@ -534,7 +533,7 @@ at::Tensor qr_weights_grad(const at::Tensor& grad_out, const std::vector<at::Ten
     std::vector<float> composed(width), scratch(width);
     for (int64_t i = bags.offsets[b0]; i < bags.offsets[b1]; ++i) {
       rows_of(p, plan, n, i, row.data());
-      const float* g = grad + plan.bag[i] * p.dim;
+      const float* g = grad.row(plan.bag[i]);
       float total = 0.0f;
       if (p.op == Operation::kConcat) {
         for (int64_t j = 0; j < k; ++j) {

@@ -258,6 +258,8 @@ constexpr int64_t kLine = 16;
 
 using torchrec_pss::Bags;
 using torchrec_pss::bag_grain;
+using torchrec_pss::grad_rows;
+using torchrec_pss::GradRows;
 
 // The table key of every bag: keys [1] (all bags) or [B].
 struct TableKeys {
@@ -281,23 +283,9 @@ void check_memory(const at::Tensor& memory) {
   TORCH_CHECK(memory.is_contiguous() && memory.numel() > 0, "memory must be contiguous and non-empty");
 }
 
-// The rows of grad_out [B, dim] as float32 with a unit column stride: row b starts at row(b). Read in place when
-// the columns are unit-strided (any row stride: a column slice of a wider gradient, or 0 for the expanded
-// gradient of a sum); otherwise the one row of a row-stride-0 gradient, or the whole gradient, is copied.
-struct GradRows {
-  at::Tensor tensor;  // keeps the rows alive
-  const float* data;
-  int64_t stride;
-  const float* row(int64_t b) const { return data + b * stride; }
-};
-
 GradRows checked_grad(const at::Tensor& grad_out, const Bags& bags) {
   TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == bags.num_bags, "grad_out must be [B, dim]");
-  at::Tensor g = grad_out.to(at::kFloat);
-  if (g.size(1) > 1 && g.stride(1) != 1) {
-    g = g.size(0) > 0 && g.stride(0) == 0 ? g.narrow(0, 0, 1).contiguous().expand(g.sizes()) : g.contiguous();
-  }
-  return {g, g.data_ptr<float>(), g.stride(0)};
+  return grad_rows(grad_out);
 }
 
 // Per id of a batch: its run starts, its pooling scale (weight, / bag length for MEAN), its bag and sign base.
