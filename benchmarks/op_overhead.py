@@ -101,14 +101,12 @@ def per_call_us(call: Callable[[], Any], calls: int, repeats: int, device: torch
     return statistics.median(blocks)
 
 
-def device_us_per_call(call: Callable[[], Any], calls: int,
-                       activity: ProfilerActivity = ProfilerActivity.CUDA) -> float:
-    """Microseconds of device time (the kernels' own, summed by ``torch.profiler``) per call of ``call``."""
-    with profile(activities=[activity]) as prof:
+def device_us_per_call(call: Callable[[], Any], calls: int) -> float:
+    """Microseconds of CUDA time (the kernels' own, summed by ``torch.profiler``) per call of ``call``."""
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(calls):
             call()
-        if activity == ProfilerActivity.CUDA:
-            torch.cuda.synchronize()
+        torch.cuda.synchronize()
     return sum(event.self_device_time_total for event in prof.key_averages()) / calls
 
 

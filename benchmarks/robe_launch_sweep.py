@@ -46,12 +46,12 @@ def sweep_case(rows: int, compression: float, chunk: int, pooling: int, batch: i
     grad = torch.randn(batch, dim, device=device)
     target = torch.zeros_like(weight)
     moved = forward_bytes(batch, pooling, dim)
+    defaults = triton_kernels._launch(ids.numel(), batch, dim, chunk, weight.numel(), key)
     rows_out = []
     for block_n, block_d, warps in settings:
         grid = (batch, triton.cdiv(dim, block_d))
-        constants = dict(DIM=dim, Z=chunk, USE_SIGN=memory.config.use_sign, HAS_WEIGHTS=False, MEAN=False,
-                         NARROW=weight.numel() < triton_kernels.NARROW_LIMIT, KEY_PER_BAG=False, BLOCK_N=block_n,
-                         BLOCK_D=block_d, num_warps=warps)
+        constants = {**defaults, "DIM": dim, "Z": chunk, "USE_SIGN": memory.config.use_sign, "HAS_WEIGHTS": False,
+                     "MEAN": False, "BLOCK_N": block_n, "BLOCK_D": block_d, "num_warps": warps}
 
         def forward() -> None:
             triton_kernels._pooled_forward_kernel[grid](weight, ids, offsets, None, coefficients[0], coefficients[1],
