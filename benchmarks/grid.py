@@ -19,7 +19,11 @@ Every cell reports the median forward time (under ``torch.no_grad``) and the med
 (forward + backward + fused SGD, loss = sum of the pooled outputs) over ``--steps`` timed steps after
 ``--warmup`` untimed ones, and both as ratios to the baseline (lower is better). A method that cannot
 reach a ratio is recorded as unreachable (a dash in the tables). The compressed modules run with their
-input checks off, as torchrec's EBC checks nothing (``--check-inputs`` turns them on). A (rows, L)
+input checks off, as torchrec's EBC checks nothing (``--check-inputs`` turns them on).
+``--caller-thread-backward`` runs every backward (the baselines' too) on the calling thread
+(``torch.autograd.set_multithreading_enabled(False)``) instead of autograd's device thread: a backward
+written in Python (the fused ROBE / QR / TT steps) then takes the GIL without a thread switch, which saves
+≈ 0.2 ms per step on the lent GPU machine (``benchmarks/op_overhead.py``). A (rows, L)
 setting whose baseline table does not fit in the device's free memory is recorded as skipped with the
 reason, as is the EBC alone when its table plus dense gradient does not fit. Each cell's modules are
 freed before the next.
@@ -298,7 +302,9 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"{meta['baseline']}. Batch {meta['batch']} bags of L uniform random ids, d = {meta['dim']}, SGD "
         f"(lr {LR}) fused into backward everywhere; medians of {meta['steps']} timed steps after "
         f"{meta['warmup']} warm-up steps; compressed modules' input checks "
-        f"{'on' if meta['check_inputs'] else 'off'}; torch {meta['torch']}, {meta['threads']} threads, "
+        f"{'on' if meta['check_inputs'] else 'off'}; backward on "
+        f"{'the calling thread' if meta.get('caller_thread_backward') else 'autograd default threads'}; "
+        f"torch {meta['torch']}, {meta['threads']} threads, "
         f"{meta['machine']}.",
         "",
         "## Baselines",
@@ -400,6 +406,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--check-inputs", action="store_true",
                         help="keep the compressed modules' input checks on (one device synchronisation per batch; "
                              "off by default, as torchrec's EBC checks nothing)")
+    parser.add_argument("--caller-thread-backward", action="store_true",
+                        help="run backward on the calling thread (torch.autograd.set_multithreading_enabled(False))")
     parser.add_argument("--quick", action="store_true",
                         help=f"a tiny grid: {', '.join(f'{k}={v}' for k, v in QUICK.items())}")
     parser.add_argument("--out", type=Path, help="path stem (default benchmarks/results/grid_<device>[_quick])")
@@ -432,15 +440,17 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         "steps": args.steps,
         "warmup": args.warmup,
         "check_inputs": args.check_inputs,
+        "caller_thread_backward": args.caller_thread_backward,
     }
     grid = variants(args.methods, args.chunk_sizes, args.gradients)
     results: list[dict[str, Any]] = []
     table = ""
-    for n in args.rows:
-        for pooling in args.pooling:
-            results += run_setting(n, pooling, grid, args.compressions, args.batch, args.dim, args.warmup,
-                                   args.steps, args.device, args.check_inputs)
-            table = write_outputs(results, meta, args.out)
+    with torch.autograd.set_multithreading_enabled(not args.caller_thread_backward):
+        for n in args.rows:
+            for pooling in args.pooling:
+                results += run_setting(n, pooling, grid, args.compressions, args.batch, args.dim, args.warmup,
+                                       args.steps, args.device, args.check_inputs)
+                table = write_outputs(results, meta, args.out)
     print(table)
     return results
 

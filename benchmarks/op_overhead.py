@@ -16,7 +16,11 @@ round trip):
 - ``step``: ``CompressedEmbeddingBagCollection`` (input checks off) forward + backward with SGD fused into
   backward, against ``torch.nn.EmbeddingBag(sparse=True)`` with torch's SGD in backward (the GPU baseline of
   ``benchmarks/grid.py``); ``forward``: the same under ``no_grad``. On CUDA also the step's device time
-  (its kernels, summed by ``torch.profiler``), so ``step - device`` shows the host's share.
+  (its kernels, summed by ``torch.profiler``), so ``step - device`` shows the host's share;
+- ``caller-thread step``: both steps again with backward on the calling thread
+  (``torch.autograd.set_multithreading_enabled(False)``). By default autograd runs a CUDA backward on its
+  device thread, where the module's backward (Python: it launches the fused Triton SGD) must take the GIL
+  across threads; ``nn.EmbeddingBag``'s backward is all C++.
 
     python benchmarks/op_overhead.py --out benchmarks/results/op_overhead_cpu
 
@@ -44,7 +48,7 @@ from torchrec.optim import apply_optimizer_in_backward
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_pss import CompressedEmbeddingBagCollection, RobeConfig
-from torchrec_pss.kernels import _device_kernel
+from torchrec_pss.kernels import _device_kernel, _tensor_positions
 from torchrec_pss_plugins.robe import cpu_kernels, ops, reference
 
 DIM, CHUNK, COMPRESSION, LR = 128, 32, 1000, 0.01
@@ -73,7 +77,8 @@ def custom_op_versions(device: torch.device) -> tuple[Callable[..., Tensor], Cal
         return reference.pooled_forward(memory, ids, offsets, weights, coefficients, keys, dim, chunk_size,
                                         use_sign, mean)
 
-    pooled.register_kernel(device.type)(_device_kernel(pooled._init_fn, device_loader(device), ops._pooled_kernel))
+    pooled.register_kernel(device.type)(_device_kernel(pooled._init_fn, _tensor_positions(pooled._opoverload),
+                                                       device_loader(device), ops._pooled_kernel))
     pooled.register_autograd(ops._backward, setup_context=ops._setup_context)
 
     @torch.library.custom_op("torchrec_pss_overhead::robe_sgd_update_", mutates_args=("memory",))
@@ -81,7 +86,8 @@ def custom_op_versions(device: torch.device) -> tuple[Callable[..., Tensor], Cal
             coefficients: Tensor, keys: Tensor, chunk_size: int, use_sign: bool, mean: bool, lr: float) -> None:
         reference.sgd_update_(memory, grad, ids, offsets, weights, coefficients, keys, chunk_size, use_sign, mean, lr)
 
-    sgd.register_kernel(device.type)(_device_kernel(sgd._init_fn, device_loader(device), sgd_adapter(device)))
+    sgd.register_kernel(device.type)(_device_kernel(sgd._init_fn, _tensor_positions(sgd._opoverload),
+                                                    device_loader(device), sgd_adapter(device)))
     return pooled, sgd
 
 
@@ -148,6 +154,8 @@ def measure(batch: int, pooling: int, rows: int, calls: int, repeats: int, devic
         module(kjt).values().sum().backward()
 
     timed("module_step_us", module_step)
+    with torch.autograd.set_multithreading_enabled(False):
+        timed("module_step_caller_thread_us", module_step)
     with torch.no_grad():
         timed("module_forward_us", lambda: module(kjt).values())
     bag = torch.nn.EmbeddingBag(rows, DIM, mode="sum", sparse=True, include_last_offset=True, device=device)
@@ -156,6 +164,8 @@ def measure(batch: int, pooling: int, rows: int, calls: int, repeats: int, devic
         bag(ids, offsets).sum().backward()
 
     timed("embedding_bag_step_us", bag_step)
+    with torch.autograd.set_multithreading_enabled(False):
+        timed("embedding_bag_step_caller_thread_us", bag_step)
     with torch.no_grad():
         timed("embedding_bag_forward_us", lambda: bag(ids, offsets))
     if device.type == "cuda":
@@ -192,6 +202,16 @@ def markdown(result: dict[str, Any]) -> str:
                      f"{cell['module_forward_us'] / cell['embedding_bag_forward_us']:.2f} | "
                      f"{cell['module_step_us']:.1f} | {cell['embedding_bag_step_us']:.1f} | "
                      f"{cell['module_step_us'] / cell['embedding_bag_step_us']:.2f} |")
+    if all("module_step_caller_thread_us" in cell for cell in result["cells"]):
+        lines += ["", "## Training step with backward on the calling thread", "",
+                  "`torch.autograd.set_multithreading_enabled(False)`: no hand-over to autograd's device thread.", "",
+                  "| B | L | module step us | caller-thread us | EmbeddingBag step us | caller-thread us | "
+                  "caller-thread ratio |", "|---:|---:|---:|---:|---:|---:|---:|"]
+        for cell in result["cells"]:
+            lines.append(f"| {cell['batch']} | {cell['pooling']} | {cell['module_step_us']:.1f} | "
+                         f"{cell['module_step_caller_thread_us']:.1f} | {cell['embedding_bag_step_us']:.1f} | "
+                         f"{cell['embedding_bag_step_caller_thread_us']:.1f} | "
+                         f"{cell['module_step_caller_thread_us'] / cell['embedding_bag_step_caller_thread_us']:.2f} |")
     if all("module_step_device_us" in cell for cell in result["cells"]):
         lines += ["", "## Training step: device (kernel) time against wall time", "",
                   "Device time: the step's kernels as `torch.profiler` sums them; the rest of a back-to-back step's "

@@ -48,17 +48,17 @@ class _RobeSGD(torch.autograd.Function):
     def forward(ctx: torch.autograd.function.FunctionCtx, weight: torch.Tensor, memory: RobeMemory, ids: torch.Tensor,
                 offsets: torch.Tensor, kernels: ModuleType) -> torch.Tensor:
         config, table = memory.config, next(iter(memory.tables.values()))
-        ctx.args = (memory.weight.detach(), ids, offsets, memory.hash_coefficients[0], memory.hash_coefficients[1],
-                    memory.table_keys[:1], config.chunk_size, config.use_sign)
+        ctx.args = (memory.weight.detach(), ids, offsets, memory.hash_coefficients, memory.table_keys[:1],
+                    config.chunk_size, config.use_sign)
         ctx.kernels = kernels
-        weight, ids, offsets, location, sign, key, chunk, use_sign = ctx.args
-        return kernels.robe_pooled_forward(weight, ids, offsets, None, location, sign, key, table.embedding_dim,
-                                           chunk, use_sign, False)
+        weight, ids, offsets, coefficients, key, chunk, use_sign = ctx.args
+        return kernels.robe_pooled_forward(weight, ids, offsets, None, coefficients, key, table.embedding_dim, chunk,
+                                           use_sign, False)
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[None, ...]:
-        weight, ids, offsets, location, sign, key, chunk, use_sign = ctx.args
-        ctx.kernels.robe_sgd_update_(weight, grad, ids, offsets, None, location, sign, key, chunk, use_sign, False, LR)
+        weight, ids, offsets, coefficients, key, chunk, use_sign = ctx.args
+        ctx.kernels.robe_sgd_update_(weight, grad, ids, offsets, None, coefficients, key, chunk, use_sign, False, LR)
         return None, None, None, None, None
 
 

@@ -54,13 +54,12 @@ def sweep_case(rows: int, compression: float, chunk: int, pooling: int, batch: i
                      "MEAN": False, "BLOCK_N": block_n, "BLOCK_D": block_d, "num_warps": warps}
 
         def forward() -> None:
-            triton_kernels._pooled_forward_kernel[grid](weight, ids, offsets, None, coefficients[0], coefficients[1],
-                                                        key, out, weight.numel(), **constants)
+            triton_kernels._pooled_forward_kernel[grid](weight, ids, offsets, None, coefficients, key, out,
+                                                        weight.numel(), **constants)
 
         def scatter() -> None:
             triton_kernels._scatter_kernel[grid](target, grad, grad.stride(0), grad.stride(1), ids, offsets, None,
-                                                 coefficients[0], coefficients[1], key, -0.01, weight.numel(),
-                                                 **constants)
+                                                 coefficients, key, -0.01, weight.numel(), **constants)
 
         forward_ms, scatter_ms = graph_ms(forward, 10, 10), graph_ms(scatter, 10, 10)
         row = {"rows": rows, "compression": compression, "chunk_size": chunk, "pooling": pooling, "block_n": block_n,

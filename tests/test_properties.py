@@ -231,8 +231,8 @@ def test_triton_robe_kernels_match_the_ops(data: st.DataObject, dim: int, m: int
                                                   mean)
     on = [None if x is None else x.to(device) for x in (memory, ids_t, offsets_t, weights_t, grad, coefficients)]
     memory_d, ids_d, offsets_d, weights_d, grad_d, coefficients_d = on
-    kwargs = {"location_coefficients": coefficients_d[0], "sign_coefficients": coefficients_d[1], "keys": key.to(device),
-              "dim": dim, "chunk_size": z, "use_sign": use_sign, "mean": mean}
+    kwargs = {"coefficients": coefficients_d, "keys": key.to(device), "dim": dim, "chunk_size": z, "use_sign": use_sign,
+              "mean": mean}
     out = triton_kernels.robe_pooled_forward(memory_d, ids_d, offsets_d, weights_d, **kwargs)
     torch.testing.assert_close(out.cpu(), expected, rtol=1e-5, atol=1e-5)
     memory_grad = triton_kernels.robe_pooled_backward(grad_d, ids_d, offsets_d, weights_d, memory_size=m, **kwargs)

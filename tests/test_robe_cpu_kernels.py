@@ -56,8 +56,8 @@ def offsets_of(lengths: torch.Tensor) -> torch.Tensor:
 
 
 def hash_args(memory: RobeMemory) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(location_coefficients, sign_coefficients, keys)`` of table ``t1``."""
-    return memory.hash_coefficients[0], memory.hash_coefficients[1], memory.table_keys[:1]
+    """``(coefficients, keys)`` of table ``t1``."""
+    return memory.hash_coefficients, memory.table_keys[:1]
 
 
 def forward(memory: RobeMemory, ids: torch.Tensor, lengths: torch.Tensor, weights: torch.Tensor | None,

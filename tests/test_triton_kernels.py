@@ -74,8 +74,7 @@ def robe(z: int, use_sign: bool, memory_size: int = 97, dim: int = D):
 
 def robe_args(memory, z: int, use_sign: bool, mean: bool, dim: int = D) -> dict:
     return {
-        "location_coefficients": memory.hash_coefficients[0].to(DEVICE),
-        "sign_coefficients": memory.hash_coefficients[1].to(DEVICE),
+        "coefficients": memory.hash_coefficients.to(DEVICE),
         "keys": memory.table_keys[:1].to(DEVICE), "dim": dim, "chunk_size": z, "use_sign": use_sign, "mean": mean,
     }
 

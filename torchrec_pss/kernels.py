@@ -58,19 +58,27 @@ def define_op(name: str, *, mutates_args: Sequence[str] = (), cpu: KernelSource 
         op = getattr(getattr(torch.ops, NAMESPACE), name).default
         mutated = [i for i, arg in enumerate(op._schema.arguments) if arg.alias_info is not None
                    and arg.alias_info.is_write]
+        tensors = _tensor_positions(op)
         _LIBRARY.impl(name, _bumping_versions(reference, mutated), "CompositeExplicitAutograd")
         for key, source in (("CPU", cpu), ("CUDA", cuda)):
             if source is not None:
-                _LIBRARY.impl(name, _bumping_versions(_device_kernel(reference, *source), mutated), key)
+                _LIBRARY.impl(name, _bumping_versions(_device_kernel(reference, tensors, *source), mutated), key)
         return op
 
     return define
 
 
-def _device_kernel(reference: Callable[..., Any], load: Callable[[], ModuleType | None],
+def _tensor_positions(op: torch._ops.OpOverload) -> list[int]:
+    """The positions of ``op``'s ``Tensor`` / ``Tensor?`` / ``Tensor[]`` arguments."""
+    return [i for i, arg in enumerate(op._schema.arguments) if "Tensor" in str(arg.type)]
+
+
+def _device_kernel(reference: Callable[..., Any], tensors: list[int], load: Callable[[], ModuleType | None],
                    call: Callable[..., Any]) -> Callable[..., Any]:
+    """``tensors``: the positions of the op's ``Tensor`` / ``Tensor?`` / ``Tensor[]`` arguments."""
+
     def kernel(*args: Any) -> Any:
-        kernels = None if reference_only() or not _all_float32(args) else load()
+        kernels = None if reference_only() or not _all_float32([args[i] for i in tensors]) else load()
         return reference(*args) if kernels is None else call(kernels, *args)
 
     return kernel
@@ -88,10 +96,11 @@ def _bumping_versions(kernel: Callable[..., Any], mutated: list[int]) -> Callabl
     return mutating_kernel
 
 
-def _all_float32(args: tuple) -> bool:
+def _all_float32(args: list) -> bool:
+    """True when no tensor among ``args`` (tensors, None or lists of tensors) is floating point but not float32."""
     for arg in args:
         for value in arg if isinstance(arg, list) else (arg,):
-            if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != torch.float32:
+            if value is not None and value.dtype is not torch.float32 and value.is_floating_point():
                 return False
     return True
 

@@ -36,7 +36,7 @@ _triton = optional_module("torchrec_pss_plugins.robe.triton_kernels")
 def _pooled_kernel(kernels: ModuleType, memory: Tensor, ids: Tensor, offsets: Tensor, weights: Tensor | None,
                    coefficients: Tensor, keys: Tensor, dim: int, chunk_size: int, use_sign: bool, mean: bool,
                    sparse_grad: bool) -> Tensor:
-    return kernels.robe_pooled_forward(memory.contiguous(), ids, offsets, weights, coefficients[0], coefficients[1],
+    return kernels.robe_pooled_forward(memory.contiguous(), ids, offsets, weights, coefficients,
                                        keys, dim, chunk_size, use_sign, mean)
 
 
@@ -57,7 +57,7 @@ def _robe_pooled_fake(memory: Tensor, ids: Tensor, offsets: Tensor, weights: Ten
 def _backward_kernel(kernels: ModuleType, grad: Tensor, ids: Tensor, offsets: Tensor, weights: Tensor | None,
                      coefficients: Tensor, keys: Tensor, memory_size: int, chunk_size: int, use_sign: bool,
                      mean: bool) -> Tensor:
-    return kernels.robe_pooled_backward(grad, ids, offsets, weights, coefficients[0], coefficients[1], keys,
+    return kernels.robe_pooled_backward(grad, ids, offsets, weights, coefficients, keys,
                                         memory_size, grad.shape[1], chunk_size, use_sign, mean)
 
 
@@ -78,7 +78,7 @@ def _robe_pooled_backward_fake(grad: Tensor, ids: Tensor, offsets: Tensor, weigh
 def _sparse_grad_cpu(kernels: ModuleType, grad: Tensor, ids: Tensor, offsets: Tensor, weights: Tensor | None,
                      coefficients: Tensor, keys: Tensor, memory_size: int, chunk_size: int, use_sign: bool,
                      mean: bool) -> tuple[Tensor, Tensor]:
-    return kernels.robe_sparse_grad(grad, ids, offsets, weights, coefficients[0], coefficients[1], keys, memory_size,
+    return kernels.robe_sparse_grad(grad, ids, offsets, weights, coefficients, keys, memory_size,
                                     grad.shape[1], chunk_size, use_sign, mean)
 
 
@@ -100,13 +100,13 @@ def _robe_sparse_grad_fake(grad: Tensor, ids: Tensor, offsets: Tensor, weights: 
 
 def _weights_grad_cpu(kernels: ModuleType, grad: Tensor, memory: Tensor, ids: Tensor, offsets: Tensor,
                       coefficients: Tensor, keys: Tensor, chunk_size: int, use_sign: bool, mean: bool) -> Tensor:
-    return kernels.robe_weights_grad(memory.contiguous(), grad, ids, offsets, coefficients[0], coefficients[1], keys,
+    return kernels.robe_weights_grad(memory.contiguous(), grad, ids, offsets, coefficients, keys,
                                      chunk_size, use_sign, mean)
 
 
 def _weights_grad_cuda(kernels: ModuleType, grad: Tensor, memory: Tensor, ids: Tensor, offsets: Tensor,
                        coefficients: Tensor, keys: Tensor, chunk_size: int, use_sign: bool, mean: bool) -> Tensor:
-    return kernels.robe_weights_grad(grad, memory.contiguous(), ids, offsets, coefficients[0], coefficients[1], keys,
+    return kernels.robe_weights_grad(grad, memory.contiguous(), ids, offsets, coefficients, keys,
                                      grad.shape[1], chunk_size, use_sign, mean)
 
 
@@ -154,14 +154,14 @@ register_autograd(robe_pooled, _backward, _setup_context)
 def _sgd_cpu(kernels: ModuleType, memory: Tensor, grad: Tensor, ids: Tensor, offsets: Tensor,
              weights: Tensor | None, coefficients: Tensor, keys: Tensor, chunk_size: int, use_sign: bool,
              mean: bool, lr: float) -> None:
-    kernels.robe_sgd_update_(memory, grad, ids, offsets, weights, coefficients[0], coefficients[1], keys, chunk_size,
+    kernels.robe_sgd_update_(memory, grad, ids, offsets, weights, coefficients, keys, chunk_size,
                              use_sign, mean, lr)
 
 
 def _sgd_cuda(kernels: ModuleType, memory: Tensor, grad: Tensor, ids: Tensor, offsets: Tensor,
               weights: Tensor | None, coefficients: Tensor, keys: Tensor, chunk_size: int, use_sign: bool,
               mean: bool, lr: float) -> None:
-    kernels.robe_sgd_update_(memory, grad, ids, offsets, weights, coefficients[0], coefficients[1], keys,
+    kernels.robe_sgd_update_(memory, grad, ids, offsets, weights, coefficients, keys,
                              grad.shape[1], chunk_size, use_sign, mean, lr)
 
 
@@ -183,14 +183,14 @@ def _robe_sgd_update_fake(memory: Tensor, grad: Tensor, ids: Tensor, offsets: Te
 def _adagrad_cpu(kernels: ModuleType, memory: Tensor, accumulator: Tensor, grad: Tensor, ids: Tensor,
                  offsets: Tensor, weights: Tensor | None, coefficients: Tensor, keys: Tensor, chunk_size: int,
                  use_sign: bool, mean: bool, lr: float, eps: float, block_size: int) -> None:
-    kernels.robe_adagrad_update_(memory, accumulator, grad, ids, offsets, weights, coefficients[0], coefficients[1],
+    kernels.robe_adagrad_update_(memory, accumulator, grad, ids, offsets, weights, coefficients,
                                  keys, chunk_size, use_sign, mean, lr, eps, block_size)
 
 
 def _adagrad_cuda(kernels: ModuleType, memory: Tensor, accumulator: Tensor, grad: Tensor, ids: Tensor,
                   offsets: Tensor, weights: Tensor | None, coefficients: Tensor, keys: Tensor, chunk_size: int,
                   use_sign: bool, mean: bool, lr: float, eps: float, block_size: int) -> None:
-    dense = kernels.robe_pooled_backward(grad, ids, offsets, weights, coefficients[0], coefficients[1], keys,
+    dense = kernels.robe_pooled_backward(grad, ids, offsets, weights, coefficients, keys,
                                          memory.numel(), grad.shape[1], chunk_size, use_sign, mean)
     kernels.blockwise_adagrad_update_(memory, accumulator, dense, lr, eps, block_size)
 

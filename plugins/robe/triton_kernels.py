@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from torchrec_pss.hashing import PRIME
+from torchrec_pss.triton_launcher import Launcher
 
 _P = tl.constexpr(PRIME)
 BLOCK_N = 8
@@ -110,7 +111,7 @@ def _signs(ids, sign_term, t, sign_ptr):
 
 @triton.jit(do_not_specialize=["m"])
 def _pooled_forward_kernel(
-    memory, ids_ptr, offsets, weights, loc_ptr, sign_ptr, keys_ptr, out, m,
+    memory, ids_ptr, offsets, weights, coef_ptr, keys_ptr, out, m,
     DIM: tl.constexpr, Z: tl.constexpr, USE_SIGN: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
     MEAN: tl.constexpr, NARROW: tl.constexpr, KEY_PER_BAG: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -120,7 +121,7 @@ def _pooled_forward_kernel(
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_mask = cols < DIM
     cols64 = cols.to(tl.int64)
-    chunk_term, run_offset, sign_term = _column_terms(cols64, loc_ptr, sign_ptr, DIM, Z)
+    chunk_term, run_offset, sign_term = _column_terms(cols64, coef_ptr, coef_ptr + 4, DIM, Z)
     start = tl.load(offsets + bag)
     end = tl.load(offsets + bag + 1)
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -129,10 +130,10 @@ def _pooled_forward_kernel(
         rows = first + tl.arange(0, BLOCK_N)
         row_mask = rows < end
         x = tl.load(ids_ptr + rows, mask=row_mask, other=0)
-        pos = _positions(x, chunk_term, run_offset, t, m, loc_ptr, DIM, Z, NARROW)
+        pos = _positions(x, chunk_term, run_offset, t, m, coef_ptr, DIM, Z, NARROW)
         vals = tl.load(memory + pos, mask=row_mask[:, None] & col_mask[None, :], other=0.0)
         if USE_SIGN:
-            vals = vals * _signs(x, sign_term, t, sign_ptr)
+            vals = vals * _signs(x, sign_term, t, coef_ptr + 4)
         if HAS_WEIGHTS:
             vals = vals * tl.load(weights + rows, mask=row_mask, other=0.0)[:, None]
         acc += tl.sum(vals, axis=0)
@@ -144,7 +145,7 @@ def _pooled_forward_kernel(
 
 @triton.jit(do_not_specialize=["m"])
 def _scatter_kernel(
-    target, grad_out, grad_stride_b, grad_stride_d, ids_ptr, offsets, weights, loc_ptr, sign_ptr, keys_ptr, scale, m,
+    target, grad_out, grad_stride_b, grad_stride_d, ids_ptr, offsets, weights, coef_ptr, keys_ptr, scale, m,
     DIM: tl.constexpr, Z: tl.constexpr, USE_SIGN: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
     MEAN: tl.constexpr, NARROW: tl.constexpr, KEY_PER_BAG: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -154,7 +155,7 @@ def _scatter_kernel(
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_mask = cols < DIM
     cols64 = cols.to(tl.int64)
-    chunk_term, run_offset, sign_term = _column_terms(cols64, loc_ptr, sign_ptr, DIM, Z)
+    chunk_term, run_offset, sign_term = _column_terms(cols64, coef_ptr, coef_ptr + 4, DIM, Z)
     start = tl.load(offsets + bag)
     end = tl.load(offsets + bag + 1)
     g = tl.load(grad_out + bag.to(tl.int64) * grad_stride_b + cols64 * grad_stride_d, mask=col_mask, other=0.0)
@@ -165,19 +166,19 @@ def _scatter_kernel(
         rows = first + tl.arange(0, BLOCK_N)
         row_mask = rows < end
         x = tl.load(ids_ptr + rows, mask=row_mask, other=0)
-        pos = _positions(x, chunk_term, run_offset, t, m, loc_ptr, DIM, Z, NARROW)
+        pos = _positions(x, chunk_term, run_offset, t, m, coef_ptr, DIM, Z, NARROW)
         contribution = tl.broadcast_to(g[None, :], [BLOCK_N, BLOCK_D])
         if HAS_WEIGHTS:
             contribution = contribution * tl.load(weights + rows, mask=row_mask, other=0.0)[:, None]
         if USE_SIGN:
-            contribution = contribution * _signs(x, sign_term, t, sign_ptr)
+            contribution = contribution * _signs(x, sign_term, t, coef_ptr + 4)
         tl.atomic_add(target + pos, contribution * scale, mask=row_mask[:, None] & col_mask[None, :], sem="relaxed")
         first += BLOCK_N
 
 
 @triton.jit(do_not_specialize=["m"])
 def _weights_grad_kernel(
-    memory, grad_out, ids_ptr, offsets, loc_ptr, sign_ptr, keys_ptr, out, m,
+    memory, grad_out, ids_ptr, offsets, coef_ptr, keys_ptr, out, m,
     DIM: tl.constexpr, Z: tl.constexpr, USE_SIGN: tl.constexpr, MEAN: tl.constexpr, NARROW: tl.constexpr,
     KEY_PER_BAG: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -196,14 +197,14 @@ def _weights_grad_kernel(
             cols = col0 + tl.arange(0, BLOCK_D)
             col_mask = cols < DIM
             cols64 = cols.to(tl.int64)
-            chunk_term, run_offset, sign_term = _column_terms(cols64, loc_ptr, sign_ptr, DIM, Z)
+            chunk_term, run_offset, sign_term = _column_terms(cols64, coef_ptr, coef_ptr + 4, DIM, Z)
             g = tl.load(grad_out + bag.to(tl.int64) * DIM + cols64, mask=col_mask, other=0.0)
             if MEAN:
                 g = g / length
-            pos = _positions(x, chunk_term, run_offset, t, m, loc_ptr, DIM, Z, NARROW)
+            pos = _positions(x, chunk_term, run_offset, t, m, coef_ptr, DIM, Z, NARROW)
             vals = tl.load(memory + pos, mask=row_mask[:, None] & col_mask[None, :], other=0.0)
             if USE_SIGN:
-                vals = vals * _signs(x, sign_term, t, sign_ptr)
+                vals = vals * _signs(x, sign_term, t, coef_ptr + 4)
             dot += tl.sum(vals * g[None, :], axis=1)
         tl.store(out + rows, dot, mask=row_mask)
         first += BLOCK_N
@@ -225,6 +226,12 @@ def _adagrad_kernel(
     std = tl.sqrt_rn(total) + eps
     p = tl.load(param + idx, mask=mask, other=0.0)
     tl.store(param + idx, p - clr * tl.div_rn(g, std[:, None]), mask=mask)
+
+
+_POOLED_FORWARD = Launcher(_pooled_forward_kernel)
+_SCATTER = Launcher(_scatter_kernel)
+_WEIGHTS_GRAD = Launcher(_weights_grad_kernel)
+_ADAGRAD = Launcher(_adagrad_kernel)
 
 
 def _check_bags(
@@ -272,8 +279,7 @@ def robe_pooled_forward(
     ids: torch.Tensor,
     offsets: torch.Tensor,
     weights: torch.Tensor | None,
-    location_coefficients: torch.Tensor,
-    sign_coefficients: torch.Tensor,
+    coefficients: torch.Tensor,
     keys: torch.Tensor,
     dim: int,
     chunk_size: int,
@@ -283,9 +289,9 @@ def robe_pooled_forward(
     """Pooled ROBE-Z embeddings ``[B, dim]`` (float32) of the bags of ``ids``, one fused kernel.
 
     ``memory`` ``[|M|]`` float32; ``ids`` ``[N]`` int64; ``offsets`` ``[B + 1]`` int64; ``weights`` ``[N]``
-    or None; ``location_coefficients`` / ``sign_coefficients`` ``[4]`` int64 (rows 0 / 1 of
-    ``RobeMemory.hash_coefficients``); ``keys`` the table keys ``t`` (``[1]`` or ``[B]``). MEAN divides by the bag length
-    (empty bags give zeros). Equals ``RobeMemory.pooled``.
+    or None; ``coefficients`` ``[2, 4]`` int64 (``RobeMemory.hash_coefficients``: location row, sign row);
+    ``keys`` the table keys ``t`` (``[1]`` or ``[B]``). MEAN divides by the bag length (empty bags give zeros).
+    Equals ``RobeMemory.pooled``.
     """
     _check_bags(ids, offsets, weights, keys, dim, chunk_size)
     num_bags = offsets.numel() - 1
@@ -293,9 +299,9 @@ def robe_pooled_forward(
     if num_bags == 0:
         return out
     tiles = _launch(ids.numel(), num_bags, dim, chunk_size, memory.numel(), keys)
-    _pooled_forward_kernel[_grid(num_bags, dim, tiles)](
-        memory.contiguous(), ids.contiguous(), offsets.contiguous(), _contiguous_weights(weights),
-        location_coefficients.contiguous(), sign_coefficients.contiguous(), keys.contiguous(), out, memory.numel(),
+    _POOLED_FORWARD(
+        _grid(num_bags, dim, tiles), memory.contiguous(), ids.contiguous(), offsets.contiguous(),
+        _contiguous_weights(weights), coefficients.contiguous(), keys.contiguous(), out, memory.numel(),
         DIM=dim, Z=chunk_size, USE_SIGN=use_sign, HAS_WEIGHTS=weights is not None, MEAN=mean, **tiles,
     )
     return out
@@ -308,8 +314,7 @@ def _scatter(
     ids: torch.Tensor,
     offsets: torch.Tensor,
     weights: torch.Tensor | None,
-    location_coefficients: torch.Tensor,
-    sign_coefficients: torch.Tensor,
+    coefficients: torch.Tensor,
     keys: torch.Tensor,
     dim: int,
     chunk_size: int,
@@ -326,10 +331,10 @@ def _scatter(
         return
     tiles = _launch(ids.numel(), num_bags, dim, chunk_size, target.numel(), keys)
     grad_out = grad_out.to(torch.float32)
-    _scatter_kernel[_grid(num_bags, dim, tiles)](
-        target, grad_out, grad_out.stride(0), grad_out.stride(1), ids.contiguous(), offsets.contiguous(),
-        _contiguous_weights(weights), location_coefficients.contiguous(), sign_coefficients.contiguous(),
-        keys.contiguous(), float(scale), target.numel(),
+    _SCATTER(
+        _grid(num_bags, dim, tiles), target, grad_out, grad_out.stride(0), grad_out.stride(1), ids.contiguous(),
+        offsets.contiguous(), _contiguous_weights(weights), coefficients.contiguous(), keys.contiguous(), float(scale),
+        target.numel(),
         DIM=dim, Z=chunk_size, USE_SIGN=use_sign, HAS_WEIGHTS=weights is not None, MEAN=mean, **tiles,
     )
 
@@ -339,8 +344,7 @@ def robe_pooled_backward(
     ids: torch.Tensor,
     offsets: torch.Tensor,
     weights: torch.Tensor | None,
-    location_coefficients: torch.Tensor,
-    sign_coefficients: torch.Tensor,
+    coefficients: torch.Tensor,
     keys: torch.Tensor,
     memory_size: int,
     dim: int,
@@ -354,7 +358,7 @@ def robe_pooled_backward(
     added with ``tl.atomic_add`` into a zeroed buffer (the summation order is not deterministic).
     """
     grad = torch.zeros(memory_size, dtype=torch.float32, device=grad_out.device)
-    _scatter(grad, 1.0, grad_out, ids, offsets, weights, location_coefficients, sign_coefficients, keys,
+    _scatter(grad, 1.0, grad_out, ids, offsets, weights, coefficients, keys,
              dim, chunk_size, use_sign, mean)
     return grad
 
@@ -365,8 +369,7 @@ def robe_sgd_update_(
     ids: torch.Tensor,
     offsets: torch.Tensor,
     weights: torch.Tensor | None,
-    location_coefficients: torch.Tensor,
-    sign_coefficients: torch.Tensor,
+    coefficients: torch.Tensor,
     keys: torch.Tensor,
     dim: int,
     chunk_size: int,
@@ -381,7 +384,7 @@ def robe_sgd_update_(
     """
     if not memory.is_contiguous() or memory.dtype != torch.float32:
         raise ValueError("memory must be a contiguous float32 tensor (it is updated in place)")
-    _scatter(memory, -lr, grad_out, ids, offsets, weights, location_coefficients, sign_coefficients, keys,
+    _scatter(memory, -lr, grad_out, ids, offsets, weights, coefficients, keys,
              dim, chunk_size, use_sign, mean)
     return memory
 
@@ -391,8 +394,7 @@ def robe_weights_grad(
     memory: torch.Tensor,
     ids: torch.Tensor,
     offsets: torch.Tensor,
-    location_coefficients: torch.Tensor,
-    sign_coefficients: torch.Tensor,
+    coefficients: torch.Tensor,
     keys: torch.Tensor,
     dim: int,
     chunk_size: int,
@@ -410,9 +412,9 @@ def robe_weights_grad(
     out = torch.zeros(ids.numel(), dtype=torch.float32, device=memory.device)
     if num_bags == 0:
         return out
-    _weights_grad_kernel[(num_bags,)](
-        memory.contiguous(), grad_out.to(torch.float32).contiguous(), ids.contiguous(), offsets.contiguous(),
-        location_coefficients.contiguous(), sign_coefficients.contiguous(), keys.contiguous(), out, memory.numel(),
+    _WEIGHTS_GRAD(
+        (num_bags,), memory.contiguous(), grad_out.to(torch.float32).contiguous(), ids.contiguous(),
+        offsets.contiguous(), coefficients.contiguous(), keys.contiguous(), out, memory.numel(),
         DIM=dim, Z=chunk_size, USE_SIGN=use_sign, MEAN=mean,
         **_launch(ids.numel(), num_bags, dim, chunk_size, memory.numel(), keys),
     )
@@ -451,8 +453,9 @@ def blockwise_adagrad_update_(
         return param
     block_cols = triton.next_power_of_2(block_size)
     blocks = max(1, _ROWS_PER_ADAGRAD_TILE // block_cols)
-    _adagrad_kernel[(triton.cdiv(rows, blocks),)](
-        param, accumulator, grad.to(torch.float32).contiguous(), lr / (1 + (step - 1) * lr_decay), eps, numel,
+    _ADAGRAD(
+        (triton.cdiv(rows, blocks),), param, accumulator, grad.to(torch.float32).contiguous(),
+        lr / (1 + (step - 1) * lr_decay), eps, numel,
         BLOCK_SIZE=block_size, BLOCKS=blocks, BLOCK_COLS=block_cols,
     )
     return param

@@ -103,6 +103,11 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOpt
             self._group_of[table.name] = group
         for group, (config, group_tables) in groups.items():
             self.pss_memories[group] = method_for_config(config)(config, group_tables, self._device)
+        self._compressed_plan = [
+            (t.name, list(t.feature_names), t.pooling == PoolingType.MEAN, self._group_of[t.name])
+            for t in self._embedding_bag_configs if t.name in self._group_of
+        ]
+        """``(table, features, mean, memory group)`` of every compressed table, in table order."""
         self._embedding_names = [n for names in get_embedding_names_by_table(tables) for n in names]
         self._lengths_per_embedding = [
             t.embedding_dim for t in self._embedding_bag_configs for _ in t.feature_names
@@ -233,20 +238,18 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOpt
         group, with one request per table (its features' bags concatenated)."""
         requests: dict[str, list[BagRequest]] = {}
         bags_per_feature: dict[str, list[int]] = {}
-        for table in self._embedding_bag_configs:
-            if table.name in self.embedding_bags:
-                continue
-            jagged = [feature_dict[f] for f in table.feature_names]
-            bags_per_feature[table.name] = [jt.lengths().numel() for jt in jagged]
+        for name, features, mean, group in self._compressed_plan:
+            jagged = [feature_dict[f] for f in features]
+            bags_per_feature[name] = [jt.lengths().numel() for jt in jagged]
             weights = _joined([jt.weights() for jt in jagged]) if self._is_weighted else None
-            requests.setdefault(self._group_of[table.name], []).append(BagRequest(
-                table.name, _joined([jt.values() for jt in jagged]).long(),
-                _joined([jt.lengths() for jt in jagged]).long(), weights, table.pooling == PoolingType.MEAN,
-                jagged[0].offsets().long() if len(jagged) == 1 else None,  # KJT.to_dict computed them
+            requests.setdefault(group, []).append(BagRequest(
+                name, _joined([jt.values() for jt in jagged]).long(), _joined([jt.lengths() for jt in jagged]).long(),
+                weights, mean, jagged[0].offsets().long() if len(jagged) == 1 else None,  # KJT.to_dict computed them
             ))
         out: dict[str, list[torch.Tensor]] = {}
+        memories = self.pss_memories
         for group, group_requests in requests.items():
-            for request, pooled in zip(group_requests, self.pss_memories[group].pooled_many(group_requests)):
+            for request, pooled in zip(group_requests, memories[group].pooled_many(group_requests)):
                 sizes = bags_per_feature[request.table]
                 out[request.table] = [pooled] if len(sizes) == 1 else list(torch.split(pooled, sizes))
         return out

@@ -98,7 +98,7 @@ struct Hasher {
   std::vector<uint32_t> sign_i;  // (C' i) mod P per element
   FastMod mod_m;
 
-  Hasher(const at::Tensor& location, const at::Tensor& sign, int64_t dim_, int64_t chunk_size, bool use_sign_,
+  Hasher(const at::Tensor& coefficients, int64_t dim_, int64_t chunk_size, bool use_sign_,
          int64_t memory_size)
       : dim(dim_),
         m(memory_size),
@@ -109,7 +109,7 @@ struct Hasher {
     TORCH_CHECK(dim % chunk_size == 0 || chunk_size % dim == 0, "chunk_size must divide dim or be a multiple of it");
     TORCH_CHECK(memory_size > 0 && static_cast<uint64_t>(memory_size) <= kPrime,
                 "memory size must be in [1, 2^31 - 1]");
-    const auto l = coefficients(location), s = coefficients(sign);
+    const auto l = coefficient_row(coefficients, 0), s = coefficient_row(coefficients, 1);
     run = std::min(chunk_size, dim);
     chunks = dim / run;
     ids_per_block = chunk_size > dim ? chunk_size / dim : 0;
@@ -123,9 +123,11 @@ struct Hasher {
     }
   }
 
-  static std::vector<uint64_t> coefficients(const at::Tensor& coefficients) {
-    TORCH_CHECK(coefficients.numel() == 4, "hash coefficients must have 4 entries (A, B, C, D)");
-    const auto host = coefficients.to(at::kCPU, at::kLong).contiguous();
+  // Row `row` of the [2, 4] coefficients (0: location, 1: sign), each (A, B, C, D) reduced mod P.
+  static std::vector<uint64_t> coefficient_row(const at::Tensor& coefficients, int64_t row) {
+    TORCH_CHECK(coefficients.dim() == 2 && coefficients.size(0) == 2 && coefficients.size(1) == 4,
+                "hash coefficients must have shape [2, 4] (location and sign rows of A, B, C, D)");
+    const auto host = coefficients[row].to(at::kCPU, at::kLong).contiguous();
     const int64_t* data = host.data_ptr<int64_t>();
     return {mod_prime(data[0]), mod_prime(data[1]), mod_prime(data[2]), mod_prime(data[3])};
   }
@@ -877,13 +879,12 @@ std::tuple<at::Tensor, at::Tensor> sparse_grad(const Hasher& h, const Bags& bags
 }  // namespace
 
 at::Tensor robe_pooled_forward(const at::Tensor& memory, const at::Tensor& ids, const at::Tensor& offsets,
-                               const std::optional<at::Tensor>& weights, const at::Tensor& location_coefficients,
-                               const at::Tensor& sign_coefficients, const at::Tensor& keys, int64_t dim,
-                               int64_t chunk_size, bool use_sign, bool mean) {
+                               const std::optional<at::Tensor>& weights, const at::Tensor& coefficients,
+                               const at::Tensor& keys, int64_t dim, int64_t chunk_size, bool use_sign, bool mean) {
   check_memory(memory);
   const Bags bags(ids, offsets, weights);
   const TableKeys table_keys(keys, bags);
-  const Hasher h(location_coefficients, sign_coefficients, dim, chunk_size, use_sign, memory.numel());
+  const Hasher h(coefficients, dim, chunk_size, use_sign, memory.numel());
   auto out = at::empty({bags.num_bags, dim}, memory.options());
   const float* mem = memory.data_ptr<float>();
   float* out_data = out.data_ptr<float>();
@@ -905,13 +906,13 @@ at::Tensor robe_pooled_forward(const at::Tensor& memory, const at::Tensor& ids, 
 }
 
 at::Tensor robe_pooled_backward(const at::Tensor& grad_out, const at::Tensor& ids, const at::Tensor& offsets,
-                                const std::optional<at::Tensor>& weights, const at::Tensor& location_coefficients,
-                                const at::Tensor& sign_coefficients, const at::Tensor& keys, int64_t memory_size,
-                                int64_t dim, int64_t chunk_size, bool use_sign, bool mean) {
+                                const std::optional<at::Tensor>& weights, const at::Tensor& coefficients,
+                                const at::Tensor& keys, int64_t memory_size, int64_t dim, int64_t chunk_size,
+                                bool use_sign, bool mean) {
   const Bags bags(ids, offsets, weights);
   const TableKeys table_keys(keys, bags);
   const auto grad = checked_grad(grad_out, bags);
-  const Hasher h(location_coefficients, sign_coefficients, dim, chunk_size, use_sign, memory_size);
+  const Hasher h(coefficients, dim, chunk_size, use_sign, memory_size);
   TORCH_CHECK(grad.tensor.size(1) == dim, "grad_out must be [B, dim]");
   const auto plan = scatter_plan(h, bags, table_keys, mean);
   auto out = at::zeros({memory_size}, grad.tensor.options());
@@ -921,38 +922,35 @@ at::Tensor robe_pooled_backward(const at::Tensor& grad_out, const at::Tensor& id
 
 std::tuple<at::Tensor, at::Tensor> robe_sparse_grad(const at::Tensor& grad_out, const at::Tensor& ids,
                                                     const at::Tensor& offsets, const std::optional<at::Tensor>& weights,
-                                                    const at::Tensor& location_coefficients,
-                                                    const at::Tensor& sign_coefficients, const at::Tensor& keys,
+                                                    const at::Tensor& coefficients, const at::Tensor& keys,
                                                     int64_t memory_size, int64_t dim, int64_t chunk_size, bool use_sign,
                                                     bool mean) {
   const Bags bags(ids, offsets, weights);
   const TableKeys table_keys(keys, bags);
   const auto grad = checked_grad(grad_out, bags);
-  const Hasher h(location_coefficients, sign_coefficients, dim, chunk_size, use_sign, memory_size);
+  const Hasher h(coefficients, dim, chunk_size, use_sign, memory_size);
   TORCH_CHECK(grad.tensor.size(1) == dim, "grad_out must be [B, dim]");
   const Plan plan(h, bags, table_keys, mean);
   return sparse_grad(h, bags, plan, grad, grad.tensor.options());
 }
 
 void robe_sgd_update_(at::Tensor& memory, const at::Tensor& grad_out, const at::Tensor& ids, const at::Tensor& offsets,
-                      const std::optional<at::Tensor>& weights, const at::Tensor& location_coefficients,
-                      const at::Tensor& sign_coefficients, const at::Tensor& keys, int64_t chunk_size, bool use_sign,
-                      bool mean, double lr) {
+                      const std::optional<at::Tensor>& weights, const at::Tensor& coefficients, const at::Tensor& keys,
+                      int64_t chunk_size, bool use_sign, bool mean, double lr) {
   check_memory(memory);
   const Bags bags(ids, offsets, weights);
   const TableKeys table_keys(keys, bags);
   const auto grad = checked_grad(grad_out, bags);
   const int64_t dim = grad.tensor.size(1);
-  const Hasher h(location_coefficients, sign_coefficients, dim, chunk_size, use_sign, memory.numel());
+  const Hasher h(coefficients, dim, chunk_size, use_sign, memory.numel());
   const auto plan = scatter_plan(h, bags, table_keys, mean);
   scatter_all(h, bags, table_keys, mean, plan, grad, static_cast<float>(-lr), memory.data_ptr<float>());
 }
 
 void robe_adagrad_update_(at::Tensor& memory, at::Tensor& accumulator, const at::Tensor& grad_out,
                           const at::Tensor& ids, const at::Tensor& offsets, const std::optional<at::Tensor>& weights,
-                          const at::Tensor& location_coefficients, const at::Tensor& sign_coefficients,
-                          const at::Tensor& keys, int64_t chunk_size, bool use_sign, bool mean, double lr, double eps,
-                          int64_t block_size) {
+                          const at::Tensor& coefficients, const at::Tensor& keys, int64_t chunk_size, bool use_sign,
+                          bool mean, double lr, double eps, int64_t block_size) {
   check_memory(memory);
   const int64_t m = memory.numel();
   TORCH_CHECK(block_size >= 1, "block_size must be positive");
@@ -964,7 +962,7 @@ void robe_adagrad_update_(at::Tensor& memory, at::Tensor& accumulator, const at:
   const TableKeys table_keys(keys, bags);
   const auto grad = checked_grad(grad_out, bags);
   const int64_t dim = grad.tensor.size(1);
-  const Hasher h(location_coefficients, sign_coefficients, dim, chunk_size, use_sign, m);
+  const Hasher h(coefficients, dim, chunk_size, use_sign, m);
   const auto plan = scatter_plan(h, bags, table_keys, mean);
   float* param = memory.data_ptr<float>();
   float* sum = accumulator.data_ptr<float>();
@@ -1016,15 +1014,14 @@ void robe_adagrad_update_(at::Tensor& memory, at::Tensor& accumulator, const at:
 }
 
 at::Tensor robe_weights_grad(const at::Tensor& memory, const at::Tensor& grad_out, const at::Tensor& ids,
-                             const at::Tensor& offsets, const at::Tensor& location_coefficients,
-                             const at::Tensor& sign_coefficients, const at::Tensor& keys, int64_t chunk_size,
-                             bool use_sign, bool mean) {
+                             const at::Tensor& offsets, const at::Tensor& coefficients, const at::Tensor& keys,
+                             int64_t chunk_size, bool use_sign, bool mean) {
   check_memory(memory);
   const Bags bags(ids, offsets, std::nullopt);
   const TableKeys table_keys(keys, bags);
   const auto grad = checked_grad(grad_out, bags);
   const int64_t dim = grad.tensor.size(1);
-  const Hasher h(location_coefficients, sign_coefficients, dim, chunk_size, use_sign, memory.numel());
+  const Hasher h(coefficients, dim, chunk_size, use_sign, memory.numel());
   auto out = at::empty({bags.num_ids}, memory.options());
   const float* mem = memory.data_ptr<float>();
   float* out_data = out.data_ptr<float>();
@@ -1051,25 +1048,23 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   const auto no_gil = py::call_guard<py::gil_scoped_release>();
   module.doc() = "ROBE-Z CPU kernels (see torchrec_pss_plugins.robe.cpu_kernels)";
   module.def("robe_pooled_forward", &robe_pooled_forward, no_gil, "Pooled ROBE lookup: [B, dim]", arg("memory"),
-             arg("ids"), arg("offsets"), arg("weights"), arg("location_coefficients"), arg("sign_coefficients"),
-             arg("keys"), arg("dim"), arg("chunk_size"), arg("use_sign"), arg("mean"));
-  module.def("robe_pooled_backward", &robe_pooled_backward, no_gil, "Dense memory gradient: [|M|]",
-             arg("grad_out"), arg("ids"), arg("offsets"), arg("weights"), arg("location_coefficients"),
-             arg("sign_coefficients"), arg("keys"), arg("memory_size"), arg("dim"), arg("chunk_size"),
+             arg("ids"), arg("offsets"), arg("weights"), arg("coefficients"), arg("keys"), arg("dim"), arg("chunk_size"),
              arg("use_sign"), arg("mean"));
+  module.def("robe_pooled_backward", &robe_pooled_backward, no_gil, "Dense memory gradient: [|M|]",
+             arg("grad_out"), arg("ids"), arg("offsets"), arg("weights"), arg("coefficients"), arg("keys"),
+             arg("memory_size"), arg("dim"), arg("chunk_size"), arg("use_sign"), arg("mean"));
   module.def("robe_sparse_grad", &robe_sparse_grad, no_gil,
              "Memory gradient over the touched positions: (positions [U], values [U])", arg("grad_out"), arg("ids"),
-             arg("offsets"), arg("weights"), arg("location_coefficients"), arg("sign_coefficients"), arg("keys"),
-             arg("memory_size"), arg("dim"), arg("chunk_size"), arg("use_sign"), arg("mean"));
+             arg("offsets"), arg("weights"), arg("coefficients"), arg("keys"), arg("memory_size"), arg("dim"),
+             arg("chunk_size"), arg("use_sign"), arg("mean"));
   module.def("robe_sgd_update_", &robe_sgd_update_, no_gil, "Backward fused with SGD, in place", arg("memory"),
-             arg("grad_out"), arg("ids"), arg("offsets"), arg("weights"), arg("location_coefficients"),
-             arg("sign_coefficients"), arg("keys"), arg("chunk_size"), arg("use_sign"), arg("mean"), arg("lr"));
+             arg("grad_out"), arg("ids"), arg("offsets"), arg("weights"), arg("coefficients"), arg("keys"),
+             arg("chunk_size"), arg("use_sign"), arg("mean"), arg("lr"));
   module.def("robe_adagrad_update_", &robe_adagrad_update_, no_gil,
              "Backward fused with (blockwise) Adagrad, in place", arg("memory"), arg("accumulator"), arg("grad_out"),
-             arg("ids"), arg("offsets"), arg("weights"), arg("location_coefficients"), arg("sign_coefficients"),
-             arg("keys"), arg("chunk_size"), arg("use_sign"), arg("mean"), arg("lr"), arg("eps"),
-             arg("block_size"));
+             arg("ids"), arg("offsets"), arg("weights"), arg("coefficients"), arg("keys"), arg("chunk_size"),
+             arg("use_sign"), arg("mean"), arg("lr"), arg("eps"), arg("block_size"));
   module.def("robe_weights_grad", &robe_weights_grad, no_gil, "Gradient of the per-sample weights: [N]",
-             arg("memory"), arg("grad_out"), arg("ids"), arg("offsets"), arg("location_coefficients"),
-             arg("sign_coefficients"), arg("keys"), arg("chunk_size"), arg("use_sign"), arg("mean"));
+             arg("memory"), arg("grad_out"), arg("ids"), arg("offsets"), arg("coefficients"), arg("keys"),
+             arg("chunk_size"), arg("use_sign"), arg("mean"));
 }
