@@ -40,3 +40,18 @@ def test_quick_grid_writes_every_cell(tmp_path: Path) -> None:
     markdown = stem.with_suffix(".md").read_text()
     assert "| rows | L | method | 10x | 1000x |" in markdown and "| 10,000 | 1 | robe Z=32 |" in markdown
     assert (tmp_path / "grid_n10000_L1.png").stat().st_size > 0
+
+
+def test_caller_thread_backward_is_recorded(tmp_path: Path) -> None:
+    stem = tmp_path / "grid"
+    subprocess.run(
+        [sys.executable, "benchmarks/grid.py", "--rows", "10000", "--methods", "robe", "--chunk-sizes", "32",
+         "--compressions", "100", "--pooling", "1", "--steps", "2", "--warmup", "1", "--batch", "64",
+         "--caller-thread-backward", "--out", str(stem)],
+        cwd=ROOT, check=True, timeout=120, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    written = json.loads(stem.with_suffix(".json").read_text())
+    assert written["meta"]["caller_thread_backward"] is True
+    (cell,) = [r for r in written["results"] if r["method"] == "robe"]
+    assert cell["status"] == "ok" and cell["step_ratio"] > 0
+    assert "backward on the calling thread" in stem.with_suffix(".md").read_text()

@@ -22,8 +22,10 @@ def test_op_overhead_benchmark_writes_every_cell(tmp_path: Path) -> None:
     assert [(c["batch"], c["pooling"]) for c in result["cells"]] == [(4, 2), (16, 2)]
     timed = {"kernel_forward_us", "op_forward_us", "custom_op_forward_us", "kernel_sgd_us", "op_sgd_us",
              "custom_op_sgd_us", "op_forward_autograd_us", "custom_op_forward_autograd_us", "module_step_us",
-             "module_forward_us", "embedding_bag_step_us", "embedding_bag_forward_us"}
+             "module_forward_us", "embedding_bag_step_us", "embedding_bag_forward_us", "module_step_caller_thread_us",
+             "embedding_bag_step_caller_thread_us"}
     for cell in result["cells"]:
         assert timed <= set(cell) and all(cell[name] > 0 for name in timed)
     text = stem.with_suffix(".md").read_text()
     assert "| 16 | 2 | robe_sgd_update_ |" in text and result["argv"][:2] == ["--rows", "5000"]
+    assert "## Training step with backward on the calling thread" in text
