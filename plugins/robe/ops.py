@@ -154,8 +154,7 @@ register_autograd(robe_pooled, _backward, _setup_context)
 def _sgd_cpu(kernels: ModuleType, memory: Tensor, grad: Tensor, ids: Tensor, offsets: Tensor,
              weights: Tensor | None, coefficients: Tensor, keys: Tensor, chunk_size: int, use_sign: bool,
              mean: bool, lr: float) -> None:
-    kernels.robe_sgd_update_(memory, grad, ids, offsets, weights, coefficients, keys, chunk_size,
-                             use_sign, mean, lr)
+    kernels.robe_sgd_update_(memory, grad, ids, offsets, weights, coefficients, keys, chunk_size, use_sign, mean, lr)
 
 
 def _sgd_cuda(kernels: ModuleType, memory: Tensor, grad: Tensor, ids: Tensor, offsets: Tensor,
