@@ -233,11 +233,6 @@ class RobeMemory(PSSMemory):
         update sees the step's whole gradient. Otherwise one call per request, which is faster on the CPU
         (a call's hash plan stays in cache; ``benchmarks/shared_memory.py``)."""
         update = self._in_backward_update()
-        if len(requests) == 1:  # the common case, without the grouping below
-            (request,) = requests
-            keys, ids, offsets, weights = _concatenated(requests, self._key, self.weight.dtype)
-            return [self._bags(keys, self.tables[request.table].embedding_dim, ids, offsets, weights, request.mean,
-                               update, len(self.tables) == 1)]
         whole_step_needed = update is not None and update.kind != "SGD"
         groups: dict[tuple[int, bool] | int, list[int]] = {}
         for index, request in enumerate(requests):
