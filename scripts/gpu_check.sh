@@ -6,7 +6,9 @@
 #     torchrec==1.6.1 fbgemm-gpu-cpu==1.6.0 tensordict==0.15.3 "pyvers<0.3" iopath
 #   pip wheel --no-deps --no-build-isolation . -w .whl      # this project, from the working tree
 # (torchrec 1.8.0 does not import with fbgemm-gpu-cpu 1.6.0, the build for the GPU machine's torch 2.11:
-# fbgemm_gpu.tbe.monitoring is missing.) Writes the logs and results under $OUT (default ./gpu_out).
+# fbgemm_gpu.tbe.monitoring is missing.) For the Criteo cells of robe_scatter.py also copy
+# ../shared/data/criteo/kaggle_8k_train.tsv into .whl/ (the GPU machine has no ../shared).
+# Writes the logs and results under $OUT (default ./gpu_out).
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT" /tmp/gpu_results
@@ -24,6 +26,11 @@ timeout "${TEST_S:-240}" python3 -m pytest -q -rf --tb=short -p no:cacheprovider
   tests/test_triton_kernels.py tests/test_cuda.py tests/test_triton_launcher.py 2>&1 | tee "$OUT/tests.log" | tail -40
 timeout "${OVERHEAD_S:-60}" python3 benchmarks/op_overhead.py --device cuda --batch 8 10240 --pooling 1 20 \
   --out /tmp/gpu_results/op_overhead_cuda 2>&1 | tail -5
+CRITEO=${CRITEO_FILE:-.whl/kaggle_8k_train.tsv}
+SCATTER_IDS="uniform zipf"
+[ -f "$CRITEO" ] && SCATTER_IDS="uniform zipf criteo"
+timeout "${SCATTER_S:-90}" python3 benchmarks/robe_scatter.py --device cuda --distributions $SCATTER_IDS \
+  --criteo-file "$CRITEO" --out /tmp/gpu_results/robe_scatter_cuda 2>&1 | tail -5
 GRID_ARGS=${GRID_ARGS:---rows 4000000 64000000 --compressions 10 100 1000 10000 --chunk-sizes 1 32 --pooling 1 20}
 timeout "${GRID_S:-180}" python3 benchmarks/grid.py --device cuda $GRID_ARGS --out /tmp/gpu_results/grid_cuda 2>&1 \
   | tee "$OUT/grid.log" | tail -5

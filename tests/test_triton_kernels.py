@@ -196,13 +196,44 @@ def test_robe_per_bag_keys(z: int, use_sign: bool) -> None:
                                **TOL)
 
 
+@pytest.mark.parametrize("z,use_sign,dim", [(1, True, D), (4, False, 12), (2 * D, True, D)])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("mean", [False, True])
+@pytest.mark.parametrize("per_bag_keys", [False, True])
+def test_robe_sorted_segments_match_reference(z: int, use_sign: bool, dim: int, weighted: bool, mean: bool,
+                                              per_bag_keys: bool) -> None:
+    """The sorted-segments backward and SGD (``segments=True``) on repeated ids: one id occurs 40 times (longer
+    than a segment tile), ids repeat across bags and across tables (per-bag keys split their segments)."""
+    memory = robe(z, use_sign, memory_size=97, dim=dim)
+    lengths = [0, 30, 3, 1, 0, 17, 5]
+    generator = torch.Generator().manual_seed(z + dim)
+    values = torch.tensor([BIG - 1, 5, 7, 2**40, 0])
+    ids = values[torch.randint(0, values.numel(), (sum(lengths),), generator=generator)]
+    ids[torch.randperm(ids.numel(), generator=generator)[:40]] = 7
+    offsets = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    weights = torch.randn(ids.numel(), generator=generator) if weighted else None
+    keys = torch.tensor([3, 3, 2**40 + 5, 9, 9, 3, 2**40 + 5]) if per_bag_keys else memory.table_keys[:1]
+    coefficients = memory.hash_coefficients
+    grad_out = torch.randn(len(lengths), dim, generator=generator)
+    expected = reference.pooled_backward(grad_out, ids, offsets, weights, coefficients, keys, 97, z, use_sign, mean)
+    args = {**robe_args(memory, z, use_sign, mean, dim), "keys": keys.to(DEVICE)}
+    m, ids_d, offsets_d, weights_d, grad_d = on_device(memory.weight, ids, offsets, weights, grad_out)
+    tol = {"rtol": 1e-5, "atol": 1e-5}  # sums of up to ~90 terms of size ~1, in another order than the reference
+    grad = robe_pooled_backward(grad_d, ids_d, offsets_d, weights_d, memory_size=97, segments=True, **args)
+    torch.testing.assert_close(grad.cpu(), expected, **tol)
+    updated = robe_sgd_update_(m.clone(), grad_d, ids_d, offsets_d, weights_d, lr=0.1, segments=True, **args)
+    torch.testing.assert_close(updated.cpu(), memory.weight.detach() - 0.1 * expected, **tol)
+
+
 def test_robe_without_ids_or_bags() -> None:
     memory = robe(4, use_sign=True)
     args = robe_args(memory, 4, True, True)
     m, ids, offsets = on_device(memory.weight, torch.zeros(0, dtype=torch.int64), torch.zeros(4, dtype=torch.int64))
     assert torch.equal(robe_pooled_forward(m, ids, offsets, None, **args).cpu(), torch.zeros(3, D))
-    grad = robe_pooled_backward(torch.ones(3, D, device=DEVICE), ids, offsets, None, memory_size=97, **args)
-    assert torch.equal(grad.cpu(), torch.zeros(97))
+    for segments in (False, True):
+        grad = robe_pooled_backward(torch.ones(3, D, device=DEVICE), ids, offsets, None, memory_size=97,
+                                    segments=segments, **args)
+        assert torch.equal(grad.cpu(), torch.zeros(97))
     no_bags = torch.zeros(1, dtype=torch.int64, device=DEVICE)
     assert robe_pooled_forward(m, ids, no_bags, None, **args).shape == (0, D)
 

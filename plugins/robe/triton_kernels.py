@@ -20,11 +20,14 @@ import triton
 import triton.language as tl
 
 from torchrec_pss.hashing import PRIME
+from torchrec_pss.pooling import offsets_to_bag_index
 from torchrec_pss.triton_launcher import Launcher
 
 _P = tl.constexpr(PRIME)
 BLOCK_N = 8
 """Ids of a bag handled together by one program (rows of a tile)."""
+SEGMENT_BLOCK_N = 32
+"""Occurrences of one id summed together by one program of the sorted-segments backward."""
 MAX_BLOCK_D = 128
 """Embedding columns per program at most (columns of a tile)."""
 _ROWS_PER_ADAGRAD_TILE = 1024
@@ -176,6 +179,56 @@ def _scatter_kernel(
         first += BLOCK_N
 
 
+@triton.jit(do_not_specialize=["m", "num_ids"])
+def _segment_scatter_kernel(
+    target, grad_out, grad_stride_b, grad_stride_d, sorted_ids, sorted_keys, sorted_bags, sorted_weights, offsets,
+    coef_ptr, scale, m, num_ids,
+    DIM: tl.constexpr, Z: tl.constexpr, USE_SIGN: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
+    MEAN: tl.constexpr, NARROW: tl.constexpr, KEY_PER_BAG: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    head = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_mask = cols < DIM
+    cols64 = cols.to(tl.int64)
+    x = tl.load(sorted_ids + head)
+    previous = tl.maximum(head - 1, 0)
+    is_head = (head == 0) | (tl.load(sorted_ids + previous) != x)
+    if KEY_PER_BAG:
+        key = tl.load(sorted_keys + head)
+        is_head = is_head | (tl.load(sorted_keys + previous) != key)
+    else:
+        key = tl.load(sorted_keys)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    first = head
+    running = is_head
+    while running:
+        rows = first + tl.arange(0, BLOCK_N)
+        in_range = rows < num_ids
+        same = in_range & (tl.load(sorted_ids + rows, mask=in_range, other=0) == x)
+        if KEY_PER_BAG:
+            same = same & (tl.load(sorted_keys + rows, mask=in_range, other=0) == key)
+        bags = tl.load(sorted_bags + rows, mask=same, other=0)
+        g = tl.load(grad_out + bags[:, None] * grad_stride_b + cols64[None, :] * grad_stride_d,
+                    mask=same[:, None] & col_mask[None, :], other=0.0)
+        if MEAN:
+            length = tl.load(offsets + bags + 1, mask=same, other=1) - tl.load(offsets + bags, mask=same, other=0)
+            g = g / tl.maximum(length, 1).to(tl.float32)[:, None]
+        if HAS_WEIGHTS:
+            g = g * tl.load(sorted_weights + rows, mask=same, other=0.0)[:, None]
+        acc += tl.sum(g, axis=0)
+        running = tl.sum(same.to(tl.int32), axis=0) == BLOCK_N
+        first += BLOCK_N
+    _, t = _floor_divmod(key, _P)
+    chunk_term, run_offset, sign_term = _column_terms(cols64, coef_ptr, coef_ptr + 4, DIM, Z)
+    xs = tl.zeros([1], dtype=tl.int64) + x
+    pos = _positions(xs, chunk_term, run_offset, t, m, coef_ptr, DIM, Z, NARROW)
+    contribution = acc[None, :] * scale
+    if USE_SIGN:
+        contribution = contribution * _signs(xs, sign_term, t, coef_ptr + 4)
+    tl.atomic_add(target + pos, contribution, mask=col_mask[None, :] & is_head, sem="relaxed")
+
+
 @triton.jit(do_not_specialize=["m"])
 def _weights_grad_kernel(
     memory, grad_out, ids_ptr, offsets, coef_ptr, keys_ptr, out, m,
@@ -230,6 +283,7 @@ def _adagrad_kernel(
 
 _POOLED_FORWARD = Launcher(_pooled_forward_kernel)
 _SCATTER = Launcher(_scatter_kernel)
+_SEGMENT_SCATTER = Launcher(_segment_scatter_kernel)
 _WEIGHTS_GRAD = Launcher(_weights_grad_kernel)
 _ADAGRAD = Launcher(_adagrad_kernel)
 
@@ -307,6 +361,22 @@ def robe_pooled_forward(
     return out
 
 
+def _sorted_occurrences(
+    ids: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor | None, keys: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The occurrences of ``ids`` sorted by (table key, id): their ids, keys (``[N]``, or ``keys`` itself when
+    it is ``[1]``), bags and weights (None without weights), each ``[N]``. No device synchronisation."""
+    order = torch.sort(ids, stable=True).indices
+    bags = offsets_to_bag_index(offsets, ids.numel())
+    sorted_keys = keys
+    if keys.numel() > 1:
+        occurrence_keys = keys.index_select(0, bags).index_select(0, order)
+        by_key = torch.sort(occurrence_keys, stable=True)
+        order, sorted_keys = order.index_select(0, by_key.indices), by_key.values
+    sorted_weights = None if weights is None else weights.to(torch.float32).index_select(0, order)
+    return ids.index_select(0, order), sorted_keys.contiguous(), bags.index_select(0, order), sorted_weights
+
+
 def _scatter(
     target: torch.Tensor,
     scale: float,
@@ -320,17 +390,28 @@ def _scatter(
     chunk_size: int,
     use_sign: bool,
     mean: bool,
+    segments: bool,
 ) -> None:
     """``target[pos] += scale · contribution`` for every element every id reads (atomics); ``grad_out`` may be
-    strided (e.g. the expanded gradient of a ``sum``: no copy)."""
+    strided (e.g. the expanded gradient of a ``sum``: no copy). ``segments``: see :func:`robe_pooled_backward`."""
     _check_bags(ids, offsets, weights, keys, dim, chunk_size)
     num_bags = offsets.numel() - 1
     if grad_out.shape != (num_bags, dim):
         raise ValueError(f"grad_out must be [B, dim] = {(num_bags, dim)}, got {tuple(grad_out.shape)}")
-    if num_bags == 0:
+    if num_bags == 0 or ids.numel() == 0:
         return
     tiles = _launch(ids.numel(), num_bags, dim, chunk_size, target.numel(), keys)
     grad_out = grad_out.to(torch.float32)
+    if segments:
+        sorted_ids, sorted_keys, sorted_bags, sorted_weights = _sorted_occurrences(ids, offsets, weights, keys)
+        _SEGMENT_SCATTER(
+            (ids.numel(), triton.cdiv(dim, tiles["BLOCK_D"])), target, grad_out, grad_out.stride(0),
+            grad_out.stride(1), sorted_ids, sorted_keys, sorted_bags, sorted_weights, offsets.contiguous(),
+            coefficients.contiguous(), float(scale), target.numel(), ids.numel(),
+            DIM=dim, Z=chunk_size, USE_SIGN=use_sign, HAS_WEIGHTS=weights is not None, MEAN=mean,
+            **{**tiles, "BLOCK_N": SEGMENT_BLOCK_N},
+        )
+        return
     _SCATTER(
         _grid(num_bags, dim, tiles), target, grad_out, grad_out.stride(0), grad_out.stride(1), ids.contiguous(),
         offsets.contiguous(), _contiguous_weights(weights), coefficients.contiguous(), keys.contiguous(), float(scale),
@@ -351,15 +432,18 @@ def robe_pooled_backward(
     chunk_size: int,
     use_sign: bool,
     mean: bool,
+    segments: bool = False,
 ) -> torch.Tensor:
     """Dense gradient ``[memory_size]`` (float32) of :func:`robe_pooled_forward` wrt ``memory``.
 
     ``grad_out`` ``[B, dim]``; the other arguments as for the forward. Every element's contribution is
     added with ``tl.atomic_add`` into a zeroed buffer (the summation order is not deterministic).
+    ``segments``: sort the ids first (sorted segments), sum the gradient rows of each distinct (table, id)
+    once, and add each distinct id's elements once — fewer atomics where ids repeat, a sort's cost always.
     """
     grad = torch.zeros(memory_size, dtype=torch.float32, device=grad_out.device)
     _scatter(grad, 1.0, grad_out, ids, offsets, weights, coefficients, keys,
-             dim, chunk_size, use_sign, mean)
+             dim, chunk_size, use_sign, mean, segments)
     return grad
 
 
@@ -376,16 +460,18 @@ def robe_sgd_update_(
     use_sign: bool,
     mean: bool,
     lr: float,
+    segments: bool = False,
 ) -> torch.Tensor:
     """Fused backward + SGD, in place: ``memory -= lr · grad`` without materialising ``grad``; returns ``memory``.
 
     ``memory`` ``[|M|]`` float32 and contiguous; each contribution ``-lr · g`` is added at its position
     with ``tl.atomic_add`` (equal to ``memory - lr * robe_pooled_backward(...)`` up to rounding).
+    ``segments`` as for :func:`robe_pooled_backward`.
     """
     if not memory.is_contiguous() or memory.dtype != torch.float32:
         raise ValueError("memory must be a contiguous float32 tensor (it is updated in place)")
     _scatter(memory, -lr, grad_out, ids, offsets, weights, coefficients, keys,
-             dim, chunk_size, use_sign, mean)
+             dim, chunk_size, use_sign, mean, segments)
     return memory
 
 
