@@ -31,6 +31,7 @@ from torchrec_pss_plugins.robe.triton_kernels import (
     robe_pooled_backward,
     robe_pooled_forward,
     robe_sgd_update_,
+    robe_sparse_grad,
     robe_weights_grad,
 )
 from torchrec_pss_plugins.tt.triton_kernels import tt_rows, tt_rows_backward
@@ -83,6 +84,18 @@ def on_device(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
     return [None if t is None else t.detach().to(DEVICE) for t in tensors]
 
 
+def assert_sparse_grad_matches(grad_out: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor,
+                               weights: torch.Tensor | None, args: dict, memory_size: int) -> None:
+    """``robe_sparse_grad`` gives the reference's touched positions exactly and their values."""
+    cpu_args = {key: value.cpu() if isinstance(value, torch.Tensor) else value for key, value in args.items()}
+    expected = reference.sparse_grad(grad_out, ids, offsets, weights, cpu_args["coefficients"], cpu_args["keys"],
+                                     memory_size, args["chunk_size"], args["use_sign"], args["mean"])
+    positions, values = robe_sparse_grad(*on_device(grad_out, ids, offsets, weights), memory_size=memory_size,
+                                         **args)
+    assert torch.equal(positions.cpu(), expected[0])
+    torch.testing.assert_close(values.cpu(), expected[1], **TOL)
+
+
 @pytest.mark.parametrize("z", [1, 4, D, 2 * D])
 @pytest.mark.parametrize("use_sign", [False, True])
 @pytest.mark.parametrize("weighted", [False, True])
@@ -111,6 +124,7 @@ def test_robe_matches_reference(z: int, use_sign: bool, weighted: bool, mean: bo
     torch.testing.assert_close(grad.cpu(), expected_grads[0].to_dense(), **TOL)
     updated = robe_sgd_update_(m.clone(), grad_d, ids_d, offsets_d, weights_d, lr=0.1, **args)
     torch.testing.assert_close(updated.cpu(), memory.weight.detach() - 0.1 * expected_grads[0].to_dense(), **TOL)
+    assert_sparse_grad_matches(grad_out, ids, offsets, None if weights is None else weights.detach(), args, m.numel())
     if weighted:
         weights_grad = robe_weights_grad(grad_d, m, ids_d, offsets_d, **args)
         torch.testing.assert_close(weights_grad.cpu(), expected_grads[1], **TOL)
@@ -168,6 +182,7 @@ def test_robe_runs_wrap_around_a_small_memory(z: int) -> None:
     torch.testing.assert_close(robe_pooled_forward(m, ids_d, offsets_d, None, **args).cpu(), expected.detach(), **TOL)
     grad = robe_pooled_backward(grad_d, ids_d, offsets_d, None, memory_size=5, **args)
     torch.testing.assert_close(grad.cpu(), expected_grad.to_dense(), **TOL)
+    assert_sparse_grad_matches(grad_out, ids, offsets, None, args, 5)
 
 
 @pytest.mark.parametrize("z,use_sign", [(1, True), (4, False), (2 * D, True)])
@@ -194,6 +209,7 @@ def test_robe_per_bag_keys(z: int, use_sign: bool) -> None:
     torch.testing.assert_close(updated.cpu(), memory.weight.detach() - 0.1 * expected_grad, **TOL)
     torch.testing.assert_close(robe_weights_grad(grad_d, m, ids_d, offsets_d, **args).cpu(), expected_weights_grad,
                                **TOL)
+    assert_sparse_grad_matches(grad_out, ids, offsets, weights, args, 97)
 
 
 @pytest.mark.parametrize("z,use_sign,dim", [(1, True, D), (4, False, 12), (2 * D, True, D)])
@@ -234,6 +250,8 @@ def test_robe_without_ids_or_bags() -> None:
         grad = robe_pooled_backward(torch.ones(3, D, device=DEVICE), ids, offsets, None, memory_size=97,
                                     segments=segments, **args)
         assert torch.equal(grad.cpu(), torch.zeros(97))
+    positions, values = robe_sparse_grad(torch.ones(3, D, device=DEVICE), ids, offsets, None, memory_size=97, **args)
+    assert positions.numel() == 0 and values.numel() == 0
     no_bags = torch.zeros(1, dtype=torch.int64, device=DEVICE)
     assert robe_pooled_forward(m, ids, no_bags, None, **args).shape == (0, D)
 

@@ -11,7 +11,7 @@ the reference without Triton).
   and ``weights``.
 - ``robe_pooled_backward(grad, ids, offsets, weights, coefficients, keys, memory_size, chunk_size,
   use_sign, mean) -> [|M|]``, ``robe_sparse_grad(...same...) -> (positions [U], values [U])`` (the touched
-  positions, ascending and unique; CUDA: the reference) and ``robe_weights_grad(grad, memory, ids, offsets,
+  positions, ascending and unique) and ``robe_weights_grad(grad, memory, ids, offsets,
   coefficients, keys, chunk_size, use_sign, mean) -> [N]``.
 - ``robe_sgd_update_`` / ``robe_adagrad_update_``: backward fused with the optimizer step, in place.
 
@@ -75,14 +75,15 @@ def _robe_pooled_backward_fake(grad: Tensor, ids: Tensor, offsets: Tensor, weigh
     return grad.new_empty(memory_size)
 
 
-def _sparse_grad_cpu(kernels: ModuleType, grad: Tensor, ids: Tensor, offsets: Tensor, weights: Tensor | None,
-                     coefficients: Tensor, keys: Tensor, memory_size: int, chunk_size: int, use_sign: bool,
-                     mean: bool) -> tuple[Tensor, Tensor]:
+def _sparse_grad_kernel(kernels: ModuleType, grad: Tensor, ids: Tensor, offsets: Tensor, weights: Tensor | None,
+                        coefficients: Tensor, keys: Tensor, memory_size: int, chunk_size: int, use_sign: bool,
+                        mean: bool) -> tuple[Tensor, Tensor]:
     return kernels.robe_sparse_grad(grad, ids, offsets, weights, coefficients, keys, memory_size,
                                     grad.shape[1], chunk_size, use_sign, mean)
 
 
-@define_op("robe_sparse_grad", cpu=(cpu_kernels.load, _sparse_grad_cpu))
+@define_op("robe_sparse_grad", cpu=(cpu_kernels.load, _sparse_grad_kernel),
+           cuda=(_triton, _sparse_grad_kernel))
 def robe_sparse_grad(grad: Tensor, ids: Tensor, offsets: Tensor, weights: Tensor | None, coefficients: Tensor,
                      keys: Tensor, memory_size: int, chunk_size: int, use_sign: bool,
                      mean: bool) -> tuple[Tensor, Tensor]:

@@ -148,9 +148,9 @@ def _pooled_forward_kernel(
 
 @triton.jit(do_not_specialize=["m"])
 def _scatter_kernel(
-    target, grad_out, grad_stride_b, grad_stride_d, ids_ptr, offsets, weights, coef_ptr, keys_ptr, scale, m,
+    target, touched, grad_out, grad_stride_b, grad_stride_d, ids_ptr, offsets, weights, coef_ptr, keys_ptr, scale, m,
     DIM: tl.constexpr, Z: tl.constexpr, USE_SIGN: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
-    MEAN: tl.constexpr, NARROW: tl.constexpr, KEY_PER_BAG: tl.constexpr, BLOCK_N: tl.constexpr,
+    MEAN: tl.constexpr, NARROW: tl.constexpr, KEY_PER_BAG: tl.constexpr, MARK: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     bag = tl.program_id(0)
@@ -175,7 +175,10 @@ def _scatter_kernel(
             contribution = contribution * tl.load(weights + rows, mask=row_mask, other=0.0)[:, None]
         if USE_SIGN:
             contribution = contribution * _signs(x, sign_term, t, coef_ptr + 4)
-        tl.atomic_add(target + pos, contribution * scale, mask=row_mask[:, None] & col_mask[None, :], sem="relaxed")
+        tile_mask = row_mask[:, None] & col_mask[None, :]
+        tl.atomic_add(target + pos, contribution * scale, mask=tile_mask, sem="relaxed")
+        if MARK:
+            tl.store(touched + pos, tl.full([BLOCK_N, BLOCK_D], 1, tl.uint8), mask=tile_mask)
         first += BLOCK_N
 
 
@@ -391,9 +394,13 @@ def _scatter(
     use_sign: bool,
     mean: bool,
     segments: bool,
+    touched: torch.Tensor | None = None,
 ) -> None:
     """``target[pos] += scale · contribution`` for every element every id reads (atomics); ``grad_out`` may be
-    strided (e.g. the expanded gradient of a ``sum``: no copy). ``segments``: see :func:`robe_pooled_backward`."""
+    strided (e.g. the expanded gradient of a ``sum``: no copy). ``segments``: see :func:`robe_pooled_backward`.
+    ``touched`` (uint8 ``[|M|]``, atomic scatter only): set to 1 at every position read."""
+    if segments and touched is not None:
+        raise ValueError("touched positions are marked by the atomic scatter only (segments=False)")
     _check_bags(ids, offsets, weights, keys, dim, chunk_size)
     num_bags = offsets.numel() - 1
     if grad_out.shape != (num_bags, dim):
@@ -413,10 +420,11 @@ def _scatter(
         )
         return
     _SCATTER(
-        _grid(num_bags, dim, tiles), target, grad_out, grad_out.stride(0), grad_out.stride(1), ids.contiguous(),
-        offsets.contiguous(), _contiguous_weights(weights), coefficients.contiguous(), keys.contiguous(), float(scale),
-        target.numel(),
-        DIM=dim, Z=chunk_size, USE_SIGN=use_sign, HAS_WEIGHTS=weights is not None, MEAN=mean, **tiles,
+        _grid(num_bags, dim, tiles), target, touched, grad_out, grad_out.stride(0), grad_out.stride(1),
+        ids.contiguous(), offsets.contiguous(), _contiguous_weights(weights), coefficients.contiguous(),
+        keys.contiguous(), float(scale), target.numel(),
+        DIM=dim, Z=chunk_size, USE_SIGN=use_sign, HAS_WEIGHTS=weights is not None, MEAN=mean,
+        MARK=touched is not None, **tiles,
     )
 
 
@@ -445,6 +453,33 @@ def robe_pooled_backward(
     _scatter(grad, 1.0, grad_out, ids, offsets, weights, coefficients, keys,
              dim, chunk_size, use_sign, mean, segments)
     return grad
+
+
+def robe_sparse_grad(
+    grad_out: torch.Tensor,
+    ids: torch.Tensor,
+    offsets: torch.Tensor,
+    weights: torch.Tensor | None,
+    coefficients: torch.Tensor,
+    keys: torch.Tensor,
+    memory_size: int,
+    dim: int,
+    chunk_size: int,
+    use_sign: bool,
+    mean: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sparse gradient of ``M``: ``(positions [U]`` int64, ascending and unique: every position the bags read,
+    ``values [U]`` float32), the coalesced form of :func:`robe_pooled_backward`'s gradient.
+
+    One atomic scatter into a dense ``[memory_size]`` buffer that also marks the positions it reads, then the
+    marked positions (``nonzero``: the one device synchronisation, as ``U`` is data-dependent) and their values.
+    """
+    grad = torch.zeros(memory_size, dtype=torch.float32, device=grad_out.device)
+    touched = torch.zeros(memory_size, dtype=torch.uint8, device=grad_out.device)
+    _scatter(grad, 1.0, grad_out, ids, offsets, weights, coefficients, keys, dim, chunk_size, use_sign, mean,
+             segments=False, touched=touched)
+    positions = touched.nonzero().squeeze(1)
+    return positions, grad.index_select(0, positions)
 
 
 def robe_sgd_update_(
