@@ -339,10 +339,11 @@ def test_tt_rows_match_reference(n: int, d: int, config: TTConfig) -> None:
     (1000, 16, TTConfig(ranks=(3, 5), num_cores=3, seed=0)),
     (5000, 24, TTConfig(ranks=4, num_cores=4, seed=0)),
     (40_000, 128, TTConfig(ranks=16, seed=0)),
+    (1000, 64, TTConfig(ranks=32, seed=0)),
 ])
 def test_tt_rows_backward_matches_autograd(n: int, d: int, config: TTConfig) -> None:
     """Core gradients against autograd of the reference chain of products, with a repeated id (its slices'
-    gradients add up) and the last id."""
+    gradients add up) and the last id; rank 32 sums a slice's columns over several tiles."""
     table = EmbeddingBagConfig(name="t", embedding_dim=d, num_embeddings=n, feature_names=["f"])
     memory = CompressedEmbeddingBagCollection([table], {"t": config}).memory_for("t")
     ids = bags(n, seed=d, lengths=[6])[0]

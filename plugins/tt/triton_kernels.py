@@ -6,9 +6,12 @@ unreduced, as in ``TTMemory.rows``) and ``j`` of the column (base ``q``). Each p
 block of ``BLOCK_D`` columns and carries, per column, the running row vector ``[R_k]`` of the chain
 product (padded to ``R_PAD``) from core to core.
 
-The backward (:func:`tt_rows_backward`) has the same layout: per column, core ``k``'s slice gets
-``grad[x, j] · outer(L_k, R_k)``, with ``L_k`` the row vector of the cores before it and ``R_k`` the column vector
-of the cores after it (both recomputed per core: N is small), added with atomics into the dense core gradients.
+The backward (:func:`tt_rows_backward`) launches once per core ``k``: each program owns one id and one digit
+``j_k``, so every column it visits (the ``d / q_k`` columns with that digit) reads the same slice of core ``k``.
+It sums ``grad[x, j] · outer(L_k, R_k)`` over those columns (``L_k``: the row vector of the cores before ``k``,
+``R_k``: the column vector of the cores after it, both recomputed per column: N is small) and adds the sum to
+the dense core gradient with one atomic add per slice element — ``d / q_k`` times fewer atomics than adding per
+column (the kernel before 2026-11-27, whose atomics serialised on small cores).
 
 Run on CUDA tensors, or on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1``).
 """
@@ -60,30 +63,39 @@ def _tt_rows_kernel(
 
 
 @triton.jit
-def _tt_rows_backward_kernel(
-    grad, cores, grads, ids_ptr,
-    P: tl.constexpr, P_STRIDES: tl.constexpr, Q: tl.constexpr, Q_STRIDES: tl.constexpr, RANKS: tl.constexpr,
-    NUM_CORES: tl.constexpr, DIM: tl.constexpr, R_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+def _tt_core_grad_kernel(
+    grad, cores, core_grad, ids_ptr,
+    K: tl.constexpr, P: tl.constexpr, P_STRIDES: tl.constexpr, Q: tl.constexpr, Q_STRIDES: tl.constexpr,
+    RANKS: tl.constexpr, NUM_CORES: tl.constexpr, DIM: tl.constexpr, R_PAD: tl.constexpr, OTHERS: tl.constexpr,
+    BLOCK_O: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    cols = (tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)).to(tl.int64)
-    col_mask = cols < DIM
+    digit = tl.program_id(1).to(tl.int64)  # j_K: the columns of this program all read slice j_K of core K
     r = tl.arange(0, R_PAD)
     x = tl.load(ids_ptr + row)
-    g = tl.load(grad + row * DIM + cols, mask=col_mask, other=0.0)
-    unit = tl.zeros([BLOCK_D, R_PAD], dtype=tl.float32) + (r == 0).to(tl.float32)[None, :]  # R_0 = R_N = 1
-    for k in tl.static_range(NUM_CORES):
-        left = unit  # [BLOCK_D, R_k]: G_1[i_1] ··· G_{k-1}[i_{k-1}] per column
-        for m in tl.static_range(k):
+    acc = tl.zeros([R_PAD, R_PAD], dtype=tl.float32)
+    for first in range(0, OTHERS, BLOCK_O):
+        others = first + tl.arange(0, BLOCK_O).to(tl.int64)  # the other cores' digits of a column, mixed radix
+        col_mask = others < OTHERS
+        cols = (others // Q_STRIDES[K]) * (Q_STRIDES[K] * Q[K]) + digit * Q_STRIDES[K] + others % Q_STRIDES[K]
+        g = tl.load(grad + row * DIM + cols, mask=col_mask, other=0.0)
+        unit = tl.zeros([BLOCK_O, R_PAD], dtype=tl.float32) + (r == 0).to(tl.float32)[None, :]  # R_0 = R_N = 1
+        left = unit  # [BLOCK_O, R_K]: G_1[i_1] ··· G_{K-1}[i_{K-1}] per column
+        for m in tl.static_range(K):
             offsets, mask = _slice(x, cols, col_mask, r, m, P, P_STRIDES, Q, Q_STRIDES, RANKS)
             left = tl.sum(left[:, :, None] * tl.load(cores[m] + offsets, mask=mask, other=0.0), axis=1)
-        right = unit  # [BLOCK_D, R_{k+1}]: G_{k+1}[i_{k+1}] ··· G_N[i_N] per column
-        for m in tl.static_range(NUM_CORES - 1, k, -1):
+        right = unit  # [BLOCK_O, R_{K+1}]: G_{K+1}[i_{K+1}] ··· G_N[i_N] per column
+        for m in tl.static_range(NUM_CORES - 1, K, -1):
             offsets, mask = _slice(x, cols, col_mask, r, m, P, P_STRIDES, Q, Q_STRIDES, RANKS)
             right = tl.sum(tl.load(cores[m] + offsets, mask=mask, other=0.0) * right[:, None, :], axis=2)
-        offsets, mask = _slice(x, cols, col_mask, r, k, P, P_STRIDES, Q, Q_STRIDES, RANKS)
-        tl.atomic_add(grads[k] + offsets, g[:, None, None] * left[:, :, None] * right[:, None, :], mask=mask,
-                      sem="relaxed")
+        acc += tl.sum(g[:, None, None] * left[:, :, None] * right[:, None, :], axis=0)
+    if K == 0:
+        i = x // P_STRIDES[K]
+    else:
+        i = (x // P_STRIDES[K]) % P[K]
+    offsets = ((i * RANKS[K] + r[:, None]) * Q[K] + digit) * RANKS[K + 1] + r[None, :]
+    mask = (r < RANKS[K])[:, None] & (r < RANKS[K + 1])[None, :]
+    tl.atomic_add(core_grad + offsets, acc, mask=mask, sem="relaxed")
 
 
 def _strides(factors: Sequence[int]) -> tuple[int, ...]:
@@ -134,8 +146,14 @@ def tt_rows_backward(grad: torch.Tensor, cores: Sequence[torch.Tensor], ids: tor
     grads = [torch.zeros(core.shape, dtype=torch.float32, device=core.device) for core in cores]
     if ids.numel() == 0:
         return grads
-    _tt_rows_backward_kernel[(ids.numel(), triton.cdiv(layout["DIM"], layout["BLOCK_D"]))](
-        grad.to(torch.float32).contiguous(), tuple(core.contiguous() for core in cores), tuple(grads),
-        ids.contiguous(), **layout,
-    )
+    grad = grad.to(torch.float32).contiguous()
+    contiguous = tuple(core.contiguous() for core in cores)
+    shape = {name: layout[name] for name in ("P", "P_STRIDES", "Q", "Q_STRIDES", "RANKS", "NUM_CORES", "DIM", "R_PAD")}
+    block_o = max(1, TILE_ELEMENTS // (layout["R_PAD"] ** 2))
+    for k, q in enumerate(layout["Q"]):
+        others = layout["DIM"] // q
+        _tt_core_grad_kernel[(ids.numel(), q)](
+            grad, contiguous, grads[k], ids.contiguous(), K=k, OTHERS=others,
+            BLOCK_O=min(block_o, triton.next_power_of_2(others)), **shape,
+        )
     return grads
