@@ -322,6 +322,7 @@ def test_qr_weights_grad_matches_autograd(operation: str, width: int, mean: bool
     (1000, 16, TTConfig(ranks=(3, 5), num_cores=3, seed=0)),
     (5000, 24, TTConfig(ranks=4, num_cores=4, seed=0)),
     (40_000_000, 128, TTConfig(ranks=16, seed=0)),
+    (1000, 128, TTConfig(ranks=32, seed=0)),
 ])
 def test_tt_rows_match_reference(n: int, d: int, config: TTConfig) -> None:
     table = EmbeddingBagConfig(name="t", embedding_dim=d, num_embeddings=n, feature_names=["f"])

@@ -2,9 +2,11 @@
 
 ``E[x, j] = G_1[i_1, :, j_1, :] · G_2[i_2, :, j_2, :] ··· G_N[i_N, :, j_N, :]`` with the mixed-radix
 digits ``i`` of the row ``x`` (base ``p``, most significant first; the first digit is ``x // ∏_{k>1} p_k``
-unreduced, as in ``TTMemory.rows``) and ``j`` of the column (base ``q``). Each program owns one id and a
-block of ``BLOCK_D`` columns and carries, per column, the running row vector ``[R_k]`` of the chain
-product (padded to ``R_PAD``) from core to core.
+unreduced, as in ``TTMemory.rows``) and ``j`` of the column (base ``q``, the last digit least significant).
+Each forward program owns one id and a block of ``BLOCK_P`` column prefixes ``(j_1, ..., j_{N-1})``: it carries
+per prefix the running row vector ``[R_k]`` of the chain product (padded to ``R_PAD``) through cores 1 to N - 1,
+then multiplies it with the id's one slice of the last core, giving the prefix's ``q_N`` columns at once (``q_N``
+times fewer chain products and slice loads than carrying every column).
 
 The backward (:func:`tt_rows_backward`) launches once per core ``k``: each program owns one id and one digit
 ``j_k``, so every column it visits (the ``d / q_k`` columns with that digit) reads the same slice of core ``k``.
@@ -26,7 +28,8 @@ import triton
 import triton.language as tl
 
 TILE_ELEMENTS = 8192
-"""``BLOCK_D · R_PAD²`` at most (the per-program slice of a core), unless ``R_PAD²`` alone is larger."""
+"""Elements of a program's 3-D tile (``BLOCK_P · R_PAD · max(R_PAD, q_N)``, ``BLOCK_O · R_PAD²``) at most, unless
+one row of it alone is larger."""
 
 
 @triton.jit
@@ -48,18 +51,26 @@ def _slice(x, cols, col_mask, r, K: tl.constexpr, P: tl.constexpr, P_STRIDES: tl
 def _tt_rows_kernel(
     cores, ids_ptr, out,
     P: tl.constexpr, P_STRIDES: tl.constexpr, Q: tl.constexpr, Q_STRIDES: tl.constexpr, RANKS: tl.constexpr,
-    NUM_CORES: tl.constexpr, DIM: tl.constexpr, R_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+    NUM_CORES: tl.constexpr, DIM: tl.constexpr, R_PAD: tl.constexpr, LAST: tl.constexpr, PREFIXES: tl.constexpr,
+    BLOCK_P: tl.constexpr, Q_LAST_PAD: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    cols = (tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)).to(tl.int64)
-    col_mask = cols < DIM
+    prefixes = (tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
+    prefix_mask = prefixes < PREFIXES
+    cols = prefixes * Q[LAST]  # each prefix's column with last digit 0 (the last digit is least significant)
     r = tl.arange(0, R_PAD)
     x = tl.load(ids_ptr + row)
-    v = tl.zeros([BLOCK_D, R_PAD], dtype=tl.float32) + (r == 0).to(tl.float32)[None, :]  # R_0 = 1
-    for k in tl.static_range(NUM_CORES):
-        offsets, mask = _slice(x, cols, col_mask, r, k, P, P_STRIDES, Q, Q_STRIDES, RANKS)
+    v = tl.zeros([BLOCK_P, R_PAD], dtype=tl.float32) + (r == 0).to(tl.float32)[None, :]  # R_0 = 1
+    for k in tl.static_range(LAST):
+        offsets, mask = _slice(x, cols, prefix_mask, r, k, P, P_STRIDES, Q, Q_STRIDES, RANKS)
         v = tl.sum(v[:, :, None] * tl.load(cores[k] + offsets, mask=mask, other=0.0), axis=1)
-    tl.store(out + row * DIM + cols, tl.sum(v, axis=1), mask=col_mask)  # R_N = 1: only entry 0 is non-zero
+    j = tl.arange(0, Q_LAST_PAD)
+    i = (x // P_STRIDES[LAST]) % P[LAST]
+    slice_mask = (r < RANKS[LAST])[:, None] & (j < Q[LAST])[None, :]
+    tail = tl.load(cores[LAST] + (i * RANKS[LAST] + r[:, None]) * Q[LAST] + j[None, :], mask=slice_mask, other=0.0)
+    values = tl.sum(v[:, :, None] * tail[None, :, :], axis=1)  # [BLOCK_P, Q_LAST_PAD]: R_N = 1
+    tl.store(out + row * DIM + cols[:, None] + j[None, :], values,
+             mask=prefix_mask[:, None] & (j < Q[LAST])[None, :])
 
 
 @triton.jit
@@ -104,7 +115,8 @@ def _strides(factors: Sequence[int]) -> tuple[int, ...]:
 
 
 def _layout(cores: Sequence[torch.Tensor], ids: torch.Tensor) -> dict[str, object]:
-    """The kernels' shape constants (checked): ``P``, ``Q``, their strides, ``RANKS``, ``DIM``, ``R_PAD``, ``BLOCK_D``."""
+    """The kernels' shape constants (checked): ``P``, ``Q``, their strides, ``RANKS``, ``NUM_CORES``, ``DIM``,
+    ``R_PAD``."""
     if len(cores) < 2 or any(core.dim() != 4 for core in cores):
         raise ValueError(f"cores must be >= 2 tensors [p, R_in, q, R_out], got {[tuple(c.shape) for c in cores]}")
     ranks = (cores[0].shape[1], *(core.shape[3] for core in cores))
@@ -115,10 +127,14 @@ def _layout(cores: Sequence[torch.Tensor], ids: torch.Tensor) -> dict[str, objec
     p = tuple(core.shape[0] for core in cores)
     q = tuple(core.shape[2] for core in cores)
     dim = math.prod(q)
-    r_pad = triton.next_power_of_2(max(ranks))
-    block_d = max(1, min(triton.next_power_of_2(dim), TILE_ELEMENTS // (r_pad * r_pad)))
     return {"P": p, "P_STRIDES": _strides(p), "Q": q, "Q_STRIDES": _strides(q), "RANKS": ranks,
-            "NUM_CORES": len(cores), "DIM": dim, "R_PAD": r_pad, "BLOCK_D": block_d}
+            "NUM_CORES": len(cores), "DIM": dim, "R_PAD": triton.next_power_of_2(max(ranks))}
+
+
+def _rows_per_tile(count: int, width: int) -> int:
+    """Rows of a ``[rows, width]`` tile per program: a power of two, at most ``count`` rounded up and at most
+    :data:`TILE_ELEMENTS` ``/ width`` (at least 1)."""
+    return max(1, min(triton.next_power_of_2(count), TILE_ELEMENTS // width))
 
 
 def tt_rows(cores: Sequence[torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
@@ -131,8 +147,13 @@ def tt_rows(cores: Sequence[torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
     out = torch.empty(ids.numel(), layout["DIM"], dtype=torch.float32, device=ids.device)
     if ids.numel() == 0:
         return out
-    _tt_rows_kernel[(ids.numel(), triton.cdiv(layout["DIM"], layout["BLOCK_D"]))](
-        tuple(core.contiguous() for core in cores), ids.contiguous(), out, **layout,
+    q_last = layout["Q"][-1]
+    prefixes = layout["DIM"] // q_last
+    q_last_pad = triton.next_power_of_2(q_last)
+    block_p = _rows_per_tile(prefixes, layout["R_PAD"] * max(layout["R_PAD"], q_last_pad))
+    _tt_rows_kernel[(ids.numel(), triton.cdiv(prefixes, block_p))](
+        tuple(core.contiguous() for core in cores), ids.contiguous(), out,
+        LAST=layout["NUM_CORES"] - 1, PREFIXES=prefixes, BLOCK_P=block_p, Q_LAST_PAD=q_last_pad, **layout,
     )
     return out
 
@@ -148,12 +169,10 @@ def tt_rows_backward(grad: torch.Tensor, cores: Sequence[torch.Tensor], ids: tor
         return grads
     grad = grad.to(torch.float32).contiguous()
     contiguous = tuple(core.contiguous() for core in cores)
-    shape = {name: layout[name] for name in ("P", "P_STRIDES", "Q", "Q_STRIDES", "RANKS", "NUM_CORES", "DIM", "R_PAD")}
-    block_o = max(1, TILE_ELEMENTS // (layout["R_PAD"] ** 2))
     for k, q in enumerate(layout["Q"]):
         others = layout["DIM"] // q
         _tt_core_grad_kernel[(ids.numel(), q)](
             grad, contiguous, grads[k], ids.contiguous(), K=k, OTHERS=others,
-            BLOCK_O=min(block_o, triton.next_power_of_2(others)), **shape,
+            BLOCK_O=_rows_per_tile(others, layout["R_PAD"] ** 2), **layout,
         )
     return grads
