@@ -247,15 +247,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             cell = {"batch": batch, "pooling": pooling, **times}
             print(json.dumps(cell), flush=True)
             cells.append(cell)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {platform.machine()}"
-    result = {"argv": argv if argv is not None else sys.argv[1:],
-              "date": datetime.datetime.now().isoformat(timespec="seconds"), "device": str(device),
-              "device_name": name, "rows": args.rows, "calls": args.calls, "repeats": args.repeats,
-              "threads": torch.get_num_threads(), "torch": torch.__version__, "cells": cells}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    args.out.with_suffix(".md").write_text(markdown(result))
+    result = {**run_header(argv, device), "rows": args.rows, "calls": args.calls, "repeats": args.repeats,
+              "threads": torch.get_num_threads(), "cells": cells}
+    write_result(args.out, result, markdown(result))
     return result
+
+
+def run_header(argv: list[str] | None, device: torch.device) -> dict[str, Any]:
+    """What every result of a run records: its arguments, date, device and torch version."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {platform.machine()}"
+    return {"argv": argv if argv is not None else sys.argv[1:],
+            "date": datetime.datetime.now().isoformat(timespec="seconds"), "device": str(device),
+            "device_name": name, "torch": torch.__version__}
+
+
+def write_result(stem: Path, result: dict[str, Any], table: str) -> None:
+    """``STEM.json`` (``result``) and ``STEM.md`` (``table``)."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    stem.with_suffix(".md").write_text(table)
 
 
 if __name__ == "__main__":

@@ -27,17 +27,14 @@ writes ``STEM.json`` and ``STEM.md``.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from op_overhead import device_us_per_call, per_call_us
+from op_overhead import device_us_per_call, per_call_us, run_header, write_result
 from torchrec.datasets.criteo import DEFAULT_CAT_NAMES
 from torchrec_pss.datasets import read_criteo_rows
 from torchrec_pss.hashing import hash_coefficients, table_key
@@ -173,14 +170,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                        "num_ids": cell["ids"].numel(), "compression": compression, "chunk_size": chunk_size, **times}
                 print(json.dumps(row), flush=True)
                 results.append(row)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {platform.machine()}"
-    result = {"argv": argv if argv is not None else sys.argv[1:],
-              "date": datetime.datetime.now().isoformat(timespec="seconds"), "device": str(device),
-              "device_name": name, "interpreted": interpreted, "rows": args.rows, "batch": args.batch,
-              "calls": args.calls, "repeats": args.repeats, "torch": torch.__version__, "cells": results}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    args.out.with_suffix(".md").write_text(markdown(result))
+    result = {**run_header(argv, device), "interpreted": interpreted, "rows": args.rows, "batch": args.batch,
+              "calls": args.calls, "repeats": args.repeats, "cells": results}
+    write_result(args.out, result, markdown(result))
     return result
 
 
