@@ -166,8 +166,27 @@ def test_run_lengths_without_a_compiled_case(z: int) -> None:
     torch.testing.assert_close(updated, memory.weight.detach() - 0.1 * memory.weight.grad, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("memory_size", [7, 53, 1 << 20])
+def test_hashednet_scatter_in_blocks_and_a_tail(memory_size: int) -> None:
+    """Z = 1, d = 40: two blocks of 16 chunks (gather + scatter with AVX-512) and a tail of 8 (scalar). An id's
+    chunk positions step by C mod |M|, so they repeat inside a block of 16 when |M| < 16 (|M| = 7: the scalar
+    loop must take over) and not otherwise (53, 2^20): SGD and the dense backward."""
+    memory = build(1, True, memory_size=memory_size, d=40)
+    ids, lengths, weights = batch(1)
+    offsets = offsets_of(lengths)
+    grad_out = torch.randn(lengths.numel(), 40, generator=torch.Generator().manual_seed(memory_size))
+    args = (ids, offsets, weights, *hash_args(memory))
+    expected = reference.pooled_backward(grad_out, ids, offsets, weights, memory.hash_coefficients,
+                                         memory.table_keys[:1], memory_size, 1, True, True)
+    backward = KERNELS.robe_pooled_backward(grad_out, *args, memory_size, 40, 1, True, True)
+    torch.testing.assert_close(backward, expected, rtol=1e-5, atol=1e-5)
+    updated = memory.weight.detach().clone()
+    KERNELS.robe_sgd_update_(updated, grad_out, *args, 1, True, True, 0.1)
+    torch.testing.assert_close(updated, memory.weight.detach() - 0.1 * expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("threads", [1, 2, 5])
-@pytest.mark.parametrize("z,memory_size", [(32, 4099), (1, 4099), (4, 4099), (8, 4_500_001)])
+@pytest.mark.parametrize("z,memory_size", [(32, 4099), (1, 4099), (4, 4099), (8, 4_500_001), (1, 4_500_001)])
 def test_updates_lose_nothing_on_a_large_batch(threads: int, z: int, memory_size: int) -> None:
     """Several threads' memory ranges (runs crossing their bounds) or, for short runs and a small M, their shares of
     the bags and private copies of M; many collisions: the in-place SGD, the dense backward and the blockwise

@@ -20,7 +20,8 @@
 // Short runs (Z < 16, HashedNet's Z = 1 above all) skip the Plan, which would store and reload d / Z starts per id:
 // each id is hashed a few ids before its use by a branch-free loop that vectorises, and its runs are prefetched
 // then when M does not fit the caches. With a small M the scatter of short runs splits the bags over threads
-// instead of M (private copies of M, summed afterwards), as every thread would otherwise hash every id.
+// instead of M (private copies of M, summed afterwards), as every thread would otherwise hash every id. With AVX-512
+// the scatter of runs of one element (HashedNet) adds 16 elements at a time by gather + scatter.
 
 #include <torch/extension.h>
 
@@ -36,7 +37,12 @@
 #include <mutex>
 #include <numeric>
 #include <optional>
+#include <type_traits>
 #include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512CD__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -483,6 +489,41 @@ class ShortIds {
   std::vector<ShortId> ring_;
 };
 
+// What the scatters of SGD and of the dense backward mark: nothing (Adagrad's marks the blocks it touches).
+struct NoMarks {
+  void operator()(int64_t, int64_t) const {}
+};
+
+#if defined(__AVX512F__) && defined(__AVX512CD__)
+// dst[p] += alpha * flip(row[c], masks[c]) with p = starts[c] for the chunks c of one id's runs of one element
+// (HashedNet) whose p is in [low, low + span), 16 chunks at a time: one gather and one scatter instead of 16
+// read-modify-writes that the core would run one after another. Stops before the first 16 whose in-range positions
+// repeat (a scatter would keep one update of them) and returns the first chunk not done.
+inline int64_t scatter_single_runs(const uint32_t* starts, const uint32_t* masks, const float* row, float alpha,
+                                   float* dst, uint32_t low, uint32_t span, int64_t chunks) {
+  const __m512 scale = _mm512_set1_ps(alpha);
+  const __m512i lows = _mm512_set1_epi32(static_cast<int>(low)), spans = _mm512_set1_epi32(static_cast<int>(span));
+  int64_t c = 0;
+  for (; c + 16 <= chunks; c += 16) {
+    const __m512i positions = _mm512_loadu_si512(starts + c);  // < |M| <= 2^30: valid int32 indices
+    const __mmask16 in = _mm512_cmplt_epu32_mask(_mm512_sub_epi32(positions, lows), spans);
+    const __m512i earlier = _mm512_maskz_conflict_epi32(in, positions);
+    if (_mm512_mask_test_epi32_mask(in, earlier, earlier) != 0) {
+      break;
+    }
+    const __m512 old = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), in, positions, dst, 4);
+    const __m512i bits = _mm512_xor_si512(_mm512_castps_si512(_mm512_loadu_ps(row + c)), _mm512_loadu_si512(masks + c));
+    _mm512_mask_i32scatter_ps(dst, in, positions, _mm512_fmadd_ps(scale, _mm512_castsi512_ps(bits), old), 4);
+  }
+  return c;
+}
+#else
+inline int64_t scatter_single_runs(const uint32_t*, const uint32_t*, const float*, float, float*, uint32_t, uint32_t,
+                                   int64_t) {
+  return 0;
+}
+#endif
+
 // The short run lengths with a compiled case.
 template <class Body>
 void dispatch_short(int64_t run, Body&& body) {
@@ -507,7 +548,11 @@ void scatter_short_range(const Hasher& h, const Bags& bags, const TableKeys& key
       const float alpha = alpha_scale * (bags.weight(j) / divisor);
       const uint32_t* __restrict__ starts = id.starts.data();
       const uint32_t* __restrict__ masks = id.masks.data();
-      for (int64_t c = 0; c < chunks; ++c) {
+      int64_t done = 0;
+      if constexpr (kRun == 1 && std::is_same_v<std::decay_t<Touched>, NoMarks>) {
+        done = scatter_single_runs(starts, masks, row, alpha, dst, low, span, chunks);
+      }
+      for (int64_t c = done; c < chunks; ++c) {
         const uint32_t start = starts[c];
         const float* __restrict__ g = row + c * run;
         const uint32_t* __restrict__ mask = masks + c * run;
@@ -571,7 +616,7 @@ void scatter_all(const Hasher& h, const Bags& bags, const TableKeys& keys, bool 
       1, std::min<int64_t>({at::get_num_threads(), (elements + kScatterGrain - 1) / kScatterGrain, bags.num_bags}));
   if (plan || parts == 1 || (parts - 1) * h.m > kPrivateFloats) {
     over_memory_ranges(h.m, kLine, elements, [&](int64_t lo, int64_t hi) {
-      scatter(h, bags, keys, mean, plan, grad, alpha_scale, dst, lo, hi, [](int64_t, int64_t) {});
+      scatter(h, bags, keys, mean, plan, grad, alpha_scale, dst, lo, hi, NoMarks{});
     });
     return;
   }
@@ -591,7 +636,7 @@ void scatter_all(const Hasher& h, const Bags& bags, const TableKeys& keys, bool 
       }
       dispatch_short(h.run, [&](auto run) {
         scatter_short_range<decltype(run)::value>(h, bags, keys, mean, grad, alpha_scale, target, bounds[p],
-                                                  bounds[p + 1], 0, h.m, [](int64_t, int64_t) {});
+                                                  bounds[p + 1], 0, h.m, NoMarks{});
       });
     }
   });
