@@ -13,7 +13,7 @@ The backward (:func:`tt_rows_backward`) launches once per core ``k``: each progr
 It sums ``grad[x, j] · outer(L_k, R_k)`` over those columns (``L_k``: the row vector of the cores before ``k``,
 ``R_k``: the column vector of the cores after it, both recomputed per column: N is small) and adds the sum to
 the dense core gradient with one atomic add per slice element — ``d / q_k`` times fewer atomics than adding per
-column (the kernel before 2026-11-27, whose atomics serialised on small cores).
+column, as the kernel before 2026-11-27 did.
 
 Run on CUDA tensors, or on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1``).
 """
