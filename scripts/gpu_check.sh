@@ -22,7 +22,7 @@ for method in robe qr tt; do
 done
 timeout "${BANDWIDTH_S:-90}" python3 benchmarks/gpu_bandwidth.py --out "$OUT/gpu_bandwidth" 2>&1 | tail -20
 wait
-timeout "${TEST_S:-240}" python3 -m pytest -q -rf --tb=short -p no:cacheprovider -n "${TEST_WORKERS:-8}" \
+timeout "${TEST_S:-300}" python3 -m pytest -q -rf --tb=short -p no:cacheprovider -n "${TEST_WORKERS:-8}" \
   tests/test_triton_kernels.py tests/test_cuda.py tests/test_triton_launcher.py 2>&1 | tee "$OUT/tests.log" | tail -40
 timeout "${OVERHEAD_S:-60}" python3 benchmarks/op_overhead.py --device cuda --batch 8 10240 --pooling 1 20 \
   --out /tmp/gpu_results/op_overhead_cuda 2>&1 | tail -5
