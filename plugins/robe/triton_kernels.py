@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from torchrec_pss.hashing import PRIME
-from torchrec_pss.pooling import offsets_to_bag_index
+from torchrec_pss.pooling import offsets_to_bag_index, per_id_scale
 from torchrec_pss.triton_launcher import Launcher
 
 _P = tl.constexpr(PRIME)
@@ -184,11 +184,10 @@ def _scatter_kernel(
 
 @triton.jit(do_not_specialize=["m", "num_ids"])
 def _segment_scatter_kernel(
-    target, grad_out, grad_stride_b, grad_stride_d, sorted_ids, sorted_keys, sorted_bags, sorted_weights, offsets,
+    target, grad_out, grad_stride_b, grad_stride_d, sorted_ids, sorted_keys, sorted_bags, sorted_scales,
     coef_ptr, scale, m, num_ids,
-    DIM: tl.constexpr, Z: tl.constexpr, USE_SIGN: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
-    MEAN: tl.constexpr, NARROW: tl.constexpr, KEY_PER_BAG: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    DIM: tl.constexpr, Z: tl.constexpr, USE_SIGN: tl.constexpr, HAS_SCALES: tl.constexpr,
+    NARROW: tl.constexpr, KEY_PER_BAG: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     head = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -214,11 +213,8 @@ def _segment_scatter_kernel(
         bags = tl.load(sorted_bags + rows, mask=same, other=0)
         g = tl.load(grad_out + bags[:, None] * grad_stride_b + cols64[None, :] * grad_stride_d,
                     mask=same[:, None] & col_mask[None, :], other=0.0)
-        if MEAN:
-            length = tl.load(offsets + bags + 1, mask=same, other=1) - tl.load(offsets + bags, mask=same, other=0)
-            g = g / tl.maximum(length, 1).to(tl.float32)[:, None]
-        if HAS_WEIGHTS:
-            g = g * tl.load(sorted_weights + rows, mask=same, other=0.0)[:, None]
+        if HAS_SCALES:
+            g = g * tl.load(sorted_scales + rows, mask=same, other=0.0)[:, None]
         acc += tl.sum(g, axis=0)
         running = tl.sum(same.to(tl.int32), axis=0) == BLOCK_N
         first += BLOCK_N
@@ -365,10 +361,11 @@ def robe_pooled_forward(
 
 
 def _sorted_occurrences(
-    ids: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor | None, keys: torch.Tensor,
+    ids: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor | None, keys: torch.Tensor, mean: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The occurrences of ``ids`` sorted by (table key, id): their ids, keys (``[N]``, or ``keys`` itself when
-    it is ``[1]``), bags and weights (None without weights), each ``[N]``. No device synchronisation."""
+    it is ``[1]``), bags and pooling factors (``per_id_scale``: weight, / bag length for MEAN; None when all are 1),
+    each ``[N]``. No device synchronisation."""
     order = torch.sort(ids, stable=True).indices
     bags = offsets_to_bag_index(offsets, ids.numel())
     sorted_keys = keys
@@ -376,8 +373,9 @@ def _sorted_occurrences(
         occurrence_keys = keys.index_select(0, bags).index_select(0, order)
         by_key = torch.sort(occurrence_keys, stable=True)
         order, sorted_keys = order.index_select(0, by_key.indices), by_key.values
-    sorted_weights = None if weights is None else weights.to(torch.float32).index_select(0, order)
-    return ids.index_select(0, order), sorted_keys.contiguous(), bags.index_select(0, order), sorted_weights
+    scales = per_id_scale(offsets, weights, mean, ids.numel(), torch.float32)
+    sorted_scales = None if scales is None else scales.index_select(0, order)
+    return ids.index_select(0, order), sorted_keys.contiguous(), bags.index_select(0, order), sorted_scales
 
 
 def _scatter(
@@ -410,12 +408,12 @@ def _scatter(
     tiles = _launch(ids.numel(), num_bags, dim, chunk_size, target.numel(), keys)
     grad_out = grad_out.to(torch.float32)
     if segments:
-        sorted_ids, sorted_keys, sorted_bags, sorted_weights = _sorted_occurrences(ids, offsets, weights, keys)
+        sorted_ids, sorted_keys, sorted_bags, sorted_scales = _sorted_occurrences(ids, offsets, weights, keys, mean)
         _SEGMENT_SCATTER(
             (ids.numel(), triton.cdiv(dim, tiles["BLOCK_D"])), target, grad_out, grad_out.stride(0),
-            grad_out.stride(1), sorted_ids, sorted_keys, sorted_bags, sorted_weights, offsets.contiguous(),
-            coefficients.contiguous(), float(scale), target.numel(), ids.numel(),
-            DIM=dim, Z=chunk_size, USE_SIGN=use_sign, HAS_WEIGHTS=weights is not None, MEAN=mean,
+            grad_out.stride(1), sorted_ids, sorted_keys, sorted_bags, sorted_scales, coefficients.contiguous(),
+            float(scale), target.numel(), ids.numel(),
+            DIM=dim, Z=chunk_size, USE_SIGN=use_sign, HAS_SCALES=sorted_scales is not None,
             **{**tiles, "BLOCK_N": SEGMENT_BLOCK_N},
         )
         return
