@@ -24,9 +24,12 @@ input checks off, as torchrec's EBC checks nothing (``--check-inputs`` turns the
 (``torch.autograd.set_multithreading_enabled(False)``) instead of autograd's device thread: a backward
 written in Python (the fused ROBE / QR / TT steps) then takes the GIL without a thread switch, which saves
 ≈ 0.2 ms per step on the lent GPU machine (``benchmarks/op_overhead.py``). A (rows, L)
-setting whose baseline table does not fit in the device's free memory is recorded as skipped with the
-reason, as is the EBC alone when its table plus dense gradient does not fit. Each cell's modules are
-freed before the next.
+setting whose baseline table does not fit in the device's free memory (or in ``--max-table-gib``) has its
+baseline recorded as skipped with the reason, as has the EBC alone when its table plus dense gradient does not
+fit; the compressed methods of that setting are still timed wherever their own memory (three times the
+compressed size: memory, gradient, optimizer scratch) fits, and reported in milliseconds without a ratio —
+the tables that need compression most are the ones whose uncompressed baseline cannot be allocated. Each cell's
+modules are freed before the next.
 
     python benchmarks/grid.py                 # full CPU grid: 4M-256M rows, 10x-10000x, Z 1-32, L 1 and 20
     python benchmarks/grid.py --quick         # a tiny grid (under 2 minutes on 2 CPU cores)
@@ -145,8 +148,11 @@ def free_bytes(device: torch.device) -> int:
     raise RuntimeError("/proc/meminfo has no MemAvailable line")
 
 
-def does_not_fit(what: str, needed: int, device: torch.device) -> str | None:
-    """Why ``needed`` bytes for ``what`` cannot be allocated now, or None when they fit."""
+def does_not_fit(what: str, needed: int, device: torch.device, cap_gib: float | None = None) -> str | None:
+    """Why ``needed`` bytes for ``what`` cannot be allocated now (more than ``MEMORY_FRACTION`` of the free
+    memory, or than ``cap_gib``), or None when they fit."""
+    if cap_gib is not None and needed > cap_gib * 2**30:
+        return f"{what} needs {needed / 2**30:.2f} GiB, more than the {cap_gib:g} GiB of --max-table-gib"
     free = free_bytes(device)
     if needed <= MEMORY_FRACTION * free:
         return None
@@ -220,56 +226,65 @@ def compressed_cell(table: EmbeddingBagConfig, config: MethodConfig, kjt: KeyedJ
     return {"compression": table.num_embeddings * table.embedding_dim * FLOAT_BYTES / stored, **times}
 
 
-def with_ratios(row: dict[str, Any], base: dict[str, float]) -> dict[str, Any]:
-    """``row`` plus its forward and step times over the baseline's."""
+def with_ratios(row: dict[str, Any], base: dict[str, float] | None) -> dict[str, Any]:
+    """``row`` plus its forward and step times over the baseline's (None without a baseline)."""
+    if base is None:
+        return {**row, "forward_ratio": None, "step_ratio": None}
     return {**row, "forward_ratio": row["forward_ms"] / base["forward_ms"], "step_ratio": row["step_ms"] / base["step_ms"]}
 
 
 def run_setting(n: int, pooling: int, grid: list[Variant], ratios: list[float], batch: int, dim: int,
-                warmup: int, iters: int, device: torch.device, check_inputs: bool) -> list[dict[str, Any]]:
-    """Every cell of one (rows, L) setting: baseline, EBC, then every variant at every ratio."""
+                warmup: int, iters: int, device: torch.device, check_inputs: bool,
+                cap_gib: float | None = None) -> list[dict[str, Any]]:
+    """Every cell of one (rows, L) setting: baseline, EBC, then every variant at every ratio (timed without a
+    baseline when the baseline's table does not fit, as long as the variant's own memory does)."""
     table = EmbeddingBagConfig(name="t", embedding_dim=dim, num_embeddings=n, feature_names=["f"])
     common: dict[str, Any] = {"rows": n, "pooling": pooling, "batch": batch, "dim": dim}
     logical = n * dim * FLOAT_BYTES
-    cells = [(variant, ratio) for ratio in ratios for variant in grid]
-    skipped = does_not_fit(f"the {n:,} x {dim} baseline table", logical, device)
-    if skipped:
-        print(f"n={n:,} L={pooling}: skipped, {skipped}", flush=True)
-        return [{**common, "method": name, "label": name, "asked": 1.0, "status": "skipped", "reason": skipped}
-                for name in ("baseline", "ebc")] + [{**common, **v.row(r), "status": "skipped", "reason": skipped}
-                                               for v, r in cells]
     kjt = make_kjt(n, pooling, batch, device)
-    base = baseline_cell(n, dim, kjt, warmup, iters, device)
-    release(device)
-    rows = [with_ratios({**common, "method": "baseline", "label": "baseline", "asked": 1.0, "compression": 1.0,
-                         "status": "ok", **base}, base)]
-    print(f"n={n:,} L={pooling} baseline: fwd {base['forward_ms']:.2f} ms, step {base['step_ms']:.2f} ms", flush=True)
+    base: dict[str, float] | None = None
     ebc: dict[str, Any] = {**common, "method": "ebc", "label": "ebc", "asked": 1.0}
-    reason = does_not_fit("the EBC's table and dense gradient", 2 * logical, device)
-    if reason:
-        rows.append({**ebc, "status": "skipped", "reason": reason})
+    skipped = does_not_fit(f"the {n:,} x {dim} baseline table", logical, device, cap_gib)
+    if skipped:
+        rows = [{**common, "method": "baseline", "label": "baseline", "asked": 1.0, "status": "skipped",
+                 "reason": skipped}, {**ebc, "status": "skipped", "reason": skipped}]
+        report(rows[0])
     else:
-        rows.append(with_ratios({**ebc, "compression": 1.0, "status": "ok", **ebc_cell(table, kjt, warmup, iters,
-                                                                                          device)}, base))
+        base = baseline_cell(n, dim, kjt, warmup, iters, device)
         release(device)
-    report(rows[-1])
-    for variant, ratio in cells:
-        row = {**common, **variant.row(ratio)}
-        try:
-            config = variant.config(table, ratio)
-            if config is None:
-                raise ValueError("no configuration of this method reaches the ratio")
-            row["config"] = repr(config)
-            row = with_ratios({**row, "status": "ok", **compressed_cell(table, config, kjt, warmup, iters, device,
-                                                                           check_inputs)},
-                              base)
-        except ValueError as error:
-            row.update(status="unreachable", reason=str(error))
-        except torch.OutOfMemoryError as error:
-            row.update(status="skipped", reason=f"out of memory: {error}".splitlines()[0])
-        release(device)
-        rows.append(row)
-        report(row)
+        rows = [with_ratios({**common, "method": "baseline", "label": "baseline", "asked": 1.0, "compression": 1.0,
+                             "status": "ok", **base}, base)]
+        report(rows[0])
+        reason = does_not_fit("the EBC's table and dense gradient", 2 * logical, device, cap_gib)
+        if reason:
+            rows.append({**ebc, "status": "skipped", "reason": reason})
+        else:
+            rows.append(with_ratios({**ebc, "compression": 1.0, "status": "ok",
+                                     **ebc_cell(table, kjt, warmup, iters, device)}, base))
+            release(device)
+        report(rows[-1])
+    for ratio in ratios:
+        for variant in grid:
+            row = {**common, **variant.row(ratio)}
+            too_big = does_not_fit(f"{variant.label} at {ratio:g}x (memory, gradient and optimizer scratch)",
+                                   3 * int(logical / ratio), device, cap_gib)
+            try:
+                config = variant.config(table, ratio)
+                if config is None:
+                    raise ValueError("no configuration of this method reaches the ratio")
+                row["config"] = repr(config)
+                if too_big:
+                    row.update(status="skipped", reason=too_big)
+                else:
+                    row = with_ratios({**row, "status": "ok", **compressed_cell(table, config, kjt, warmup, iters,
+                                                                               device, check_inputs)}, base)
+            except ValueError as error:
+                row.update(status="unreachable", reason=str(error))
+            except torch.OutOfMemoryError as error:
+                row.update(status="skipped", reason=f"out of memory: {error}".splitlines()[0])
+            release(device)
+            rows.append(row)
+            report(row)
     return rows
 
 
@@ -280,8 +295,9 @@ def report(row: dict[str, Any]) -> None:
     if row["status"] != "ok":
         print(f"{head}: {row['status']} ({row['reason']})", flush=True)
         return
-    print(f"{head}: fwd {row['forward_ms']:.2f} ms ({row['forward_ratio']:.2f}x), "
-          f"step {row['step_ms']:.2f} ms ({row['step_ratio']:.2f}x)", flush=True)
+    ratios = ("", "") if row["step_ratio"] is None else (f" ({row['forward_ratio']:.2f}x)",
+                                                          f" ({row['step_ratio']:.2f}x)")
+    print(f"{head}: fwd {row['forward_ms']:.2f} ms{ratios[0]}, step {row['step_ms']:.2f} ms{ratios[1]}", flush=True)
 
 
 def _cell_text(row: dict[str, Any], kind: str) -> str:
@@ -289,7 +305,8 @@ def _cell_text(row: dict[str, Any], kind: str) -> str:
     if row["status"] != "ok":
         return "-" if row["status"] == "unreachable" else "skipped"
     achieved = "" if abs(row["compression"] / row["asked"] - 1) <= 0.05 else f", {row['compression']:.0f}x"
-    return f"{row[f'{kind}_ratio']:.2f} ({row[f'{kind}_ms']:.2f} ms{achieved})"
+    ratio = row[f"{kind}_ratio"]
+    return f"{'n/a' if ratio is None else f'{ratio:.2f}'} ({row[f'{kind}_ms']:.2f} ms{achieved})"
 
 
 def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
@@ -327,14 +344,15 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             "",
             f"## {title}: time / baseline (ms)",
             "",
-            "Lower is better; a dash: the method cannot reach the asked ratio; the achieved compression is "
-            "shown where it is more than 5% off the asked one.",
+            "Lower is better; a dash: the method cannot reach the asked ratio; n/a: no baseline to divide by (its "
+            "table does not fit), the time alone; the achieved compression is shown where it is more than 5% off "
+            "the asked one.",
             "",
             "| rows | L | method | " + " | ".join(f"{r:g}x" for r in ratios) + " |",
             "|---|---|---|" + "---|" * len(ratios),
         ]
         for (n, pooling), rows in by_setting.items():
-            if rows[0]["status"] == "skipped":
+            if not any(r["status"] == "ok" for r in rows if r["method"] not in ("baseline", "ebc")):
                 continue
             labels = list(dict.fromkeys(r["label"] for r in rows if r["method"] not in ("baseline", "ebc")))
             for label in labels:
@@ -347,8 +365,7 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
 def plot(results: list[dict[str, Any]], meta: dict[str, Any], stem: Path) -> list[Path]:
     """One PNG per measured (rows, L): forward and training-step ms vs asked compression, log-log."""
     paths = []
-    settings = dict.fromkeys((r["rows"], r["pooling"]) for r in results if r["method"] == "baseline"
-                             and r["status"] == "ok")
+    settings = dict.fromkeys((r["rows"], r["pooling"]) for r in results if r["status"] == "ok")
     for n, pooling in settings:
         rows = [r for r in results if (r["rows"], r["pooling"]) == (n, pooling) and r["status"] == "ok"]
         labels = list(dict.fromkeys(r["label"] for r in rows if r["method"] not in ("baseline", "ebc")))
@@ -369,8 +386,10 @@ def plot(results: list[dict[str, Any]], meta: dict[str, Any], stem: Path) -> lis
             ax.grid(True, which="both", alpha=0.3)
         handles, names = axes[1].get_legend_handles_labels()
         figure.legend(handles, names, loc="center right", fontsize=8)
+        baseline = (f"baseline = {meta['baseline'].split(' (')[0]}" if any(r["method"] == "baseline" for r in rows)
+                    else "no baseline: its table does not fit")
         figure.suptitle(f"{meta['device']}: n = {n:,}, L = {pooling}, B = {meta['batch']}, d = {meta['dim']}; "
-                        f"baseline = {meta['baseline'].split(' (')[0]}", fontsize=10)
+                        f"{baseline}", fontsize=10)
         figure.tight_layout(rect=(0, 0, 0.84, 1))
         path = stem.parent / f"{stem.name}_n{n}_L{pooling}.png"
         figure.savefig(path, dpi=100)
@@ -408,6 +427,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "off by default, as torchrec's EBC checks nothing)")
     parser.add_argument("--caller-thread-backward", action="store_true",
                         help="run backward on the calling thread (torch.autograd.set_multithreading_enabled(False))")
+    parser.add_argument("--max-table-gib", type=float,
+                        help="allocate no table (baseline, EBC, compressed memory x 3) above this many GiB; default: "
+                             f"{MEMORY_FRACTION:.0%} of the device's free memory is the only limit")
     parser.add_argument("--quick", action="store_true",
                         help=f"a tiny grid: {', '.join(f'{k}={v}' for k, v in QUICK.items())}")
     parser.add_argument("--out", type=Path, help="path stem (default benchmarks/results/grid_<device>[_quick])")
@@ -441,6 +463,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         "warmup": args.warmup,
         "check_inputs": args.check_inputs,
         "caller_thread_backward": args.caller_thread_backward,
+        "max_table_gib": args.max_table_gib,
     }
     grid = variants(args.methods, args.chunk_sizes, args.gradients)
     results: list[dict[str, Any]] = []
@@ -449,7 +472,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         for n in args.rows:
             for pooling in args.pooling:
                 results += run_setting(n, pooling, grid, args.compressions, args.batch, args.dim, args.warmup,
-                                       args.steps, args.device, args.check_inputs)
+                                       args.steps, args.device, args.check_inputs, args.max_table_gib)
                 table = write_outputs(results, meta, args.out)
     print(table)
     return results

@@ -55,3 +55,27 @@ def test_caller_thread_backward_is_recorded(tmp_path: Path) -> None:
     (cell,) = [r for r in written["results"] if r["method"] == "robe"]
     assert cell["status"] == "ok" and cell["step_ratio"] > 0
     assert "backward on the calling thread" in stem.with_suffix(".md").read_text()
+
+
+def test_methods_are_timed_where_the_baseline_does_not_fit(tmp_path: Path) -> None:
+    """100k x 128 floats (49 MB) over a 0.01 GiB cap: no baseline, ROBE at 1000x still timed (no ratio), ROBE at
+    10x (3 x 4.9 MB over the cap) skipped with the reason."""
+    stem = tmp_path / "grid"
+    subprocess.run(
+        [sys.executable, "benchmarks/grid.py", "--rows", "100000", "--methods", "robe", "--chunk-sizes", "32",
+         "--compressions", "10", "1000", "--pooling", "1", "--steps", "2", "--warmup", "1", "--batch", "64",
+         "--max-table-gib", "0.01", "--out", str(stem)],
+        cwd=ROOT, check=True, timeout=120, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    written = json.loads(stem.with_suffix(".json").read_text())
+    assert written["meta"]["max_table_gib"] == 0.01
+    rows = {(r["method"], r["asked"]): r for r in written["results"]}
+    for name in ("baseline", "ebc"):
+        assert rows[(name, 1.0)]["status"] == "skipped" and "0.01 GiB of --max-table-gib" in rows[(name, 1.0)]["reason"]
+    small, large = rows[("robe", 1000.0)], rows[("robe", 10.0)]
+    assert small["status"] == "ok" and small["step_ms"] > 0 and small["forward_ms"] > 0
+    assert small["step_ratio"] is None and small["forward_ratio"] is None
+    assert large["status"] == "skipped" and "robe Z=32 at 10x" in large["reason"]
+    markdown = stem.with_suffix(".md").read_text()
+    assert f"| 100,000 | 1 | robe Z=32 | skipped | n/a ({small['step_ms']:.2f} ms) |" in markdown
+    assert (tmp_path / "grid_n100000_L1.png").stat().st_size > 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def bag_index(lengths: torch.Tensor, num_ids: int) -> torch.Tensor:
@@ -55,3 +56,16 @@ def per_id_scale(offsets: torch.Tensor, weights: torch.Tensor | None, mean: bool
 def lengths_to_offsets(lengths: torch.Tensor) -> torch.Tensor:
     """Bag offsets ``[S + 1]`` (``0, l_0, l_0 + l_1, ...``) of bag ``lengths`` ``[S]``."""
     return torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+
+
+def embedding_bag(rows: torch.Tensor, table: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor | None,
+                  mean: bool, sparse: bool) -> torch.Tensor:
+    """Bags of the rows ``rows`` ``[N]`` of ``table`` ``[k, d]`` pooled as :func:`pool` does (a weighted MEAN is
+    the weighted sum / bag length), in one ``F.embedding_bag`` call (bags: ``offsets`` ``[S + 1]``): ``[S, d]``.
+    ``sparse``: ``table``'s gradient as a sparse COO tensor."""
+    if weights is None:
+        return F.embedding_bag(rows, table, offsets, mode="mean" if mean else "sum", sparse=sparse,
+                               include_last_offset=True)
+    summed = F.embedding_bag(rows, table, offsets, mode="sum", per_sample_weights=weights.to(table.dtype),
+                             sparse=sparse, include_last_offset=True)
+    return bag_mean(summed, offsets[1:] - offsets[:-1]) if mean else summed

@@ -18,6 +18,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec_pss.contract import PSSMemory
 from torchrec_pss.gradient_layout import use_sparse_gradient
 from torchrec_pss.hashing import hash_coefficients, table_key, universal_hash
+from torchrec_pss.pooling import embedding_bag, lengths_to_offsets
 from torchrec_pss.registry import register_method
 from torchrec_pss_plugins.hashing.config import HashingConfig
 
@@ -53,6 +54,14 @@ class HashingMemory(PSSMemory):
         """Row of the memory each id reads: ``[N]`` int64 in ``[0, k)``."""
         return universal_hash(self.hash_coefficients[0], self._key, ids, 0, self.weight.shape[0])
 
+    def _sparse(self, ids: torch.Tensor) -> bool:
+        return use_sparse_gradient(self.config.gradient, self.weight.numel(), ids.numel() * self.weight.shape[1])
+
     def recover(self, table: str, ids: torch.Tensor) -> torch.Tensor:
-        sparse = use_sparse_gradient(self.config.gradient, self.weight.numel(), ids.numel() * self.weight.shape[1])
-        return F.embedding(self.buckets(ids), self.weight, sparse=sparse)
+        return F.embedding(self.buckets(ids), self.weight, sparse=self._sparse(ids))
+
+    def pooled(self, table: str, ids: torch.Tensor, lengths: torch.Tensor, weights: torch.Tensor | None,
+               mean: bool) -> torch.Tensor:
+        """One ``F.embedding_bag`` over the hashed rows (no ``[N, d]`` intermediate)."""
+        return embedding_bag(self.buckets(ids), self.weight, lengths_to_offsets(lengths), weights, mean,
+                             self._sparse(ids))

@@ -11,6 +11,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
 from torchrec_pss.contract import PSSMemory
 from torchrec_pss.gradient_layout import use_sparse_gradient
+from torchrec_pss.pooling import embedding_bag, lengths_to_offsets
 from torchrec_pss.registry import register_method
 from torchrec_pss_plugins.mlet.config import MLETConfig
 
@@ -40,9 +41,17 @@ class MLETMemory(PSSMemory):
     def num_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in (self.w1, self.w2))
 
+    def _sparse(self, ids: torch.Tensor) -> bool:
+        return use_sparse_gradient(self.config.gradient, self.w1.numel(), ids.numel() * self.w1.shape[1])
+
     def recover(self, table: str, ids: torch.Tensor) -> torch.Tensor:
-        sparse = use_sparse_gradient(self.config.gradient, self.w1.numel(), ids.numel() * self.w1.shape[1])
-        return F.embedding(ids, self.w1, sparse=sparse) @ self.w2
+        return F.embedding(ids, self.w1, sparse=self._sparse(ids)) @ self.w2
+
+    def pooled(self, table: str, ids: torch.Tensor, lengths: torch.Tensor, weights: torch.Tensor | None,
+               mean: bool) -> torch.Tensor:
+        """``(pooled W1 rows) · W2``: pooling is linear, so the bags are pooled in the inner dimension ``k`` by one
+        ``F.embedding_bag`` and projected once per bag (``[S, k] x [k, d]``) instead of once per id."""
+        return embedding_bag(ids, self.w1, lengths_to_offsets(lengths), weights, mean, self._sparse(ids)) @ self.w2
 
     def materialize(self, table: str) -> torch.Tensor:
         """``W1 · W2`` computed in float64: ``[n, d]``."""

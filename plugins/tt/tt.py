@@ -16,6 +16,7 @@ from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
 from torchrec_pss.contract import PSSMemory
+from torchrec_pss.pooling import embedding_bag, lengths_to_offsets
 from torchrec_pss.registry import register_method
 from torchrec_pss_plugins.tt import ops
 from torchrec_pss_plugins.tt.config import TTConfig
@@ -115,3 +116,9 @@ class TTMemory(PSSMemory):
     def recover(self, table: str, ids: torch.Tensor) -> torch.Tensor:
         unique, inverse = torch.unique(ids, return_inverse=True)
         return self.rows(unique)[inverse]
+
+    def pooled(self, table: str, ids: torch.Tensor, lengths: torch.Tensor, weights: torch.Tensor | None,
+               mean: bool) -> torch.Tensor:
+        """The distinct ids' rows, pooled by one ``F.embedding_bag`` over them (no ``[N, d]`` intermediate)."""
+        unique, inverse = torch.unique(ids, return_inverse=True)
+        return embedding_bag(inverse, self.rows(unique), lengths_to_offsets(lengths), weights, mean, False)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType, pooling_type_to_str
 from torchrec.modules.embedding_modules import (
@@ -21,7 +20,7 @@ from torchrec.sparse.tensor_dict import maybe_td_to_kjt
 from torchrec_pss.contract import BagRequest, MethodConfig, PSSMemory
 from torchrec_pss.modules.input_checks import check_structure, check_values, inputs_checked_by_default
 from torchrec_pss.optim import FusedUpdate, PSSFusedOptimizer
-from torchrec_pss.pooling import bag_mean
+from torchrec_pss.pooling import embedding_bag
 from torchrec_pss.registry import method_for_config
 
 PLAIN = "plain"
@@ -223,15 +222,8 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOpt
         bag = self.embedding_bags[table.name]
         if not self._is_weighted:
             return bag(input=jt.values(), offsets=jt.offsets()).float()
-        summed = F.embedding_bag(
-            jt.values(),
-            bag.weight,
-            jt.offsets(),
-            mode="sum",
-            per_sample_weights=jt.weights().to(bag.weight.dtype),
-            include_last_offset=True,
-        ).float()
-        return bag_mean(summed, jt.lengths()) if table.pooling == PoolingType.MEAN else summed
+        return embedding_bag(jt.values(), bag.weight, jt.offsets(), jt.weights(), table.pooling == PoolingType.MEAN,
+                             bag.sparse).float()
 
     def _pooled_compressed(self, feature_dict: Mapping[str, JaggedTensor]) -> dict[str, list[torch.Tensor]]:
         """Every compressed table's ``[B_f, d]`` blocks, one per feature: one ``pooled_many`` call per memory
