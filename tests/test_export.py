@@ -26,7 +26,7 @@ BATCHES = [(5, 4), (9, 7), (1, 3), (3, 0)]  # (batch size, max bag length): the 
 METHODS = {
     "robe": (RobeConfig(memory_size=500, chunk_size=4), "torchrec_pss.robe_pooled"),
     "qr": (QRConfig(collisions=40), "torchrec_pss.qr_pooled"),
-    "tt": (TTConfig(ranks=4), "torchrec_pss.tt_rows"),
+    "tt": (TTConfig(ranks=4), "torchrec_pss.tt_pooled"),
     "hashing": (HashingConfig(num_buckets=100), None),
     "mlet": (MLETConfig(inner_dim=4), None),
 }

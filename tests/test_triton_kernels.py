@@ -24,7 +24,9 @@ from torchrec_pss_plugins.qr.triton_kernels import (
     qr_weights_grad,
 )
 from torchrec_pss_plugins.robe import reference
+from torchrec_pss_plugins.tt import ops as tt_ops
 from torchrec_pss_plugins.tt import reference as tt_reference
+from torchrec_pss_plugins.tt import triton_kernels as tt_triton
 from torchrec_pss_plugins.robe import triton_kernels as robe_triton
 from torchrec_pss_plugins.robe.triton_kernels import (
     blockwise_adagrad_update_,
@@ -357,3 +359,23 @@ def test_tt_rows_backward_matches_autograd(n: int, d: int, config: TTConfig) -> 
         torch.testing.assert_close(grad.cpu(), core.grad, **TOL)
     empty = tt_rows_backward(on_device(grad_out[:0])[0], on_device(*memory.cores), ids[:0].to(DEVICE))
     assert all(bool((grad == 0).all()) and grad.shape == core.shape for grad, core in zip(empty, cores, strict=True))
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_tt_pooled_cuda_kernels_match_reference(scaled: bool) -> None:
+    """``tt_pooled`` / ``tt_pooled_backward`` on CUDA (the Triton rows pooled by torch ops) against the reference,
+    with an empty bag and a repeated id."""
+    table = EmbeddingBagConfig(name="t", embedding_dim=16, num_embeddings=1000, feature_names=["f"])
+    memory = CompressedEmbeddingBagCollection([table], {"t": TTConfig(ranks=(3, 5), num_cores=3, seed=0)}
+                                              ).memory_for("t")
+    ids, _, offsets, scales = bags(1000, seed=7)
+    ids[3] = ids[5]
+    scales = scales if scaled else None
+    cores = [core.detach() for core in memory.cores]
+    out = tt_ops._pooled_cuda(tt_triton, on_device(*cores), *on_device(ids, offsets, scales))
+    torch.testing.assert_close(out.cpu(), tt_reference.pooled(cores, ids, offsets, scales), **TOL)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(8))
+    grads = tt_ops._pooled_backward_cuda(tt_triton, on_device(grad_out)[0], on_device(*cores),
+                                         *on_device(ids, offsets, scales))
+    for grad, want in zip(grads, tt_reference.pooled_backward(grad_out, cores, ids, offsets, scales), strict=True):
+        torch.testing.assert_close(grad.cpu(), want, **TOL)

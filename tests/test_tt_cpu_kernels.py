@@ -125,6 +125,66 @@ def test_no_ids() -> None:
         assert all(g.shape == c.shape and not g.any() for g, c in zip(grads, cores))
 
 
+def make_bags(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Offsets ``[B + 1]`` of bags of 0..6 ids covering ``count`` ids (empty bags included), and float32 scales."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths = []
+    while sum(lengths) < count:
+        lengths.append(min(int(torch.randint(0, 7, (1,), generator=generator)), count - sum(lengths)))
+    offsets = torch.tensor([0, 0, *torch.tensor(lengths).cumsum(0).tolist()])  # the first bag is empty
+    return offsets, torch.randn(count, generator=generator)
+
+
+def check_pooled(cores: list[torch.Tensor], ids: torch.Tensor, offsets: torch.Tensor, scales: torch.Tensor | None) -> None:
+    """The pooled kernels against the float64 pooling of float64 einsum rows and its autograd gradients."""
+    out = KERNELS.tt_pooled_forward(cores, ids, offsets, scales)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(6))
+    grads = KERNELS.tt_pooled_backward(grad, cores, ids, offsets, scales)
+    leaves = [core.double().requires_grad_(True) for core in cores]
+    want = reference.pooled(leaves, ids, offsets, None if scales is None else scales.double(), float64_rows)
+    want_grads = torch.autograd.grad(want, leaves, grad.double())
+    scale = want.abs().max().item()
+    torch.testing.assert_close(out.double(), want.detach(), rtol=1e-5, atol=1e-5 * scale)
+    assert not out[0].any(), "an empty bag pools to zeros"
+    for got, expect, core in zip(grads, want_grads, cores):
+        assert got.shape == core.shape and got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), expect, rtol=1e-5, atol=1e-5 * expect.abs().max().item())
+
+
+@pytest.mark.parametrize("p, q, inner", SHAPES)
+@pytest.mark.parametrize("scaled", [False, True])
+def test_pooled_rows_and_gradients(p: tuple[int, ...], q: tuple[int, ...], inner: tuple[int, ...],
+                                   scaled: bool) -> None:
+    cores, ids = make_cores(p, q, inner), make_ids(p, 40)  # unsorted, with repeated ids
+    offsets, scales = make_bags(ids.numel(), seed=len(p) + len(inner))
+    check_pooled(cores, ids, offsets, scales if scaled else None)
+
+
+def test_pooled_many_ids_on_every_thread_count() -> None:
+    """Private [B, d] outputs and gradient buffers per chunk of ids, summed after, with 1, 2 and 5 threads: bags
+    get rows from several chunks (ids are visited in sorted order, bags hold random ids)."""
+    p = (6, 7, 5)
+    cores, ids = make_cores(p, (2, 4, 2), (8, 6), seed=3), make_ids(p, 3000)
+    offsets, scales = make_bags(ids.numel(), seed=9)
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2, 5):
+            torch.set_num_threads(count)
+            check_pooled(cores, ids, offsets, scales)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_pooled_bad_inputs() -> None:
+    cores, ids = make_cores((4, 5, 3), (2, 3, 2), (3, 5)), torch.tensor([1, 2, 3])
+    with pytest.raises(RuntimeError, match=r"offsets must run from 0 to the number of ids \(3\), got 0 ... 2"):
+        KERNELS.tt_pooled_forward(cores, ids, torch.tensor([0, 1, 2]), None)
+    with pytest.raises(RuntimeError, match="one entry per id"):
+        KERNELS.tt_pooled_forward(cores, ids, torch.tensor([0, 1, 3]), torch.ones(2))
+    with pytest.raises(RuntimeError, match=r"grad must be a CPU tensor \[B, d\] = \[2, 12\]"):
+        KERNELS.tt_pooled_backward(torch.zeros(3, 12), cores, ids, torch.tensor([0, 1, 3]), None)
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
@@ -169,6 +229,27 @@ def test_ops(kernels: str, monkeypatch: pytest.MonkeyPatch) -> None:
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("kernels", ["fast", "reference"])
+def test_pooled_ops(kernels: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """opcheck of the pooled ops, and their autograd (cores and scales) against autograd through the reference."""
+    monkeypatch.setenv("TORCHREC_PSS_KERNELS", kernels)
+    p = (4, 5, 3)
+    cores, ids = make_cores(p, (2, 3, 2), (3, 5)), make_ids(p, 9)
+    offsets, scales = make_bags(ids.numel(), seed=2)
+    leaves = [core.clone().requires_grad_(True) for core in cores]
+    scale_leaf = scales.clone().requires_grad_(True)
+    torch.library.opcheck(ops.tt_pooled, (leaves, ids, offsets, scale_leaf))
+    torch.library.opcheck(ops.tt_pooled, (leaves, ids, offsets, None))
+    grad = torch.randn(offsets.numel() - 1, 12, generator=torch.Generator().manual_seed(4))
+    torch.library.opcheck(ops.tt_pooled_backward, (grad, cores, ids, offsets, scales))
+    ops.tt_pooled(leaves, ids, offsets, scale_leaf).backward(grad)
+    want_leaves = [core.clone().requires_grad_(True) for core in cores]
+    want_scales = scales.clone().requires_grad_(True)
+    reference.pooled(want_leaves, ids, offsets, want_scales).backward(grad)
+    for leaf, want in zip([*leaves, scale_leaf], [*want_leaves, want_scales]):
+        torch.testing.assert_close(leaf.grad, want.grad, rtol=1e-5, atol=1e-4)
+
+
 def training_step(monkeypatch: pytest.MonkeyPatch, kernels: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """One SGD step of a ``TTMemory`` on pooled bags: the pooled output and the updated cores."""
     monkeypatch.setenv("TORCHREC_PSS_KERNELS", kernels)
@@ -186,8 +267,8 @@ def training_step(monkeypatch: pytest.MonkeyPatch, kernels: str) -> tuple[torch.
 
 def test_tt_memory_training_step_equals_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
-    backward = KERNELS.tt_rows_backward
-    monkeypatch.setattr(KERNELS, "tt_rows_backward", lambda *args: calls.append(1) or backward(*args))
+    backward = KERNELS.tt_pooled_backward
+    monkeypatch.setattr(KERNELS, "tt_pooled_backward", lambda *args: calls.append(1) or backward(*args))
     out, cores = training_step(monkeypatch, "fast")
     assert calls, "the step must run the C++ backward"
     want_out, want_cores = training_step(monkeypatch, "reference")

@@ -1,6 +1,6 @@
 """Serving: ``torch.export`` of models holding compressed tables, and loading the saved programs.
 
-The custom ops of the methods (``torchrec_pss::robe_pooled``, ``qr_pooled``, ``tt_rows``) have fake
+The custom ops of the methods (``torchrec_pss::robe_pooled``, ``qr_pooled``, ``tt_pooled``) have fake
 kernels, so a model with :class:`~torchrec_pss.CompressedEmbeddingBagCollection` modules (any method,
 MLET too; :func:`torchrec_pss.collapse` first makes MLET tables plain) exports like one with TorchRec's
 ``EmbeddingBagCollection``: non-strict tracing, ``KeyedJaggedTensor`` in (TorchRec registers it with

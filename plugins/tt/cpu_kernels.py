@@ -7,6 +7,9 @@ built. The functions (``cores``: float32 ``[p_k, R_{k-1}, q_k, R_k]`` with ``R_0
 - ``tt_rows_forward(cores, ids) -> [U, d]``: equals :func:`~torchrec_pss_plugins.tt.reference.rows`.
 - ``tt_rows_backward(grad, cores, ids) -> list[Tensor]``: the dense gradients of the cores (their shapes) for
   the gradient ``grad`` ``[U, d]`` of those rows.
+- ``tt_pooled_forward(cores, ids, offsets, scales) -> [B, d]`` and ``tt_pooled_backward(grad, cores, ids, offsets,
+  scales) -> list[Tensor]``: equal :func:`~torchrec_pss_plugins.tt.reference.pooled` /
+  :func:`~torchrec_pss_plugins.tt.reference.pooled_backward` (``scales`` ``[N]`` float32 or None).
 """
 
 from __future__ import annotations

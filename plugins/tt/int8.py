@@ -6,7 +6,6 @@ import torch
 from torch import nn
 
 from torchrec_pss.quantize import Int8Memory, frozen, quantize_rows
-from torchrec_pss_plugins.tt import ops as tt_ops
 from torchrec_pss_plugins.tt.tt import TTMemory
 
 
@@ -25,6 +24,6 @@ class Int8TTMemory(Int8Memory, TTMemory):
         """Every core ``q · s`` float32."""
         return [codes.float() * scales[:, None, None, None] for codes, scales in zip(self.cores, self.cores_qscale)]
 
-    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+    def core_tensors(self) -> list[torch.Tensor]:
         self.check_inference()
-        return tt_ops.tt_rows(self.dequantized(), ids)
+        return self.dequantized()

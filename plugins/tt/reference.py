@@ -8,8 +8,11 @@ Core ``k`` is ``[p_k, R_{k-1}, q_k, R_k]`` (``R_0 = R_N = 1``); id ``x`` has mix
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
+
+from torchrec_pss.pooling import offsets_to_bag_index
 
 
 def rows(cores: list[torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
@@ -56,3 +59,25 @@ def rows_backward(grad: torch.Tensor, cores: list[torch.Tensor], ids: torch.Tens
         d_left = torch.bmm(d_left, slices.transpose(1, 2))
     grads[0].index_add_(0, digit_list[0], d_left.reshape(u, *cores[0].shape[1:]))
     return grads
+
+
+def pooled(cores: list[torch.Tensor], ids: torch.Tensor, offsets: torch.Tensor, scales: torch.Tensor | None,
+           rows_of: Callable[[list[torch.Tensor], torch.Tensor], torch.Tensor] = rows) -> torch.Tensor:
+    """Bags ``[B, d]`` (``offsets`` ``[B + 1]``): ``out[b] = Σ_j scales_j · row(ids_j)`` over the ids of bag ``b``
+    (``scales`` ``[N]`` or None for ones), the rows by ``rows_of`` (default :func:`rows`)."""
+    embeddings = rows_of(cores, ids)
+    if scales is not None:
+        embeddings = embeddings * scales.to(embeddings.dtype).unsqueeze(1)
+    out = embeddings.new_zeros(offsets.numel() - 1, embeddings.shape[1])
+    return out.index_add_(0, offsets_to_bag_index(offsets, ids.numel()), embeddings)
+
+
+def pooled_backward(grad: torch.Tensor, cores: list[torch.Tensor], ids: torch.Tensor, offsets: torch.Tensor,
+                    scales: torch.Tensor | None,
+                    rows_backward_of: Callable[..., list[torch.Tensor]] = rows_backward) -> list[torch.Tensor]:
+    """Gradients of the cores for the gradient ``grad`` ``[B, d]`` of :func:`pooled`: each id's row gets
+    ``scales_j · grad[bag_j]``, passed to ``rows_backward_of`` (default :func:`rows_backward`)."""
+    row_grads = grad.index_select(0, offsets_to_bag_index(offsets, ids.numel()))
+    if scales is not None:
+        row_grads = row_grads * scales.to(grad.dtype).unsqueeze(1)
+    return rows_backward_of(row_grads, cores, ids)

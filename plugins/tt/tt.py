@@ -16,7 +16,7 @@ from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
 from torchrec_pss.contract import PSSMemory
-from torchrec_pss.pooling import embedding_bag, lengths_to_offsets
+from torchrec_pss.pooling import lengths_to_offsets, per_id_scale
 from torchrec_pss.registry import register_method
 from torchrec_pss_plugins.tt import ops
 from torchrec_pss_plugins.tt.config import TTConfig
@@ -108,10 +108,13 @@ class TTMemory(PSSMemory):
     def num_bytes(self) -> int:
         return sum(c.numel() * c.element_size() for c in self.cores)
 
+    def core_tensors(self) -> list[torch.Tensor]:
+        """The float32 cores the ops read."""
+        return list(self.cores)  # not self.cores[1:]: slicing re-wraps tensors as new Parameters
+
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows ``[U, d]`` of ``ids`` ``[U]`` by the ``tt_rows`` op (differentiable in the cores)."""
-        cores = list(self.cores)  # not self.cores[1:]: slicing re-wraps tensors as new Parameters
-        return ops.tt_rows(cores, ids)
+        return ops.tt_rows(self.core_tensors(), ids)
 
     def recover(self, table: str, ids: torch.Tensor) -> torch.Tensor:
         unique, inverse = torch.unique(ids, return_inverse=True)
@@ -119,6 +122,7 @@ class TTMemory(PSSMemory):
 
     def pooled(self, table: str, ids: torch.Tensor, lengths: torch.Tensor, weights: torch.Tensor | None,
                mean: bool) -> torch.Tensor:
-        """The distinct ids' rows, pooled by one ``F.embedding_bag`` over them (no ``[N, d]`` intermediate)."""
-        unique, inverse = torch.unique(ids, return_inverse=True)
-        return embedding_bag(inverse, self.rows(unique), lengths_to_offsets(lengths), weights, mean, False)
+        """One ``tt_pooled`` call: each id's row times its factor (weight, / bag length for MEAN) added into its bag."""
+        cores = self.core_tensors()
+        offsets = lengths_to_offsets(lengths)
+        return ops.tt_pooled(cores, ids, offsets, per_id_scale(offsets, weights, mean, ids.numel(), cores[0].dtype))

@@ -19,10 +19,17 @@
 // Ids are split into at most one chunk per thread; each chunk scatters into its own dense gradient buffers
 // (chunk 0 into the outputs), which are then summed in a fixed order: no update is lost, no atomics are
 // needed, and the result does not depend on the scheduling.
+//
+// The pooled variants read bags (offsets [B + 1], optional per-id scales: weight, / bag length for MEAN): the
+// forward adds each id's scaled row into its bag's output row (each chunk into its own [B, d] buffer, summed
+// the same way), the backward reads dL_{N-1} of an id as its scale times its bag's gradient row. Neither forms
+// the [U, d] rows.
 
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
+
+#include "bags.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -321,8 +328,10 @@ class Scatter {
     wide_.resize(wide);
   }
 
-  // Scatters the gradients of the ids at positions order[j0, j1), reading row u of `grad` [U, d] for id u.
-  void run(const Batch& batch, const float* grad, int64_t j0, int64_t j1) {
+  // Scatters the gradients of the ids at positions order[j0, j1); `rows` gives the gradient dL_{N-1} [d] of the
+  // row of id u (rows.row(u)) and where it is read from (rows.address(u), to prefetch).
+  template <class Rows>
+  void run(const Batch& batch, Rows& rows, int64_t j0, int64_t j1) {
     const int64_t n = train_.n, dim = train_.dim;
     int64_t j = j0;  // the position of the leaf's id
     walker_.walk(
@@ -341,10 +350,10 @@ class Scatter {
         },
         [&](int64_t u, const int64_t* digit) {
           if (j + kAhead < j1) {
-            prefetch_row<0>(grad + batch.order[j + kAhead] * dim, dim);
+            prefetch_row<0>(rows.address(batch.order[j + kAhead]), dim);
           }
           ++j;
-          propagate(n - 1, digit[n - 1], grad + u * dim);
+          propagate(n - 1, digit[n - 1], rows.row(u));
         });
   }
 
@@ -378,6 +387,112 @@ class Scatter {
   std::vector<float> wide_;               // dL_{k-1} with rows padded to r8_k
 };
 
+// The gradient of each id's row: row u of a [U, d] gradient.
+struct RowGrads {
+  const float* grad;
+  int64_t dim;
+
+  const float* address(int64_t u) const { return grad + u * dim; }
+  const float* row(int64_t u) const { return address(u); }
+};
+
+// The gradient of each id's row from its bag's: scale_u times row bag_u of a [B, d] gradient.
+struct BagGrads {
+  const torchrec_pss::GradRows& grad;
+  const torchrec_pss::Bags& bags;
+  const std::vector<int64_t>& bag;
+  std::vector<float> scaled;
+
+  const float* address(int64_t u) const { return grad.row(bag[u]); }
+  const float* row(int64_t u) {
+    const float* source = address(u);
+    if (bags.weights == nullptr) {
+      return source;
+    }
+    const float scale = bags.weights[u];
+    for (size_t k = 0; k < scaled.size(); ++k) {
+      scaled[k] = scale * source[k];
+    }
+    return scaled.data();
+  }
+};
+
+// The bag of every id [U] (offsets checked by Bags).
+std::vector<int64_t> bag_of_ids(const torchrec_pss::Bags& bags) {
+  std::vector<int64_t> bag(bags.num_ids);
+  for (int64_t b = 0; b < bags.num_bags; ++b) {
+    std::fill(bag.begin() + bags.offsets[b], bag.begin() + bags.offsets[b + 1], b);
+  }
+  return bag;
+}
+
+// Sums chunks' private buffers (floats [offset, offset + size) of each) into out, in chunk order.
+void add_buffers(float* out, const std::vector<std::vector<float>>& buffers, int64_t offset, int64_t size) {
+  at::parallel_for(0, size, 1 << 14, [&](int64_t e0, int64_t e1) {
+    for (size_t c = 1; c < buffers.size(); ++c) {
+      const float* part = buffers[c].data() + offset;
+      for (int64_t e = e0; e < e1; ++e) {
+        out[e] += part[e];
+      }
+    }
+  });
+}
+
+// Chunks of ids for `work` (multiply-adds, weighted) whose private buffers hold `floats` each: one per thread,
+// fewer when zeroing and summing the buffers would cost more than the ids (under 4 units of work per float).
+int64_t chunk_count(int64_t work, int64_t floats) {
+  return std::clamp<int64_t>(work / (4 * std::max<int64_t>(floats, 1)), 1, at::get_num_threads());
+}
+
+// The dense gradients of the cores, the gradient of id u's row given by make_rows() (RowGrads or BagGrads).
+template <class MakeRows>
+std::vector<at::Tensor> core_gradients(const Train& train, const Batch& batch, MakeRows&& make_rows) {
+  const int64_t count = batch.count, n = train.n;
+  std::vector<at::Tensor> out;
+  std::vector<int64_t> offset{0};  // core k's gradient is floats [offset[k], offset[k + 1]) of a chunk buffer
+  for (int64_t k = 0; k < n; ++k) {
+    out.push_back(at::zeros_like(train.cores[k]));
+    offset.push_back(offset.back() + train.cores[k].numel());
+  }
+  if (count == 0) {
+    return out;
+  }
+  // G_k^T per slice, its rows padded with zeros to r8_k, a multiple of 8 (no narrow tiles): [p_k, q_k r_{k+1}, r8_k].
+  std::vector<at::Tensor> transposed(n);
+  std::vector<const float*> transposed_data(n);
+  std::vector<int64_t> padded(n);
+  for (int64_t k = 1; k < n; ++k) {
+    const at::Tensor& core = train.cores[k];
+    padded[k] = (train.r[k] + 7) / 8 * 8;
+    transposed[k] = at::zeros({train.p[k], train.q[k] * train.r[k + 1], padded[k]}, core.options());
+    transposed[k].narrow(2, 0, train.r[k]).copy_(core.permute({0, 2, 3, 1}).reshape({train.p[k], -1, train.r[k]}));
+    transposed_data[k] = transposed[k].data_ptr<float>();
+  }
+  const int64_t total = offset.back();
+  const int64_t chunks = chunk_count(count * std::max<int64_t>(train.flops, 1) / 4, total);
+  std::vector<std::vector<float>> buffers(chunks);
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      std::vector<float*> grads(n);
+      if (c > 0) {
+        buffers[c].assign(total, 0.0f);
+      }
+      for (int64_t k = 0; k < n; ++k) {
+        grads[k] = c == 0 ? out[k].data_ptr<float>() : buffers[c].data() + offset[k];
+      }
+      auto rows = make_rows();
+      Scatter(train, transposed_data, padded, std::move(grads)).run(batch, rows, count * c / chunks,
+                                                                     count * (c + 1) / chunks);
+    }
+  });
+  if (chunks > 1) {
+    for (int64_t k = 0; k < n; ++k) {
+      add_buffers(out[k].data_ptr<float>(), buffers, offset[k], offset[k + 1] - offset[k]);
+    }
+  }
+  return out;
+}
+
 }  // namespace
 
 at::Tensor tt_rows_forward(const std::vector<at::Tensor>& cores, const at::Tensor& ids) {
@@ -409,65 +524,70 @@ std::vector<at::Tensor> tt_rows_backward(const at::Tensor& grad_out, const std::
                                          const at::Tensor& ids) {
   const Train train(cores);
   const Batch batch(ids, train);
-  const int64_t count = batch.count, dim = train.dim, n = train.n;
   TORCH_CHECK(grad_out.device().is_cpu() && grad_out.scalar_type() == at::kFloat,
               "tt: grad must be a float32 CPU tensor, got ", grad_out.scalar_type(), " on ", grad_out.device());
-  TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == count && grad_out.size(1) == dim,
-              "tt: grad must be [U, d] = [", count, ", ", dim, "], got ", grad_out.sizes());
+  TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == batch.count && grad_out.size(1) == train.dim,
+              "tt: grad must be [U, d] = [", batch.count, ", ", train.dim, "], got ", grad_out.sizes());
   const auto grad = grad_out.contiguous();
-  std::vector<at::Tensor> out;
-  std::vector<int64_t> offset{0};  // core k's gradient is floats [offset[k], offset[k + 1]) of a chunk buffer
-  for (int64_t k = 0; k < n; ++k) {
-    out.push_back(at::zeros_like(train.cores[k]));
-    offset.push_back(offset.back() + train.cores[k].numel());
-  }
+  return core_gradients(train, batch, [&] { return RowGrads{grad.data_ptr<float>(), train.dim}; });
+}
+
+at::Tensor tt_pooled_forward(const std::vector<at::Tensor>& cores, const at::Tensor& ids, const at::Tensor& offsets,
+                             const std::optional<at::Tensor>& scales) {
+  const Train train(cores);
+  const Batch batch(ids, train);
+  const torchrec_pss::Bags bags(ids, offsets, scales);
+  const int64_t count = batch.count, dim = train.dim, n = train.n, total = bags.num_bags * dim;
+  auto out = at::zeros({bags.num_bags, dim}, train.cores[0].options());
   if (count == 0) {
     return out;
   }
-  // G_k^T per slice, its rows padded with zeros to r8_k, a multiple of 8 (no narrow tiles): [p_k, q_k r_{k+1}, r8_k].
-  std::vector<at::Tensor> transposed(n);
-  std::vector<const float*> transposed_data(n);
-  std::vector<int64_t> padded(n);
-  for (int64_t k = 1; k < n; ++k) {
-    const at::Tensor& core = train.cores[k];
-    padded[k] = (train.r[k] + 7) / 8 * 8;
-    transposed[k] = at::zeros({train.p[k], train.q[k] * train.r[k + 1], padded[k]}, core.options());
-    transposed[k].narrow(2, 0, train.r[k]).copy_(core.permute({0, 2, 3, 1}).reshape({train.p[k], -1, train.r[k]}));
-    transposed_data[k] = transposed[k].data_ptr<float>();
-  }
-  // One chunk per thread, but fewer when zeroing and summing the extra buffers would cost more than the ids.
-  const int64_t total = offset.back();
-  const int64_t work = count * 2 * std::max<int64_t>(train.flops, 1);
-  const int64_t chunks = std::clamp<int64_t>(work / (32 * total), 1, at::get_num_threads());
+  const std::vector<int64_t> bag = bag_of_ids(bags);
+  const int64_t chunks = chunk_count(count * std::max<int64_t>(train.flops, 1), total);
   std::vector<std::vector<float>> buffers(chunks);
-  const float* g = grad.data_ptr<float>();
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
-      std::vector<float*> grads(n);
+      float* sink = out.data_ptr<float>();
       if (c > 0) {
         buffers[c].assign(total, 0.0f);
+        sink = buffers[c].data();
       }
-      for (int64_t k = 0; k < n; ++k) {
-        grads[k] = c == 0 ? out[k].data_ptr<float>() : buffers[c].data() + offset[k];
-      }
-      Scatter(train, transposed_data, padded, std::move(grads)).run(batch, g, count * c / chunks,
-                                                                     count * (c + 1) / chunks);
+      Walker walker(train);
+      std::vector<float> row(dim);
+      const int64_t last = n - 1, q = train.q[last], rank = train.r[last], rows_in = train.width[last - 1];
+      walker.walk(
+          batch, count * c / chunks, count * (c + 1) / chunks, [](int64_t, const int64_t*) {},
+          [&](int64_t u, const int64_t* digit) {
+            gemm(rows_in, q, rank, walker.left(last - 1), rank, 1, train.at(last, digit[last]), q, row.data(), q,
+                 false);
+            const float scale = bags.weight(u);
+            float* __restrict__ dst = sink + bag[u] * dim;
+            for (int64_t k = 0; k < dim; ++k) {
+              dst[k] += scale * row[k];
+            }
+          });
     }
   });
   if (chunks > 1) {
-    for (int64_t k = 0; k < n; ++k) {
-      float* sum = out[k].data_ptr<float>();
-      at::parallel_for(0, offset[k + 1] - offset[k], 1 << 14, [&](int64_t e0, int64_t e1) {
-        for (int64_t c = 1; c < chunks; ++c) {
-          const float* part = buffers[c].data() + offset[k];
-          for (int64_t e = e0; e < e1; ++e) {
-            sum[e] += part[e];
-          }
-        }
-      });
-    }
+    add_buffers(out.data_ptr<float>(), buffers, 0, total);
   }
   return out;
+}
+
+std::vector<at::Tensor> tt_pooled_backward(const at::Tensor& grad_out, const std::vector<at::Tensor>& cores,
+                                           const at::Tensor& ids, const at::Tensor& offsets,
+                                           const std::optional<at::Tensor>& scales) {
+  const Train train(cores);
+  const Batch batch(ids, train);
+  const torchrec_pss::Bags bags(ids, offsets, scales);
+  TORCH_CHECK(grad_out.device().is_cpu() && grad_out.dim() == 2 && grad_out.size(0) == bags.num_bags &&
+                  grad_out.size(1) == train.dim,
+              "tt: grad must be a CPU tensor [B, d] = [", bags.num_bags, ", ", train.dim, "], got ", grad_out.sizes(),
+              " on ", grad_out.device());
+  const auto grad = torchrec_pss::grad_rows(grad_out);
+  const std::vector<int64_t> bag = bag_of_ids(bags);
+  return core_gradients(train, batch,
+                        [&] { return BagGrads{grad, bags, bag, std::vector<float>(train.dim)}; });
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
@@ -478,4 +598,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("tt_rows_forward", &tt_rows_forward, no_gil, "Rows of ids: [U, d]", arg("cores"), arg("ids"));
   module.def("tt_rows_backward", &tt_rows_backward, no_gil, "Dense gradients of the cores (their shapes)",
              arg("grad"), arg("cores"), arg("ids"));
+  module.def("tt_pooled_forward", &tt_pooled_forward, no_gil, "Pooled rows of bags: [B, d]", arg("cores"),
+             arg("ids"), arg("offsets"), arg("scales"));
+  module.def("tt_pooled_backward", &tt_pooled_backward, no_gil,
+             "Dense gradients of the cores (their shapes) for the pooled rows' gradient [B, d]", arg("grad"),
+             arg("cores"), arg("ids"), arg("offsets"), arg("scales"));
 }
