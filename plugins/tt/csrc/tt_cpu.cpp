@@ -237,11 +237,35 @@ struct Batch {
         train.digits(id[u], digit.data() + u * n);
       }
     });
-    order.resize(count);
+    order = increasing_order(id, count);
+  }
+
+  // The positions of id[0 : count) (all >= 0) in increasing id order, equal ids in position order: an LSD radix
+  // sort over the ids' significant bits, 11 at a time (a comparison sort of the positions took ~7 ms for 80k
+  // random ids of 256M rows, twice per training step).
+  static std::vector<int64_t> increasing_order(const int64_t* id, int64_t count) {
+    std::vector<int64_t> order(count);
     std::iota(order.begin(), order.end(), int64_t{0});
-    if (!std::is_sorted(id, id + count)) {
-      std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return id[a] < id[b]; });
+    if (std::is_sorted(id, id + count)) {
+      return order;
     }
+    constexpr int kBits = 11;
+    constexpr int64_t kBuckets = int64_t{1} << kBits;
+    const auto largest = static_cast<uint64_t>(*std::max_element(id, id + count));
+    const int bits = 64 - __builtin_clzll(largest | 1);
+    std::vector<int64_t> next(count), counts(kBuckets + 1);
+    for (int shift = 0; shift < bits; shift += kBits) {
+      std::fill(counts.begin(), counts.end(), 0);
+      for (const int64_t u : order) {
+        ++counts[((static_cast<uint64_t>(id[u]) >> shift) & (kBuckets - 1)) + 1];
+      }
+      std::partial_sum(counts.begin(), counts.end(), counts.begin());
+      for (const int64_t u : order) {
+        next[counts[(static_cast<uint64_t>(id[u]) >> shift) & (kBuckets - 1)]++] = u;
+      }
+      order.swap(next);
+    }
+    return order;
   }
 
   const int64_t* digits_of(int64_t u, int64_t n) const { return digit.data() + u * n; }
