@@ -175,6 +175,18 @@ def test_pooled_many_ids_on_every_thread_count() -> None:
         torch.set_num_threads(threads)
 
 
+def test_pooled_bags_without_ids() -> None:
+    """Three empty bags: zero outputs and zero core gradients, as the reference gives."""
+    cores, ids = make_cores((4, 5, 3), (2, 3, 2), (3, 5)), torch.empty(0, dtype=torch.int64)
+    offsets = torch.zeros(4, dtype=torch.int64)
+    for out in (KERNELS.tt_pooled_forward(cores, ids, offsets, None), reference.pooled(cores, ids, offsets, None)):
+        assert out.shape == (3, 12) and not out.any()
+    grad = torch.ones(3, 12)
+    for grads in (KERNELS.tt_pooled_backward(grad, cores, ids, offsets, None),
+                  reference.pooled_backward(grad, cores, ids, offsets, None)):
+        assert all(g.shape == c.shape and not g.any() for g, c in zip(grads, cores))
+
+
 def test_pooled_bad_inputs() -> None:
     cores, ids = make_cores((4, 5, 3), (2, 3, 2), (3, 5)), torch.tensor([1, 2, 3])
     with pytest.raises(RuntimeError, match=r"offsets must run from 0 to the number of ids \(3\), got 0 ... 2"):
