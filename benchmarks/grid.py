@@ -17,7 +17,10 @@ is timed, in the same process and on the same device, through:
 
 Every cell reports the median forward time (under ``torch.no_grad``) and the median training step
 (forward + backward + fused SGD, loss = sum of the pooled outputs) over ``--steps`` timed steps after
-``--warmup`` untimed ones, and both as ratios to the baseline (lower is better). A method that cannot
+``--warmup`` untimed ones, and both as ratios to the baseline (lower is better). Each cell is timed in rounds
+interleaved with the baseline (one call of each per round; the baseline table stays allocated for the whole
+setting) and divided by the baseline's medians of those same rounds, so a drift of the machine's speed between
+cells (2× within minutes on a shared VM) does not show up as a ratio. A method that cannot
 reach a ratio is recorded as unreachable (a dash in the tables). The compressed modules run with their
 input checks off, as torchrec's EBC checks nothing (``--check-inputs`` turns them on).
 ``--caller-thread-backward`` runs every backward (the baselines' too) on the calling thread
@@ -50,7 +53,9 @@ import datetime
 import gc
 import json
 import platform
+import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -63,7 +68,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.optim import apply_optimizer_in_backward
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from lookup import LR, cpu_tbe, mlet_config, qr_config, time_steps, tt_config
+from lookup import LR, cpu_tbe, mlet_config, qr_config, tt_config
 from torchrec_pss import CompressedEmbeddingBagCollection, HashingConfig, MethodConfig, RobeConfig
 from torchrec_pss.optim import release_in_backward_optimizers
 
@@ -178,52 +183,80 @@ def make_kjt(n: int, pooling: int, batch: int, device: torch.device) -> KeyedJag
     ).to(device)
 
 
-def measure(forward: Callable[[], torch.Tensor], module: torch.nn.Module | None, warmup: int, iters: int,
-            device: torch.device) -> dict[str, float]:
-    """Median milliseconds of ``forward`` under ``no_grad`` and of a training step (loss = sum of the output),
-    with SGD fused into backward for ``module``'s parameters, which are released from it afterwards.
-
-    ``module`` None: the forward's module fuses its own optimizer (FBGEMM's TBE).
-    """
-    if module is not None:
-        apply_optimizer_in_backward(torch.optim.SGD, module.parameters(), {"lr": LR})
-
-    def infer() -> None:
-        with torch.no_grad():
-            forward()
-
-    times = {"forward_ms": time_steps(infer, warmup, iters, device),
-             "step_ms": time_steps(lambda: forward().sum().backward(), warmup, iters, device)}
-    if module is not None:
-        release_in_backward_optimizers(module)
-    return times
+Forward = Callable[[], torch.Tensor]
 
 
-def baseline_cell(n: int, d: int, kjt: KeyedJaggedTensor, warmup: int, iters: int,
-                  device: torch.device) -> dict[str, float]:
-    """FBGEMM's CPU TBE (EXACT_SGD); ``nn.EmbeddingBag`` with sparse gradients + fused SGD on CUDA."""
+def measure(forwards: list[Forward], warmup: int, iters: int, device: torch.device) -> list[dict[str, float]]:
+    """Median milliseconds of each forward under ``no_grad`` and of its training step (loss = sum of the output;
+    the optimizers fused into backward are the callers'), timed in rounds of one call of each, so that a drift in
+    the machine's speed (large on shared VMs) hits them alike."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def infer(forward: Forward) -> Callable[[], None]:
+        def run() -> None:
+            with torch.no_grad():
+                forward()
+        return run
+
+    def medians(calls: list[Callable[[], None]]) -> list[float]:
+        for call in calls:
+            for _ in range(warmup):
+                call()
+        times: list[list[float]] = [[] for _ in calls]
+        for _ in range(iters):
+            for call, record in zip(calls, times):
+                sync()
+                start = time.perf_counter()
+                call()
+                sync()
+                record.append((time.perf_counter() - start) * 1e3)
+        return [statistics.median(record) for record in times]
+
+    forward_ms = medians([infer(f) for f in forwards])
+    step_ms = medians([lambda f=f: f().sum().backward() for f in forwards])
+    return [{"forward_ms": fwd, "step_ms": step} for fwd, step in zip(forward_ms, step_ms)]
+
+
+def fused_sgd(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` with SGD fused into backward for its parameters (undo: ``release_in_backward_optimizers``)."""
+    apply_optimizer_in_backward(torch.optim.SGD, module.parameters(), {"lr": LR})
+    return module
+
+
+def baseline_forward(n: int, d: int, kjt: KeyedJaggedTensor, device: torch.device
+                     ) -> tuple[Forward, torch.nn.Module | None]:
+    """FBGEMM's CPU TBE (EXACT_SGD, fused by itself); ``nn.EmbeddingBag`` with sparse gradients + fused SGD on CUDA
+    (returned as the module to release)."""
     indices, offsets = kjt.values(), kjt.offsets()
     if device.type == "cuda":
-        bag = torch.nn.EmbeddingBag(n, d, mode="sum", sparse=True, include_last_offset=True, device=device)
-        return measure(lambda: bag(indices, offsets), bag, warmup, iters, device)
+        bag = fused_sgd(torch.nn.EmbeddingBag(n, d, mode="sum", sparse=True, include_last_offset=True,
+                                              device=device))
+        return (lambda: bag(indices, offsets)), bag
     tbe = cpu_tbe(n, d, EmbOptimType.EXACT_SGD)
-    return measure(lambda: tbe(indices, offsets), None, warmup, iters, device)
+    return (lambda: tbe(indices, offsets)), None
 
 
 def ebc_cell(table: EmbeddingBagConfig, kjt: KeyedJaggedTensor, warmup: int, iters: int,
              device: torch.device) -> dict[str, float]:
     """``torchrec.EmbeddingBagCollection`` (dense table gradient) with SGD fused into backward."""
-    ebc = EmbeddingBagCollection([table], device=device)
-    return measure(lambda: ebc(kjt).values(), ebc, warmup, iters, device)
+    ebc = fused_sgd(EmbeddingBagCollection([table], device=device))
+    (times,) = measure([lambda: ebc(kjt).values()], warmup, iters, device)
+    release_in_backward_optimizers(ebc)
+    return times
 
 
 def compressed_cell(table: EmbeddingBagConfig, config: MethodConfig, kjt: KeyedJaggedTensor, warmup: int,
-                    iters: int, device: torch.device, check_inputs: bool) -> dict[str, float]:
-    """Achieved compression and median times of one compressed module (ValueError: the ratio is unreachable)."""
-    module = CompressedEmbeddingBagCollection([table], {"t": config}, device, validate_inputs=check_inputs)
+                    iters: int, device: torch.device, check_inputs: bool,
+                    baseline: Forward | None) -> tuple[dict[str, float], dict[str, float] | None]:
+    """Achieved compression and median times of one compressed module (ValueError: the ratio is unreachable), and
+    the baseline's medians from the same rounds (None without a baseline)."""
+    module = fused_sgd(CompressedEmbeddingBagCollection([table], {"t": config}, device,
+                                                        validate_inputs=check_inputs))
     stored = module.memory_for("t").num_bytes()
-    times = measure(lambda: module(kjt).values(), module, warmup, iters, device)
-    return {"compression": table.num_embeddings * table.embedding_dim * FLOAT_BYTES / stored, **times}
+    times = measure([lambda: module(kjt).values(), *([] if baseline is None else [baseline])], warmup, iters, device)
+    release_in_backward_optimizers(module)
+    compression = table.num_embeddings * table.embedding_dim * FLOAT_BYTES / stored
+    return {"compression": compression, **times[0]}, times[1] if baseline is not None else None
 
 
 def with_ratios(row: dict[str, Any], base: dict[str, float] | None) -> dict[str, Any]:
@@ -236,38 +269,39 @@ def with_ratios(row: dict[str, Any], base: dict[str, float] | None) -> dict[str,
 def run_setting(n: int, pooling: int, grid: list[Variant], ratios: list[float], batch: int, dim: int,
                 warmup: int, iters: int, device: torch.device, check_inputs: bool,
                 cap_gib: float | None = None) -> list[dict[str, Any]]:
-    """Every cell of one (rows, L) setting: baseline, EBC, then every variant at every ratio (timed without a
-    baseline when the baseline's table does not fit, as long as the variant's own memory does)."""
+    """Every cell of one (rows, L) setting: EBC, baseline, then every variant at every ratio, each timed in rounds
+    interleaved with the baseline (kept for the whole setting) and divided by the baseline's medians of those rounds;
+    without a baseline (its table does not fit) the variants whose own memory fits are timed alone."""
     table = EmbeddingBagConfig(name="t", embedding_dim=dim, num_embeddings=n, feature_names=["f"])
     common: dict[str, Any] = {"rows": n, "pooling": pooling, "batch": batch, "dim": dim}
     logical = n * dim * FLOAT_BYTES
     kjt = make_kjt(n, pooling, batch, device)
-    base: dict[str, float] | None = None
     ebc: dict[str, Any] = {**common, "method": "ebc", "label": "ebc", "asked": 1.0}
+    baseline: Forward | None = None
+    baseline_module: torch.nn.Module | None = None
     skipped = does_not_fit(f"the {n:,} x {dim} baseline table", logical, device, cap_gib)
     if skipped:
         rows = [{**common, "method": "baseline", "label": "baseline", "asked": 1.0, "status": "skipped",
                  "reason": skipped}, {**ebc, "status": "skipped", "reason": skipped}]
         report(rows[0])
     else:
-        base = baseline_cell(n, dim, kjt, warmup, iters, device)
+        reason = does_not_fit("the EBC's table and dense gradient", 2 * logical, device, cap_gib)
+        ebc_times = None if reason else ebc_cell(table, kjt, warmup, iters, device)
         release(device)
+        baseline, baseline_module = baseline_forward(n, dim, kjt, device)
+        (base,) = measure([baseline], warmup, iters, device)
         rows = [with_ratios({**common, "method": "baseline", "label": "baseline", "asked": 1.0, "compression": 1.0,
                              "status": "ok", **base}, base)]
         report(rows[0])
-        reason = does_not_fit("the EBC's table and dense gradient", 2 * logical, device, cap_gib)
-        if reason:
-            rows.append({**ebc, "status": "skipped", "reason": reason})
-        else:
-            rows.append(with_ratios({**ebc, "compression": 1.0, "status": "ok",
-                                     **ebc_cell(table, kjt, warmup, iters, device)}, base))
-            release(device)
+        rows.append({**ebc, "status": "skipped", "reason": reason} if reason else
+                    with_ratios({**ebc, "compression": 1.0, "status": "ok", **ebc_times}, base))
         report(rows[-1])
+    resident = 0 if baseline is None else logical  # the baseline's table stays allocated beside every cell
     for ratio in ratios:
         for variant in grid:
             row = {**common, **variant.row(ratio)}
             too_big = does_not_fit(f"{variant.label} at {ratio:g}x (memory, gradient and optimizer scratch)",
-                                   3 * int(logical / ratio), device, cap_gib)
+                                   3 * int(logical / ratio) + resident, device, cap_gib)
             try:
                 config = variant.config(table, ratio)
                 if config is None:
@@ -276,8 +310,10 @@ def run_setting(n: int, pooling: int, grid: list[Variant], ratios: list[float], 
                 if too_big:
                     row.update(status="skipped", reason=too_big)
                 else:
-                    row = with_ratios({**row, "status": "ok", **compressed_cell(table, config, kjt, warmup, iters,
-                                                                               device, check_inputs)}, base)
+                    times, paired = compressed_cell(table, config, kjt, warmup, iters, device, check_inputs, baseline)
+                    row = with_ratios({**row, "status": "ok", **times}, paired)
+                    if paired is not None:
+                        row.update(baseline_forward_ms=paired["forward_ms"], baseline_step_ms=paired["step_ms"])
             except ValueError as error:
                 row.update(status="unreachable", reason=str(error))
             except torch.OutOfMemoryError as error:
@@ -285,6 +321,8 @@ def run_setting(n: int, pooling: int, grid: list[Variant], ratios: list[float], 
             release(device)
             rows.append(row)
             report(row)
+    if baseline_module is not None:
+        release_in_backward_optimizers(baseline_module)
     return rows
 
 
@@ -318,7 +356,8 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"Generated by `python benchmarks/grid.py {' '.join(meta['argv'])}` on {meta['date']}. Baseline: "
         f"{meta['baseline']}. Batch {meta['batch']} bags of L uniform random ids, d = {meta['dim']}, SGD "
         f"(lr {LR}) fused into backward everywhere; medians of {meta['steps']} timed steps after "
-        f"{meta['warmup']} warm-up steps; compressed modules' input checks "
+        f"{meta['warmup']} warm-up steps, each cell in rounds interleaved with the baseline and divided by the "
+        f"baseline's medians of the same rounds; compressed modules' input checks "
         f"{'on' if meta['check_inputs'] else 'off'}; backward on "
         f"{'the calling thread' if meta.get('caller_thread_backward') else 'autograd default threads'}; "
         f"torch {meta['torch']}, {meta['threads']} threads, "

@@ -35,8 +35,11 @@ def test_quick_grid_writes_every_cell(tmp_path: Path) -> None:
             assert row["status"] == "unreachable", key
             continue
         assert row["status"] == "ok", (key, row.get("reason"))
-        for field in ("forward_ms", "step_ms", "forward_ratio", "step_ratio", "compression"):
+        for field in ("forward_ms", "step_ms", "forward_ratio", "step_ratio", "compression", "baseline_step_ms"):
             assert row[field] > 0, (key, field)
+        # the ratio is over the baseline timed in the cell's own rounds
+        assert row["step_ratio"] == row["step_ms"] / row["baseline_step_ms"], key
+        assert row["forward_ratio"] == row["forward_ms"] / row["baseline_forward_ms"], key
     markdown = stem.with_suffix(".md").read_text()
     assert "| rows | L | method | 10x | 1000x |" in markdown and "| 10,000 | 1 | robe Z=32 |" in markdown
     assert (tmp_path / "grid_n10000_L1.png").stat().st_size > 0
