@@ -10,10 +10,11 @@ is timed, in the same process and on the same device, through:
 - ``torchrec.EmbeddingBagCollection`` (dense table gradient) with SGD fused into backward;
 - every method at every asked compression (``--compressions``), as ``CompressedEmbeddingBagCollection``
   with ``apply_optimizer_in_backward(torch.optim.SGD)``: ROBE at every chunk size Z (``--chunk-sizes``;
-  its backward scatters the SGD update straight into ``M``, whatever the gradient layout, so it has one
-  variant per Z); QR (mult), the hashing trick and MLET (the widest low-rank table reaching the ratio) at
-  every gradient layout (``--gradients``); TT (the largest rank <= 32 reaching the ratio; it has no
-  gradient switch).
+  its backward scatters the SGD update straight into ``M``), QR (mult), the hashing trick, MLET (the widest
+  low-rank table reaching the ratio) and TT (the largest rank <= 32 reaching the ratio). With a fused SGD the
+  layout of QR's, hashing's and MLET's gradients follows the ``"auto"`` rule whatever their config says
+  (:func:`torchrec_pss.gradient_layout.gradient_mode`: the step is the same either way), so each method has
+  one variant.
 
 Every cell reports the median forward time (under ``torch.no_grad``) and the median training step
 (forward + backward + fused SGD, loss = sum of the pooled outputs) over ``--steps`` timed steps after
@@ -73,7 +74,6 @@ from torchrec_pss import CompressedEmbeddingBagCollection, HashingConfig, Method
 from torchrec_pss.optim import release_in_backward_optimizers
 
 METHODS = ("robe", "qr", "tt", "hashing", "mlet")
-GRADIENT_METHODS = ("robe", "qr", "hashing", "mlet")
 MEMORY_FRACTION = 0.8  # a table must fit in this share of the device's free memory
 FLOAT_BYTES = 4
 BASELINES = {
@@ -105,41 +105,31 @@ class Variant:
 
     method: str
     chunk_size: int | None = None
-    gradient: str | None = None
 
     @property
     def label(self) -> str:
-        chunk = [] if self.chunk_size is None else [f"Z={self.chunk_size}"]
-        return " ".join([self.method, *chunk, *([self.gradient] if self.gradient else [])])
+        return self.method if self.chunk_size is None else f"{self.method} Z={self.chunk_size}"
 
     def row(self, ratio: float) -> dict[str, Any]:
         """The fields naming this variant at ``ratio`` in a result row."""
-        return {"method": self.method, "label": self.label, "chunk_size": self.chunk_size,
-                "gradient": self.gradient, "asked": ratio}
+        return {"method": self.method, "label": self.label, "chunk_size": self.chunk_size, "asked": ratio}
 
     def config(self, table: EmbeddingBagConfig, ratio: float) -> MethodConfig | None:
         """The method config at ``ratio``x, or None where the benchmark's rule finds none reaching it."""
         if self.method == "robe":
             return RobeConfig(compression=ratio, chunk_size=self.chunk_size)
         if self.method == "hashing":
-            return HashingConfig(compression=ratio, gradient=self.gradient)
+            return HashingConfig(compression=ratio)
         if self.method == "tt":
             return tt_config(table, ratio)
-        config = qr_config(table, ratio) if self.method == "qr" else mlet_config(table, ratio)
-        return None if config is None else dataclasses.replace(config, gradient=self.gradient)
+        return qr_config(table, ratio) if self.method == "qr" else mlet_config(table, ratio)
 
 
-def variants(methods: list[str], chunk_sizes: list[int], gradients: list[str]) -> list[Variant]:
-    """Every ROBE Z (its fused SGD takes no gradient layout), every (method, gradient) of QR, hashing and MLET,
-    and TT."""
+def variants(methods: list[str], chunk_sizes: list[int]) -> list[Variant]:
+    """Every ROBE Z, then each other method once."""
     out: list[Variant] = []
     for method in methods:
-        if method == "robe":
-            out += [Variant(method, chunk) for chunk in chunk_sizes]
-        elif method in GRADIENT_METHODS:
-            out += [Variant(method, gradient=gradient) for gradient in gradients]
-        else:
-            out.append(Variant(method))
+        out += [Variant(method, chunk) for chunk in chunk_sizes] if method == "robe" else [Variant(method)]
     return out
 
 
@@ -414,8 +404,7 @@ def plot(results: list[dict[str, Any]], meta: dict[str, Any], stem: Path) -> lis
         for ax, kind, title in zip(axes, ("forward", "step"), ("forward only", "training step (fwd + bwd + SGD)")):
             for i, label in enumerate(labels):
                 points = sorted((r["asked"], r[f"{kind}_ms"]) for r in rows if r["label"] == label)
-                style = "--" if label.endswith("sparse") else ":" if label.endswith("auto") else "-"
-                ax.plot([x for x, _ in points], [y for _, y in points], style, marker="o", color=colors(i % 20),
+                ax.plot([x for x, _ in points], [y for _, y in points], "-", marker="o", color=colors(i % 20),
                         label=label)
             for method, color in (("baseline", "black"), ("ebc", "grey")):
                 for r in rows:
@@ -454,8 +443,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compressions", type=float, nargs="+", help="asked ratios (default 10 100 1000 10000)")
     parser.add_argument("--chunk-sizes", type=int, nargs="+", help="ROBE chunk sizes Z (default 1 4 8 16 32)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    parser.add_argument("--gradients", nargs="+", choices=("dense", "sparse", "auto"), default=["dense", "sparse"],
-                        help="gradient layouts of QR, hashing and MLET")
     parser.add_argument("--pooling", type=int, nargs="+", help="pooling factors L (default 1 20)")
     parser.add_argument("--steps", type=int, help="timed steps per cell (default 5)")
     parser.add_argument("--warmup", type=int, help="untimed steps before them (default 2)")
@@ -504,7 +491,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         "caller_thread_backward": args.caller_thread_backward,
         "max_table_gib": args.max_table_gib,
     }
-    grid = variants(args.methods, args.chunk_sizes, args.gradients)
+    grid = variants(args.methods, args.chunk_sizes)
     results: list[dict[str, Any]] = []
     table = ""
     with torch.autograd.set_multithreading_enabled(not args.caller_thread_backward):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 import random
 from typing import Callable
@@ -10,6 +12,7 @@ import pytest
 import torch
 from torch.func import functional_call
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.optim import apply_optimizer_in_backward
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 import reference
@@ -167,7 +170,7 @@ AUTO_CASES = {
 @pytest.mark.parametrize("case", AUTO_CASES)
 def test_auto_gradient_picks_sparse_for_large_memories_only(case: str) -> None:
     config = AUTO_CASES[case]()
-    small = [EmbeddingBagConfig(name="t", embedding_dim=D, num_embeddings=40, feature_names=["f"])]
+    small = [EmbeddingBagConfig(name="t", embedding_dim=D, num_embeddings=20, feature_names=["f"])]
     large = [EmbeddingBagConfig(name="t", embedding_dim=D, num_embeddings=400_000, feature_names=["f"])]
     kjt = make_kjt({"f": [[1, 2], [3]]})
     layouts = {}
@@ -177,6 +180,46 @@ def test_auto_gradient_picks_sparse_for_large_memories_only(case: str) -> None:
         largest = max(module.memory_for("t").parameters(), key=lambda p: p.numel())
         layouts[name] = largest.grad.is_sparse
     assert layouts == {"small": False, "large": True}
+
+
+def layouts_given_to_updates(module: CompressedEmbeddingBagCollection, kjt) -> dict[str, bool]:
+    """One training step; whether each memory parameter's in-backward update got a sparse gradient."""
+    seen: dict[str, bool] = {}
+    module(kjt)  # adopts the in-backward optimizers as FusedUpdates
+    for name, param in module.named_parameters():
+        update = param._in_backward_optimizers[0]
+        apply = update.apply
+        update.apply = lambda grad, name=name, apply=apply: seen.__setitem__(name, grad.is_sparse) or apply(grad)
+    module(kjt).values().sum().backward()
+    return seen
+
+
+@pytest.mark.parametrize("case", AUTO_CASES)
+def test_layout_free_fused_updates_follow_the_auto_rule(case: str) -> None:
+    """gradient="dense" on a 400k-row table: with an in-backward SGD (same step for either layout) the memory
+    gets the sparse gradient the auto rule picks; with Adam (whose sparse step is lazy) it keeps the dense one;
+    and the SGD step equals the unfused dense one."""
+    config = dataclasses.replace(AUTO_CASES[case](), gradient="dense")
+    large = [EmbeddingBagConfig(name="t", embedding_dim=D, num_embeddings=400_000, feature_names=["f"])]
+    kjt = make_kjt({"f": [[1, 2], [399_999]]})
+    torch.manual_seed(0)
+    fused = CompressedEmbeddingBagCollection(large, {"t": config}).double()
+    plain = copy.deepcopy(fused)
+    apply_optimizer_in_backward(torch.optim.SGD, fused.parameters(), {"lr": 0.1})
+    largest = "pss_memories." + max(fused.pss_memories.named_parameters(), key=lambda p: p[1].numel())[0]
+    assert layouts_given_to_updates(fused, kjt)[largest]
+    optimizer = torch.optim.SGD(plain.parameters(), lr=0.1)
+    for _ in range(2):
+        plain(kjt).values().sum().backward()
+        assert not plain.get_parameter(largest).grad.is_sparse
+        optimizer.step()
+        optimizer.zero_grad()
+    fused(kjt).values().sum().backward()  # its second step (the first ran in layouts_given_to_updates)
+    for (name, got), want in zip(fused.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=name)
+    adam = CompressedEmbeddingBagCollection(large, {"t": config})
+    apply_optimizer_in_backward(torch.optim.Adam, adam.parameters(), {"lr": 0.1})
+    assert not layouts_given_to_updates(adam, kjt)[largest]
 
 
 def test_bag_request_offsets_are_computed_only_when_not_given() -> None:

@@ -7,14 +7,41 @@ a sparse one costs a sort of the elements the batch touches. ``"auto"`` picks de
 own kernel, uses 35: ``RobeConfig.auto_dense_ratio``). When the batch size is symbolic
 (``torch.export`` or ``torch.compile`` with dynamic shapes) and the rule cannot be decided, ``"auto"``
 picks dense: the traced graph keeps one layout, and dense works with every optimizer.
+
+The methods whose sparse gradient is a set of rows (QR's parts, the hashing trick's table, MLET's ``W1``) use
+:data:`ROWS_AUTO_DENSE_RATIO` = 8: in ``benchmarks/results/grid_cpu_interleaved.md`` their dense step won at
+``|M| / touched`` <= 3.9 and lost at 9.8 (hashing, 1.8x) and 39 (QR and hashing, 8-11x).
+
+A memory whose in-backward optimizer is a fused update that gives the same step for either layout (SGD,
+Adagrad, row-/blockwise Adagrad; not deferred to an all-reduce) follows the ``"auto"`` rule whatever its
+``gradient`` says (:func:`gradient_mode`): the layout then changes the speed only, as in FBGEMM's TBE, which
+never forms a dense gradient.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
+import torch
 from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 GRADIENT_MODES = ("dense", "sparse", "auto")
 DEFAULT_AUTO_DENSE_RATIO = 50.0
+ROWS_AUTO_DENSE_RATIO = 8.0
+LAYOUT_FREE_UPDATES = ("SGD", "Adagrad", "RowWiseAdagrad", "BlockwiseAdagrad")
+
+
+def gradient_mode(mode: str, params: Iterable[torch.Tensor]) -> str:
+    """``mode``, or ``"auto"`` when every one of ``params`` has one in-backward fused update of a kind in
+    :data:`LAYOUT_FREE_UPDATES` that applies its gradient itself (not deferred to an all-reduce)."""
+    for param in params:
+        optimizers = getattr(param, "_in_backward_optimizers", None)
+        if not optimizers or len(optimizers) != 1:
+            return mode
+        update = optimizers[0]
+        if getattr(update, "kind", None) not in LAYOUT_FREE_UPDATES or getattr(update, "deferred_to", True) is not None:
+            return mode
+    return "auto"
 
 
 def use_sparse_gradient(mode: str, memory_elements: int, touched_elements: int,
