@@ -9,8 +9,9 @@ own kernel, uses 35: ``RobeConfig.auto_dense_ratio``). When the batch size is sy
 picks dense: the traced graph keeps one layout, and dense works with every optimizer.
 
 The methods whose sparse gradient is a set of rows (QR's parts, the hashing trick's table, MLET's ``W1``) use
-:data:`ROWS_AUTO_DENSE_RATIO` = 8: in ``benchmarks/results/grid_cpu_interleaved.md`` their dense step won at
-``|M| / touched`` <= 3.9 and lost at 9.8 (hashing, 1.8x) and 39 (QR and hashing, 8-11x).
+:data:`ROWS_AUTO_DENSE_RATIO` = 8: in ``benchmarks/results/grid_cpu_interleaved.md`` their dense step won in 15
+of the 16 cells at ``|M| / touched`` <= 3.9 (not QR's 16M-row, L = 20 cell at 1.95: 60 against 32 ms) and lost
+at 9.8 (hashing, 1.8x) and 39 (QR and hashing, 8-11x).
 
 A memory whose in-backward optimizer is a fused update that gives the same step for either layout (SGD,
 Adagrad, row-/blockwise Adagrad; not deferred to an all-reduce) follows the ``"auto"`` rule whatever its
