@@ -19,7 +19,7 @@ def test_quick_grid_writes_every_cell(tmp_path: Path) -> None:
     subprocess.run(
         [sys.executable, "benchmarks/grid.py", "--quick", "--rows", "10000", "--steps", "2", "--batch", "512",
          "--out", str(stem)],
-        cwd=ROOT, check=True, timeout=120, capture_output=True, text=True,
+        cwd=ROOT, check=True, timeout=300, capture_output=True, text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"},  # one thread: no OpenMP spin-waits when the CPUs are busy
     )
     results = json.loads(stem.with_suffix(".json").read_text())["results"]
@@ -50,7 +50,7 @@ def test_caller_thread_backward_is_recorded(tmp_path: Path) -> None:
         [sys.executable, "benchmarks/grid.py", "--rows", "10000", "--methods", "robe", "--chunk-sizes", "32",
          "--compressions", "100", "--pooling", "1", "--steps", "2", "--warmup", "1", "--batch", "64",
          "--caller-thread-backward", "--out", str(stem)],
-        cwd=ROOT, check=True, timeout=120, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        cwd=ROOT, check=True, timeout=300, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     written = json.loads(stem.with_suffix(".json").read_text())
     assert written["meta"]["caller_thread_backward"] is True
@@ -67,7 +67,7 @@ def test_methods_are_timed_where_the_baseline_does_not_fit(tmp_path: Path) -> No
         [sys.executable, "benchmarks/grid.py", "--rows", "100000", "--methods", "robe", "--chunk-sizes", "32",
          "--compressions", "10", "1000", "--pooling", "1", "--steps", "2", "--warmup", "1", "--batch", "64",
          "--max-table-gib", "0.01", "--out", str(stem)],
-        cwd=ROOT, check=True, timeout=120, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        cwd=ROOT, check=True, timeout=300, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     written = json.loads(stem.with_suffix(".json").read_text())
     assert written["meta"]["max_table_gib"] == 0.01

@@ -175,6 +175,24 @@ def test_pooled_many_ids_on_every_thread_count() -> None:
         torch.set_num_threads(threads)
 
 
+def test_pooled_one_id_per_bag_on_every_thread_count() -> None:
+    """About one id per bag (and empty bags): with several threads the rows are contracted into a [U, d] block
+    and the bags summed from it; with one thread into the output directly."""
+    p = (6, 7, 5)
+    cores, ids = make_cores(p, (2, 4, 2), (8, 6), seed=4), make_ids(p, 3000)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.arange(ids.numel() + 1),
+                         torch.full((50,), ids.numel())])  # empty bags first and last
+    scales = torch.randn(ids.numel(), generator=torch.Generator().manual_seed(3))
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2, 5):
+            torch.set_num_threads(count)
+            check_pooled(cores, ids, offsets, scales)
+            check_pooled(cores, ids, offsets, None)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_pooled_bags_without_ids() -> None:
     """Three empty bags: zero outputs and zero core gradients, as the reference gives."""
     cores, ids = make_cores((4, 5, 3), (2, 3, 2), (3, 5)), torch.empty(0, dtype=torch.int64)

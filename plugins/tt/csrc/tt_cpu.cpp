@@ -517,14 +517,9 @@ std::vector<at::Tensor> core_gradients(const Train& train, const Batch& batch, M
   return out;
 }
 
-}  // namespace
-
-at::Tensor tt_rows_forward(const std::vector<at::Tensor>& cores, const at::Tensor& ids) {
-  const Train train(cores);
-  const Batch batch(ids, train);
+// Row u of every id u into rows [U, d] (each id its own slot: no conflicts between threads).
+void contract_rows(const Train& train, const Batch& batch, float* rows) {
   const int64_t count = batch.count, dim = train.dim, n = train.n;
-  auto out = at::empty({count, dim}, train.cores[0].options());
-  float* rows = out.data_ptr<float>();
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(train.flops, 1));
   at::parallel_for(0, count, grain, [&](int64_t j0, int64_t j1) {
     Walker walker(train);
@@ -541,6 +536,16 @@ at::Tensor tt_rows_forward(const std::vector<at::Tensor>& cores, const at::Tenso
                false);
         });
   });
+}
+
+
+}  // namespace
+
+at::Tensor tt_rows_forward(const std::vector<at::Tensor>& cores, const at::Tensor& ids) {
+  const Train train(cores);
+  const Batch batch(ids, train);
+  auto out = at::empty({batch.count, train.dim}, train.cores[0].options());
+  contract_rows(train, batch, out.data_ptr<float>());
   return out;
 }
 
@@ -566,8 +571,27 @@ at::Tensor tt_pooled_forward(const std::vector<at::Tensor>& cores, const at::Ten
   if (count == 0) {
     return out;
   }
-  const std::vector<int64_t> bag = bag_of_ids(bags);
   const int64_t chunks = chunk_count(count * std::max<int64_t>(train.flops, 1), total);
+  if (chunks > 1 && count <= (chunks - 1) * bags.num_bags) {
+    // Few ids per bag: a [U, d] block of rows costs less than the threads' private [B, d] outputs.
+    std::vector<float> rows(count * dim);
+    contract_rows(train, batch, rows.data());
+    float* pooled = out.data_ptr<float>();
+    at::parallel_for(0, bags.num_bags, torchrec_pss::bag_grain(bags, dim), [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        float* __restrict__ dst = pooled + b * dim;
+        for (int64_t u = bags.offsets[b]; u < bags.offsets[b + 1]; ++u) {
+          const float scale = bags.weight(u);
+          const float* __restrict__ row = rows.data() + u * dim;
+          for (int64_t k = 0; k < dim; ++k) {
+            dst[k] += scale * row[k];
+          }
+        }
+      }
+    });
+    return out;
+  }
+  const std::vector<int64_t> bag = bag_of_ids(bags);
   std::vector<std::vector<float>> buffers(chunks);
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
