@@ -54,9 +54,7 @@ import datetime
 import gc
 import json
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -69,7 +67,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.optim import apply_optimizer_in_backward
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from lookup import LR, cpu_tbe, mlet_config, qr_config, tt_config
+from lookup import LR, cpu_tbe, interleaved_medians, mlet_config, qr_config, tt_config
 from torchrec_pss import CompressedEmbeddingBagCollection, HashingConfig, MethodConfig, RobeConfig
 from torchrec_pss.optim import release_in_backward_optimizers
 
@@ -178,9 +176,7 @@ Forward = Callable[[], torch.Tensor]
 
 def measure(forwards: list[Forward], warmup: int, iters: int, device: torch.device) -> list[dict[str, float]]:
     """Median milliseconds of each forward under ``no_grad`` and of its training step (loss = sum of the output;
-    the optimizers fused into backward are the callers'), timed in rounds of one call of each, so that a drift in
-    the machine's speed (large on shared VMs) hits them alike."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    the optimizers fused into backward are the callers'), timed in interleaved rounds (``interleaved_medians``)."""
 
     def infer(forward: Forward) -> Callable[[], None]:
         def run() -> None:
@@ -188,22 +184,8 @@ def measure(forwards: list[Forward], warmup: int, iters: int, device: torch.devi
                 forward()
         return run
 
-    def medians(calls: list[Callable[[], None]]) -> list[float]:
-        for call in calls:
-            for _ in range(warmup):
-                call()
-        times: list[list[float]] = [[] for _ in calls]
-        for _ in range(iters):
-            for call, record in zip(calls, times):
-                sync()
-                start = time.perf_counter()
-                call()
-                sync()
-                record.append((time.perf_counter() - start) * 1e3)
-        return [statistics.median(record) for record in times]
-
-    forward_ms = medians([infer(f) for f in forwards])
-    step_ms = medians([lambda f=f: f().sum().backward() for f in forwards])
+    forward_ms = interleaved_medians([infer(f) for f in forwards], warmup, iters, device)
+    step_ms = interleaved_medians([lambda f=f: f().sum().backward() for f in forwards], warmup, iters, device)
     return [{"forward_ms": fwd, "step_ms": step} for fwd, step in zip(forward_ms, step_ms)]
 
 

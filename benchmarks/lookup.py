@@ -53,19 +53,27 @@ LR = 0.01
 MAX_TT_RANK = 32  # larger ranks need GBs of contraction intermediates for a 4096 x 20 batch on the CPU
 
 
+def interleaved_medians(steps: list[Callable[[], None]], warmup: int, iters: int, device: torch.device) -> list[float]:
+    """Median wall time of each step in milliseconds, timed in rounds of one call of each (so a drift in the
+    machine's speed hits them alike), synchronising the device around each call."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for step in steps:
+        for _ in range(warmup):
+            step()
+    times: list[list[float]] = [[] for _ in steps]
+    for _ in range(iters):
+        for step, record in zip(steps, times):
+            sync()
+            start = time.perf_counter()
+            step()
+            sync()
+            record.append((time.perf_counter() - start) * 1e3)
+    return [statistics.median(record) for record in times]
+
+
 def time_steps(step: Callable[[], None], warmup: int, iters: int, device: torch.device) -> float:
     """Median wall time of ``step`` in milliseconds (synchronising the device around each step)."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(iters):
-        sync()
-        start = time.perf_counter()
-        step()
-        sync()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return interleaved_medians([step], warmup, iters, device)[0]
 
 
 def sgd_step(module: torch.nn.Module, loss: Callable[[], torch.Tensor]) -> Callable[[], None]:

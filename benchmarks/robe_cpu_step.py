@@ -26,16 +26,14 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
 import torch
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
-from lookup import LR, collection_step, tbe_step
+from lookup import LR, collection_step, interleaved_medians, tbe_step
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.optim import apply_optimizer_in_backward
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -65,20 +63,6 @@ class _RobeSGD(torch.autograd.Function):
         weight, ids, offsets, coefficients, key, chunk, use_sign = ctx.args
         ctx.kernels.robe_sgd_update_(weight, grad, ids, offsets, None, coefficients, key, chunk, use_sign, False, LR)
         return None, None, None, None, None
-
-
-def interleaved_medians(steps: dict[str, Callable[[], None]], warmup: int, iters: int) -> dict[str, float]:
-    """Median ms of each step, timed in rounds (one run of every step per round) so load changes hit all alike."""
-    for step in steps.values():
-        for _ in range(warmup):
-            step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(iters):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def reference_step(step: Callable[[], None]) -> Callable[[], None]:
@@ -135,7 +119,7 @@ def run(rows: list[int], poolings: list[int], ratios: list[float], batch: int, d
                 if with_torch:
                     module = CompressedEmbeddingBagCollection([table], {"t": config})
                     steps[f"robe torch {ratio:g}"] = reference_step(collection_step(module, kjt))
-            medians = interleaved_medians(steps, warmup, iters)
+            medians = dict(zip(steps, interleaved_medians(list(steps.values()), warmup, iters, torch.device("cpu"))))
             results.append({**common, "method": "tbe", "compression": 1, "ms": medians["tbe"]})
             for ratio in ratios:
                 for method in ("robe c++", "robe module", "robe torch")[: 2 + with_torch]:

@@ -15,13 +15,11 @@ at 9.8 (hashing, 1.8x) and 39 (QR and hashing, 8-11x).
 
 A memory whose in-backward optimizer is a fused update that gives the same step for either layout (SGD,
 Adagrad, row-/blockwise Adagrad; not deferred to an all-reduce) follows the ``"auto"`` rule whatever its
-``gradient`` says (:func:`gradient_mode`): the layout then changes the speed only, as in FBGEMM's TBE, which
-never forms a dense gradient.
+``gradient`` says (:func:`gradient_mode`, :func:`use_sparse_rows`): the layout then changes the speed only, as
+in FBGEMM's TBE, which never forms a dense gradient.
 """
 
 from __future__ import annotations
-
-from collections.abc import Iterable
 
 import torch
 from torch.fx.experimental.symbolic_shapes import guard_or_false
@@ -32,17 +30,24 @@ ROWS_AUTO_DENSE_RATIO = 8.0
 LAYOUT_FREE_UPDATES = ("SGD", "Adagrad", "RowWiseAdagrad", "BlockwiseAdagrad")
 
 
-def gradient_mode(mode: str, params: Iterable[torch.Tensor]) -> str:
-    """``mode``, or ``"auto"`` when every one of ``params`` has one in-backward fused update of a kind in
+def gradient_mode(mode: str, param: torch.Tensor) -> str:
+    """``mode``, or ``"auto"`` when ``param`` has one in-backward fused update of a kind in
     :data:`LAYOUT_FREE_UPDATES` that applies its gradient itself (not deferred to an all-reduce)."""
-    for param in params:
-        optimizers = getattr(param, "_in_backward_optimizers", None)
-        if not optimizers or len(optimizers) != 1:
-            return mode
-        update = optimizers[0]
-        if getattr(update, "kind", None) not in LAYOUT_FREE_UPDATES or getattr(update, "deferred_to", True) is not None:
-            return mode
+    optimizers = getattr(param, "_in_backward_optimizers", None)
+    if not optimizers or len(optimizers) != 1:
+        return mode
+    update = optimizers[0]
+    if getattr(update, "kind", None) not in LAYOUT_FREE_UPDATES or getattr(update, "deferred_to", True) is not None:
+        return mode
     return "auto"
+
+
+def use_sparse_rows(mode: str, table: torch.Tensor, touched_rows: int) -> bool:
+    """Whether ``table`` (``[rows, width]``: QR's parts, the hashing trick's table, MLET's ``W1``), whose gradient
+    layout is ``mode``, gets a sparse gradient for a batch reading ``touched_rows`` rows (:func:`gradient_mode`,
+    then the rule with :data:`ROWS_AUTO_DENSE_RATIO`)."""
+    return use_sparse_gradient(gradient_mode(mode, table), table.numel(), touched_rows * table.shape[1],
+                               ROWS_AUTO_DENSE_RATIO)
 
 
 def use_sparse_gradient(mode: str, memory_elements: int, touched_elements: int,

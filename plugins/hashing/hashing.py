@@ -16,7 +16,7 @@ from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
 from torchrec_pss.contract import PSSMemory
-from torchrec_pss.gradient_layout import ROWS_AUTO_DENSE_RATIO, gradient_mode, use_sparse_gradient
+from torchrec_pss.gradient_layout import use_sparse_rows
 from torchrec_pss.hashing import hash_coefficients, table_key, universal_hash
 from torchrec_pss.pooling import embedding_bag, lengths_to_offsets
 from torchrec_pss.registry import register_method
@@ -55,8 +55,7 @@ class HashingMemory(PSSMemory):
         return universal_hash(self.hash_coefficients[0], self._key, ids, 0, self.weight.shape[0])
 
     def _sparse(self, ids: torch.Tensor) -> bool:
-        return use_sparse_gradient(gradient_mode(self.config.gradient, [self.weight]), self.weight.numel(),
-                                   ids.numel() * self.weight.shape[1], ROWS_AUTO_DENSE_RATIO)
+        return use_sparse_rows(self.config.gradient, self.weight, ids.numel())
 
     def recover(self, table: str, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(self.buckets(ids), self.weight, sparse=self._sparse(ids))

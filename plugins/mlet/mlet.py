@@ -10,7 +10,7 @@ from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
 from torchrec_pss.contract import PSSMemory
-from torchrec_pss.gradient_layout import ROWS_AUTO_DENSE_RATIO, gradient_mode, use_sparse_gradient
+from torchrec_pss.gradient_layout import use_sparse_rows
 from torchrec_pss.pooling import embedding_bag, lengths_to_offsets
 from torchrec_pss.registry import register_method
 from torchrec_pss_plugins.mlet.config import MLETConfig
@@ -42,8 +42,7 @@ class MLETMemory(PSSMemory):
         return sum(p.numel() * p.element_size() for p in (self.w1, self.w2))
 
     def _sparse(self, ids: torch.Tensor) -> bool:
-        return use_sparse_gradient(gradient_mode(self.config.gradient, [self.w1]), self.w1.numel(),
-                                   ids.numel() * self.w1.shape[1], ROWS_AUTO_DENSE_RATIO)
+        return use_sparse_rows(self.config.gradient, self.w1, ids.numel())
 
     def recover(self, table: str, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.w1, sparse=self._sparse(ids)) @ self.w2

@@ -14,7 +14,7 @@ from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
 from torchrec_pss.contract import PSSMemory
-from torchrec_pss.gradient_layout import ROWS_AUTO_DENSE_RATIO, gradient_mode, use_sparse_gradient
+from torchrec_pss.gradient_layout import use_sparse_rows
 from torchrec_pss.pooling import lengths_to_offsets
 from torchrec_pss.registry import register_method
 from torchrec_pss_plugins.qr import ops, reference
@@ -102,9 +102,7 @@ class QRMemory(PSSMemory):
         return reference.digits(ids, self.collisions, self.config.num_partitions)
 
     def _bags(self, ids: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor | None, mean: bool) -> torch.Tensor:
-        mode = gradient_mode(self.config.gradient, self.parts)
-        sparse = [use_sparse_gradient(mode, part.numel(), ids.numel() * part.shape[1], ROWS_AUTO_DENSE_RATIO)
-                  for part in self.parts]
+        sparse = [use_sparse_rows(self.config.gradient, part, ids.numel()) for part in self.parts]
         return ops.qr_pooled(list(self.parts), ids, offsets, weights, self.collisions, self.config.operation, mean,
                              sparse)
 
