@@ -11,7 +11,9 @@ fake kernel (so ``torch.compile`` / ``torch.export`` trace it) and a CPU kernel 
   batched products.
 - ``tt_pooled(cores, ids, offsets, scales) -> [B, d]``: the rows pooled into bags (``offsets`` ``[B + 1]``), each
   times its scale (``scales`` ``[N]``: weight, / bag length for MEAN; None for ones), differentiable in
-  ``cores`` (``tt_pooled_backward``) and ``scales``; its CPU kernel never forms the ``[N, d]`` rows.
+  ``cores`` (``tt_pooled_backward``) and ``scales``; its CPU kernel adds each row into its bag as it is
+  contracted (or, with about one id per bag, sums the bags from an ``[N, d]`` block of rows) and never forms the
+  rows' gradient.
 - ``tt_pooled_backward(grad, cores, ids, offsets, scales) -> list[Tensor]``: the cores' gradients for ``grad``
   ``[B, d]``.
 

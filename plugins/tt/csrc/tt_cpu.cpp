@@ -22,8 +22,9 @@
 //
 // The pooled variants read bags (offsets [B + 1], optional per-id scales: weight, / bag length for MEAN): the
 // forward adds each id's scaled row into its bag's output row (each chunk into its own [B, d] buffer, summed
-// the same way), the backward reads dL_{N-1} of an id as its scale times its bag's gradient row. Neither forms
-// the [U, d] rows.
+// the same way) or, with about one id per bag, contracts the rows into a [U, d] block and sums the bags from it;
+// the backward reads dL_{N-1} of an id as its scale times its bag's gradient row, never forming the rows'
+// [U, d] gradient.
 
 #include <torch/extension.h>
 
@@ -517,6 +518,13 @@ std::vector<at::Tensor> core_gradients(const Train& train, const Batch& batch, M
   return out;
 }
 
+// dst[0 : dim) += scale * row[0 : dim).
+inline void add_scaled(float* __restrict__ dst, const float* __restrict__ row, float scale, int64_t dim) {
+  for (int64_t k = 0; k < dim; ++k) {
+    dst[k] += scale * row[k];
+  }
+}
+
 // Row u of every id u into rows [U, d] (each id its own slot: no conflicts between threads).
 void contract_rows(const Train& train, const Batch& batch, float* rows) {
   const int64_t count = batch.count, dim = train.dim, n = train.n;
@@ -537,7 +545,6 @@ void contract_rows(const Train& train, const Batch& batch, float* rows) {
         });
   });
 }
-
 
 }  // namespace
 
@@ -579,13 +586,8 @@ at::Tensor tt_pooled_forward(const std::vector<at::Tensor>& cores, const at::Ten
     float* pooled = out.data_ptr<float>();
     at::parallel_for(0, bags.num_bags, torchrec_pss::bag_grain(bags, dim), [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
-        float* __restrict__ dst = pooled + b * dim;
         for (int64_t u = bags.offsets[b]; u < bags.offsets[b + 1]; ++u) {
-          const float scale = bags.weight(u);
-          const float* __restrict__ row = rows.data() + u * dim;
-          for (int64_t k = 0; k < dim; ++k) {
-            dst[k] += scale * row[k];
-          }
+          add_scaled(pooled + b * dim, rows.data() + u * dim, bags.weight(u), dim);
         }
       }
     });
@@ -608,11 +610,7 @@ at::Tensor tt_pooled_forward(const std::vector<at::Tensor>& cores, const at::Ten
           [&](int64_t u, const int64_t* digit) {
             gemm(rows_in, q, rank, walker.left(last - 1), rank, 1, train.at(last, digit[last]), q, row.data(), q,
                  false);
-            const float scale = bags.weight(u);
-            float* __restrict__ dst = sink + bag[u] * dim;
-            for (int64_t k = 0; k < dim; ++k) {
-              dst[k] += scale * row[k];
-            }
+            add_scaled(sink + bag[u] * dim, row.data(), bags.weight(u), dim);
           });
     }
   });
