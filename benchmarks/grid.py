@@ -437,7 +437,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="run backward on the calling thread (torch.autograd.set_multithreading_enabled(False))")
     parser.add_argument("--max-table-gib", type=float,
                         help="allocate no table (baseline, EBC, compressed memory x 3) above this many GiB; default: "
-                             f"{MEMORY_FRACTION:.0%} of the device's free memory is the only limit")
+                             f"{MEMORY_FRACTION * 100:.0f}%% of the device's free memory is the only limit")
     parser.add_argument("--quick", action="store_true",
                         help=f"a tiny grid: {', '.join(f'{k}={v}' for k, v in QUICK.items())}")
     parser.add_argument("--out", type=Path, help="path stem (default benchmarks/results/grid_<device>[_quick])")
