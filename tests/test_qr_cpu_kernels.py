@@ -218,6 +218,12 @@ def test_bad_inputs_are_rejected_with_clear_messages() -> None:
         KERNELS.qr_pooled_forward([p.double() for p in parts], ids, offsets, None, 5, "mult", False)
     with pytest.raises(RuntimeError, match="one entry per id"):
         KERNELS.qr_pooled_forward(parts, ids, offsets, torch.ones(3), 5, "mult", False)
+    for kernel in (KERNELS.qr_pooled_forward, lambda *args: KERNELS.qr_grad_rows(torch.ones(2, 8), *args)):
+        with pytest.raises(RuntimeError, match=r"weights must be a 1-D CPU tensor \[N\] .* got \[2, 1\]"):
+            kernel(parts, ids, offsets, torch.ones(2, 1), 5, "mult", False)
+    with pytest.raises(RuntimeError, match="part 0 is \\[5\\]") as error:
+        KERNELS.qr_pooled_forward([parts[0][:, 0], parts[1]], ids, offsets, None, 5, "mult", False)
+    assert str(error.value).count("part 0") == 1
     with pytest.raises(RuntimeError, match="collisions must be positive"):
         KERNELS.qr_pooled_forward(parts, ids, offsets, None, 0, "mult", False)
 

@@ -303,6 +303,13 @@ def test_non_contiguous_grad_and_bad_offsets() -> None:
     with pytest.raises(RuntimeError, match="offsets"):
         KERNELS.robe_pooled_forward(memory.weight.detach(), ids, offsets[:-1], None, *hash_args(memory), D, 4, False,
                                     False)
+    column = torch.ones(ids.numel(), 1)
+    with pytest.raises(RuntimeError, match=r"weights must be a 1-D CPU tensor \[N\]"):
+        KERNELS.robe_pooled_forward(memory.weight.detach(), ids, offsets, column, *hash_args(memory), D, 4, False,
+                                    False)
+    with pytest.raises(RuntimeError, match=r"weights must be a 1-D CPU tensor \[N\]"):
+        KERNELS.robe_pooled_backward(grad_out, ids, offsets, column, *hash_args(memory), memory.memory_size, D, 4,
+                                     False, False)
 
 
 @pytest.mark.parametrize("z", [1, D])

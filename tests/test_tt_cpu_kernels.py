@@ -211,6 +211,10 @@ def test_pooled_bad_inputs() -> None:
         KERNELS.tt_pooled_forward(cores, ids, torch.tensor([0, 1, 2]), None)
     with pytest.raises(RuntimeError, match="one entry per id"):
         KERNELS.tt_pooled_forward(cores, ids, torch.tensor([0, 1, 3]), torch.ones(2))
+    with pytest.raises(RuntimeError, match=r"weights must be a 1-D CPU tensor \[N\] .* got \[3, 1\]"):
+        KERNELS.tt_pooled_forward(cores, ids, torch.tensor([0, 1, 3]), torch.ones(3, 1))
+    with pytest.raises(RuntimeError, match=r"weights must be a 1-D CPU tensor \[N\] .* got \[1, 3\]"):
+        KERNELS.tt_pooled_backward(torch.zeros(2, 12), cores, ids, torch.tensor([0, 1, 3]), torch.ones(1, 3))
     with pytest.raises(RuntimeError, match=r"grad must be a CPU tensor \[B, d\] = \[2, 12\]"):
         KERNELS.tt_pooled_backward(torch.zeros(3, 12), cores, ids, torch.tensor([0, 1, 3]), None)
 

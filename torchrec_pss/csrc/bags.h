@@ -37,8 +37,8 @@ struct Bags {
     }
     weights = nullptr;
     if (weights_.has_value() && weights_->defined()) {
-      TORCH_CHECK(weights_->device().is_cpu() && weights_->numel() == num_ids,
-                  "per-sample weights must be a CPU tensor [N] with one entry per id (N = ", num_ids, "), got ",
+      TORCH_CHECK(weights_->device().is_cpu() && weights_->dim() == 1 && weights_->numel() == num_ids,
+                  "per-sample weights must be a 1-D CPU tensor [N] with one entry per id (N = ", num_ids, "), got ",
                   weights_->sizes());
       weights_t = weights_->to(at::kFloat).contiguous();
       weights = weights_t.data_ptr<float>();

@@ -99,7 +99,7 @@ struct Parts {
                   " must be a float32 CPU tensor, got ", part.scalar_type(), " on ", part.device());
       TORCH_CHECK(part.dim() == 2 && part.size(1) == parts[0].size(1) && part.size(1) > 0,
                   "parts must be 2-D [rows_j, width] tables of one positive width; part ", j, " is ", part.sizes(),
-                  ", part 0 is ", parts[0].sizes());
+                  j == 0 ? std::string() : c10::str(", part 0 is ", parts[0].sizes()));
       tensors.push_back(part.contiguous());
       data.push_back(tensors.back().data_ptr<float>());
       rows.push_back(part.size(0));
