@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.optim import apply_optimizer_in_backward
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from helpers import make_kjt
@@ -116,8 +117,21 @@ def test_empty_batch_gives_no_rows(compressed: bool) -> None:
     module = CompressedEmbeddingBagCollection(tables(), {"t1": RobeConfig(compression=2)} if compressed else {})
     kjt = KeyedJaggedTensor(keys=["f1", "f2"], values=torch.tensor([], dtype=torch.int64),
                             lengths=torch.tensor([], dtype=torch.int64))
+    apply_optimizer_in_backward(torch.optim.SGD, module.parameters(), {"lr": 0.1})
+    before = {k: v.clone() for k, v in module.state_dict().items() if isinstance(v, torch.Tensor)}
     out = module(kjt)
     assert out.values().shape == (0, 16) and out.keys() == ["f1", "f2"]
+    out.values().sum().backward()  # a training step on an empty batch runs and changes nothing
+    assert all(torch.equal(v, before[k]) for k, v in module.state_dict().items() if isinstance(v, torch.Tensor))
+    with torch.no_grad():
+        assert not module(kjt).values().requires_grad
+
+
+def test_a_memory_that_cannot_be_built_names_its_tables() -> None:
+    """MLET's [n, k] first layer at n = 2^62 overflows torch's storage size: the error names the table."""
+    table = EmbeddingBagConfig(name="huge", embedding_dim=4, num_embeddings=2**62, feature_names=["f"])
+    with pytest.raises(RuntimeError, match=r"tables \['huge'\]: cannot build their memory for MLETConfig\(.*overflow"):
+        CompressedEmbeddingBagCollection([table], {"huge": MLETConfig(inner_dim=2)})
 
 
 def test_bad_input_changes_nothing() -> None:

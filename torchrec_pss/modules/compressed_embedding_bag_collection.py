@@ -101,7 +101,12 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOpt
             groups.setdefault(group, (config, []))[1].append(table)
             self._group_of[table.name] = group
         for group, (config, group_tables) in groups.items():
-            self.pss_memories[group] = method_for_config(config)(config, group_tables, self._device)
+            try:
+                self.pss_memories[group] = method_for_config(config)(config, group_tables, self._device)
+            except (RuntimeError, MemoryError) as error:  # e.g. a memory too large to allocate or to size
+                raise RuntimeError(
+                    f"tables {[t.name for t in group_tables]}: cannot build their memory for {config}: {error}"
+                ) from error
         self._compressed_plan = [
             (t.name, list(t.feature_names), t.pooling == PoolingType.MEAN, self._group_of[t.name])
             for t in self._embedding_bag_configs if t.name in self._group_of
@@ -194,8 +199,10 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOpt
         if self.validate_inputs:
             check_structure(features, self._flat_feature_names, self._is_weighted)
         if features.lengths().numel() == 0:  # no bags (KJT.to_dict cannot split an empty batch)
-            return KeyedTensor(keys=self._embedding_names, length_per_key=self._lengths_per_embedding,
-                               values=torch.zeros(0, sum(self._lengths_per_embedding), device=features.values().device))
+            trainable = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+            values = torch.zeros(0, sum(self._lengths_per_embedding), device=features.values().device,
+                                 requires_grad=trainable)  # a loss on it back-propagates, changing nothing
+            return KeyedTensor(keys=self._embedding_names, length_per_key=self._lengths_per_embedding, values=values)
         inverse_indices = reorder_inverse_indices(
             inverse_indices=features.inverse_indices_or_none(),
             feature_names=self._flat_feature_names,
