@@ -312,6 +312,19 @@ def test_non_contiguous_grad_and_bad_offsets() -> None:
                                      False, False)
 
 
+def test_memory_must_be_flat() -> None:
+    """An ``[|M|, 1]`` memory is refused (not read as flat), and a refused update writes nothing."""
+    memory = build(4, False)
+    ids, lengths, _ = batch(0, huge=False)
+    offsets, grad_out = offsets_of(lengths), torch.ones(lengths.numel(), D)
+    column = memory.weight.detach().clone().unsqueeze(1)
+    with pytest.raises(RuntimeError, match=r"memory must be a contiguous, non-empty 1-D tensor \[\|M\|\], got \[97, 1\]"):
+        KERNELS.robe_pooled_forward(column, ids, offsets, None, *hash_args(memory), D, 4, False, False)
+    with pytest.raises(RuntimeError, match="1-D tensor"):
+        KERNELS.robe_sgd_update_(column, grad_out, ids, offsets, None, *hash_args(memory), 4, False, False, 0.1)
+    assert torch.equal(column.squeeze(1), memory.weight.detach())
+
+
 @pytest.mark.parametrize("z", [1, D])
 @pytest.mark.parametrize("layout", ["expanded", "column_slice", "transposed"])
 def test_strided_gradients_are_read_in_place(z: int, layout: str) -> None:

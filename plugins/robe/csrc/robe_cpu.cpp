@@ -288,7 +288,8 @@ struct TableKeys {
 
 void check_memory(const at::Tensor& memory) {
   TORCH_CHECK(memory.device().is_cpu() && memory.scalar_type() == at::kFloat, "memory must be a float32 CPU tensor");
-  TORCH_CHECK(memory.is_contiguous() && memory.numel() > 0, "memory must be contiguous and non-empty");
+  TORCH_CHECK(memory.dim() == 1 && memory.is_contiguous() && memory.numel() > 0,
+              "memory must be a contiguous, non-empty 1-D tensor [|M|], got ", memory.sizes());
 }
 
 GradRows checked_grad(const at::Tensor& grad_out, const Bags& bags) {
