@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import os
 import sys
 import time
@@ -155,14 +156,8 @@ def tt_calls(tt: ModuleType) -> list[Callable[[], Any]]:
                                 ((8, 8, 8, 10), (2, 2, 2, 3), 4)):
         ranks = (1, *([rank] * (len(rows) - 1)), 1)
         cores = [torch.randn(rows[j], ranks[j], columns[j], ranks[j + 1]) for j in range(len(rows))]
-        num_rows = 1
-        for r in rows:
-            num_rows *= r
-        ids = bags(num_rows, [6], seed=rank)[0]
-        d = 1
-        for c in columns:
-            d *= c
-        grad = torch.randn(ids.numel(), d)
+        ids = bags(math.prod(rows), [6], seed=rank)[0]
+        grad = torch.randn(ids.numel(), math.prod(columns))
         calls += [lambda c=cores, i=ids: tt.tt_rows(c, i), lambda c=cores, i=ids, g=grad: tt.tt_rows_backward(g, c, i)]
     return calls
 
