@@ -84,6 +84,18 @@ def test_out_of_range_id_names_its_position() -> None:
         module(make_kjt({"f1": [[1], [2]], "f2": [[1, 2], [12]]}))
 
 
+def tensor_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of the module's state_dict tensors (its parameters and buffers)."""
+    return {k: v.clone() for k, v in module.state_dict().items() if isinstance(v, torch.Tensor)}
+
+
+def assert_state_unchanged(module: torch.nn.Module, before: dict[str, torch.Tensor]) -> None:
+    after = tensor_state(module)
+    assert after.keys() == before.keys()
+    for key, value in after.items():
+        assert torch.equal(value, before[key]), key
+
+
 def weighted_kjt(weights: list[float]) -> KeyedJaggedTensor:
     return KeyedJaggedTensor(keys=["f1", "f2"], values=torch.tensor([1, 2, 3]), lengths=torch.tensor([2, 1]),
                              weights=torch.tensor(weights))
@@ -118,11 +130,11 @@ def test_empty_batch_gives_no_rows(compressed: bool) -> None:
     kjt = KeyedJaggedTensor(keys=["f1", "f2"], values=torch.tensor([], dtype=torch.int64),
                             lengths=torch.tensor([], dtype=torch.int64))
     apply_optimizer_in_backward(torch.optim.SGD, module.parameters(), {"lr": 0.1})
-    before = {k: v.clone() for k, v in module.state_dict().items() if isinstance(v, torch.Tensor)}
+    before = tensor_state(module)
     out = module(kjt)
     assert out.values().shape == (0, 16) and out.keys() == ["f1", "f2"]
     out.values().sum().backward()  # a training step on an empty batch runs and changes nothing
-    assert all(torch.equal(v, before[k]) for k, v in module.state_dict().items() if isinstance(v, torch.Tensor))
+    assert_state_unchanged(module, before)
     with torch.no_grad():
         assert not module(kjt).values().requires_grad
 
@@ -137,12 +149,10 @@ def test_a_memory_that_cannot_be_built_names_its_tables() -> None:
 def test_bad_input_changes_nothing() -> None:
     """A refused batch leaves parameters and optimizer state as they were (nothing half-applied)."""
     module = CompressedEmbeddingBagCollection(tables(), {"t1": RobeConfig(compression=2)})
-    before = {k: v.clone() for k, v in module.state_dict().items() if isinstance(v, torch.Tensor)}
+    before = tensor_state(module)
     with pytest.raises(ValueError):
         module(make_kjt({"f1": [[1]], "f2": [[10]]})).values().sum().backward()
-    for key, value in module.state_dict().items():
-        if isinstance(value, torch.Tensor):
-            assert torch.equal(value, before[key]), key
+    assert_state_unchanged(module, before)
 
 
 def test_validation_can_be_switched_off() -> None:
