@@ -30,6 +30,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -115,7 +116,9 @@ struct Hasher {
     TORCH_CHECK(dim % chunk_size == 0 || chunk_size % dim == 0, "chunk_size must divide dim or be a multiple of it");
     TORCH_CHECK(memory_size > 0 && static_cast<uint64_t>(memory_size) <= kPrime,
                 "memory size must be in [1, 2^31 - 1]");
-    const auto l = coefficient_row(coefficients, 0), s = coefficient_row(coefficients, 1);
+    const auto rows = coefficient_rows(coefficients);
+    const uint64_t* l = rows.data();
+    const uint64_t* s = l + 4;
     run = std::min(chunk_size, dim);
     chunks = dim / run;
     ids_per_block = chunk_size > dim ? chunk_size / dim : 0;
@@ -129,13 +132,17 @@ struct Hasher {
     }
   }
 
-  // Row `row` of the [2, 4] coefficients (0: location, 1: sign), each (A, B, C, D) reduced mod P.
-  static std::vector<uint64_t> coefficient_row(const at::Tensor& coefficients, int64_t row) {
+  // The [2, 4] coefficients (location row, then sign row), each of A, B, C, D reduced mod P.
+  static std::array<uint64_t, 8> coefficient_rows(const at::Tensor& coefficients) {
     TORCH_CHECK(coefficients.dim() == 2 && coefficients.size(0) == 2 && coefficients.size(1) == 4,
                 "hash coefficients must have shape [2, 4] (location and sign rows of A, B, C, D)");
-    const auto host = coefficients[row].to(at::kCPU, at::kLong).contiguous();
+    const auto host = coefficients.to(at::kCPU, at::kLong).contiguous();
     const int64_t* data = host.data_ptr<int64_t>();
-    return {mod_prime(data[0]), mod_prime(data[1]), mod_prime(data[2]), mod_prime(data[3])};
+    std::array<uint64_t, 8> rows;
+    for (int i = 0; i < 8; ++i) {
+      rows[i] = mod_prime(data[i]);
+    }
+    return rows;
   }
 
   TableTerms table_terms(int64_t table_key) const {
