@@ -20,7 +20,10 @@ round trip):
 - ``caller-thread step``: both steps again with backward on the calling thread
   (``torch.autograd.set_multithreading_enabled(False)``). By default autograd runs a CUDA backward on its
   device thread, where the module's backward (Python: it launches the fused Triton SGD) must take the GIL
-  across threads; ``nn.EmbeddingBag``'s backward is all C++.
+  across threads; ``nn.EmbeddingBag``'s backward is all C++;
+- ``host profile``: ``cProfile`` over ``--profile-steps`` module steps with backward on the calling thread (cProfile
+  sees one thread), the ``--profile-top`` functions of most own time: where a step's host time goes, per step.
+  cProfile adds its own cost to every Python call, so read the shares, not the microseconds.
 
     python benchmarks/op_overhead.py --out benchmarks/results/op_overhead_cpu
 
@@ -30,10 +33,12 @@ writes ``STEM.json`` and ``STEM.md``.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import datetime
 import importlib
 import json
 import platform
+import pstats
 import statistics
 import sys
 import time
@@ -117,7 +122,8 @@ def device_us_per_call(call: Callable[[], Any], calls: int) -> float:
 
 
 def measure(batch: int, pooling: int, rows: int, calls: int, repeats: int, device: torch.device,
-            kernels: Any, custom_ops: tuple[Callable[..., Tensor], Callable[..., None]]) -> dict[str, float]:
+            kernels: Any, custom_ops: tuple[Callable[..., Tensor], Callable[..., None]], profile_steps: int = 0,
+            profile_top: int = 12) -> dict[str, Any]:
     table = EmbeddingBagConfig(name="t", embedding_dim=DIM, num_embeddings=rows, feature_names=["f"])
     module = CompressedEmbeddingBagCollection([table], {"t": RobeConfig(compression=COMPRESSION, chunk_size=CHUNK)},
                                               device, validate_inputs=False)
@@ -171,7 +177,37 @@ def measure(batch: int, pooling: int, rows: int, calls: int, repeats: int, devic
     if device.type == "cuda":
         times["module_step_device_us"] = device_us_per_call(module_step, calls)
         times["embedding_bag_step_device_us"] = device_us_per_call(bag_step, calls)
-    return times
+    result: dict[str, Any] = dict(times)
+    if profile_steps > 0:
+        result["host_profile"] = host_profile(module_step, profile_steps, profile_top)
+    return result
+
+
+def host_profile(step: Callable[[], None], steps: int, top: int) -> list[dict[str, Any]]:
+    """The ``top`` functions of most own time over ``steps`` calls of ``step`` (after one warm-up call), backward on
+    the calling thread: ``function`` (file:line(name), shortened to the package path), calls and own /
+    cumulative microseconds per step, and ``share`` (own time / the profiled total)."""
+    step()
+    profiler = cProfile.Profile()
+    with torch.autograd.set_multithreading_enabled(False):
+        profiler.enable()
+        for _ in range(steps):
+            step()
+        profiler.disable()
+    stats = pstats.Stats(profiler).stats  # (file, line, name) -> (primitive calls, calls, own s, cumulative s, callers)
+    total = sum(entry[2] for entry in stats.values())
+    rows = sorted(stats.items(), key=lambda item: item[1][2], reverse=True)[:top]
+    return [{"function": _function_name(*key), "calls": entry[1] / steps, "own_us": entry[2] / steps * 1e6,
+             "cumulative_us": entry[3] / steps * 1e6, "share": entry[2] / total} for key, entry in rows]
+
+
+def _function_name(file: str, line: int, name: str) -> str:
+    for marker in ("site-packages/", "/torchrec_pss/", "/plugins/"):
+        if marker in file:
+            file = file.split(marker, 1)[1] if marker == "site-packages/" else marker.strip("/") + "/" + file.split(
+                marker, 1)[1]
+            break
+    return name if file == "~" else f"{file}:{line}({name})"
 
 
 OP_ROWS = [
@@ -222,7 +258,17 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(f"| {cell['batch']} | {cell['pooling']} | {cell['module_step_us']:.1f} | "
                          f"{cell['module_step_device_us']:.1f} | {cell['embedding_bag_step_us']:.1f} | "
                          f"{cell['embedding_bag_step_device_us']:.1f} |")
-    return "\n".join(lines) + "\n"
+    if all("host_profile" in cell for cell in result["cells"]):
+        lines += ["", "## Host profile of the module's training step", "",
+                  f"`cProfile` over {result['profile_steps']} steps, backward on the calling thread: the functions of "
+                  "most own time, per step (cProfile's own cost inflates the microseconds; the shares compare).", ""]
+        for cell in result["cells"]:
+            lines += [f"B = {cell['batch']}, L = {cell['pooling']}:", "",
+                      "| function | calls | own us | cumulative us | share of own time |", "|---|---:|---:|---:|---:|"]
+            lines += [f"| `{row['function']}` | {row['calls']:g} | {row['own_us']:.1f} | {row['cumulative_us']:.1f} | "
+                      f"{100 * row['share']:.0f}% |" for row in cell["host_profile"]]
+            lines.append("")
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -233,6 +279,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--rows", type=int, default=4_000_000)
     parser.add_argument("--calls", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--profile-steps", type=int, default=200,
+                        help="module steps profiled with cProfile per cell (0: no host profile)")
+    parser.add_argument("--profile-top", type=int, default=12, help="functions listed per host profile")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/op_overhead_cpu"))
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -243,12 +292,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cells = []
     for batch in args.batch:
         for pooling in args.pooling:
-            times = measure(batch, pooling, args.rows, args.calls, args.repeats, device, kernels, custom_ops)
+            times = measure(batch, pooling, args.rows, args.calls, args.repeats, device, kernels, custom_ops,
+                            args.profile_steps, args.profile_top)
             cell = {"batch": batch, "pooling": pooling, **times}
-            print(json.dumps(cell), flush=True)
+            print(json.dumps({k: v for k, v in cell.items() if k != "host_profile"}), flush=True)
             cells.append(cell)
     result = {**run_header(argv, device), "rows": args.rows, "calls": args.calls, "repeats": args.repeats,
-              "threads": torch.get_num_threads(), "cells": cells}
+              "profile_steps": args.profile_steps, "threads": torch.get_num_threads(), "cells": cells}
     write_result(args.out, result, markdown(result))
     return result
 
