@@ -26,6 +26,8 @@ timeout "${TEST_S:-300}" python3 -m pytest -q -rf --tb=short -p no:cacheprovider
   tests/test_triton_kernels.py tests/test_cuda.py tests/test_triton_launcher.py 2>&1 | tee "$OUT/tests.log" | tail -40
 timeout "${OVERHEAD_S:-60}" python3 benchmarks/op_overhead.py --device cuda --batch 8 10240 --pooling 1 20 \
   --out /tmp/gpu_results/op_overhead_cuda 2>&1 | tail -5
+timeout "${CALLS_S:-60}" python3 benchmarks/robe_calls.py --device cuda --batch 8 1024 10240 --pooling 1 20 \
+  --optimizers sgd --iters 10 --out /tmp/gpu_results/robe_calls_cuda 2>&1 | tail -3
 CRITEO=${CRITEO_FILE:-.whl/kaggle_8k_train.tsv}
 SCATTER_IDS="uniform zipf"
 [ -f "$CRITEO" ] && SCATTER_IDS="uniform zipf criteo"

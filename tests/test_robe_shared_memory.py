@@ -14,6 +14,7 @@ import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.optim import apply_optimizer_in_backward
 from torchrec_pss_plugins.robe import ops, reference
+from torchrec_pss_plugins.robe import robe
 from torchrec_pss_plugins.robe.robe import _FusedRobeStep
 
 from helpers import make_kjt, random_bags, random_weights
@@ -183,17 +184,49 @@ def test_a_memory_read_by_two_calls_keeps_adagrad_unfused(pooling: PoolingType, 
     assert_same_parameters(module, expected)
 
 
-@pytest.mark.parametrize("optimizer,calls", [(torch.optim.Adagrad, [20]), (torch.optim.SGD, [10, 5, 5]),
-                                             (None, [10, 5, 5])])
-def test_one_op_call_per_memory_when_adagrad_needs_it(optimizer: type | None, calls: list[int],
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    """With a fused Adagrad the module pools every feature of a shared memory's tables in one ``robe_pooled``
-    call (keys ``[20]``: 4 features x 5 bags); otherwise one call per table (keys ``[1]`` of 10, 5, 5 bags)."""
+@pytest.mark.parametrize("optimizer", [torch.optim.Adagrad, torch.optim.SGD, None])
+@pytest.mark.parametrize("grouping,max_floats,calls", [("auto", robe.ONE_CALL_MAX_FLOATS, [20]),
+                                                       ("auto", 20 * D - 1, [10, 5, 5]), ("per_width", 0, [20]),
+                                                       ("per_table", 10**6, [10, 5, 5])])
+def test_op_calls_per_step_follow_the_call_grouping(optimizer: type | None, grouping: str, max_floats: int,
+                                                    calls: list[int], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The module pools every feature of a shared memory's tables in one ``robe_pooled`` call (keys ``[20]``: 4
+    features x 5 bags) or in one call per table (keys ``[1]`` of 10, 5, 5 bags), as ``call_grouping`` says:
+    ``"auto"`` on the CPU groups up to ``ONE_CALL_MAX_FLOATS`` pooled floats (20 bags x 8 here), and always for a
+    fused Adagrad."""
     seen = []
     original = ops.robe_pooled
     monkeypatch.setattr(ops, "robe_pooled", lambda *args: seen.append(args[2].numel() - 1) or original(*args))
+    monkeypatch.setattr(robe, "ONE_CALL_MAX_FLOATS", max_floats)
     module = shared_module()
+    module.memory_for("t1").call_grouping = grouping
     if optimizer is not None:
         apply_optimizer_in_backward(optimizer, module.parameters(), {"lr": 0.1})
     module(step_batch(0))
-    assert seen == calls
+    adagrad_groups = optimizer is torch.optim.Adagrad and grouping == "auto"
+    assert seen == ([20] if adagrad_groups else calls)
+
+
+def test_an_unknown_call_grouping_is_refused() -> None:
+    module = shared_module()
+    module.memory_for("t1").call_grouping = "per_feature"
+    with pytest.raises(ValueError, match=r"tables \['t1', 't2', 't3'\]: call_grouping must be one of .*'per_feature'"):
+        module(step_batch(0))
+
+
+@pytest.mark.parametrize("optimizer", [torch.optim.SGD, torch.optim.Adam])
+def test_one_call_per_width_trains_as_one_call_per_table(optimizer: type, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One ``robe_pooled`` call for every table's bags of one width and pooling mode gives the steps of one call
+    per table: fused SGD, and Adam (not fused: autograd's gradient, then torch's step)."""
+    per_table = shared_module()
+    per_table.memory_for("t1").call_grouping = "per_table"
+    train(per_table, optimizer, {"lr": 0.1}, steps=4)
+    seen = []
+    original = ops.robe_pooled
+    monkeypatch.setattr(ops, "robe_pooled", lambda *args: seen.append(args[2].numel() - 1) or original(*args))
+    grouped = shared_module()
+    grouped.memory_for("t1").call_grouping = "per_width"
+    nodes = train(grouped, optimizer, {"lr": 0.1}, steps=4)
+    assert seen == [20] * 4  # 4 features x 5 bags, one call per step
+    assert (_FusedRobeStep.__name__ + "Backward" in nodes) == (optimizer is torch.optim.SGD)
+    assert_same_parameters(grouped, per_table)

@@ -39,6 +39,13 @@ from torchrec_pss_plugins.robe import ops, reference
 from torchrec_pss_plugins.robe.config import RobeConfig
 
 _FUSED_KINDS = ("SGD", "Adagrad", "BlockwiseAdagrad", "RowWiseAdagrad")
+CALL_GROUPINGS = ("auto", "per_width", "per_table")
+ONE_CALL_MAX_FLOATS = 1 << 21
+"""Pooled floats (bags x width, all tables together: 8 MB) up to which the CPU pools a memory's tables in one
+call. Beyond, with one id per bag, one call ran at 0.53-1.36x the speed of per-table calls in three runs of
+``benchmarks/robe_calls.py`` (26 tables, B >= 1024, L = 1): the one call's output is split per table, and
+backward gathers the split blocks' gradients into one more ``[bags, d]`` tensor, which per-table calls read in
+place."""
 
 
 class _FusedRobeStep(torch.autograd.Function):
@@ -73,12 +80,30 @@ class _FusedRobeStep(torch.autograd.Function):
         return (None,) * 11
 
 
+def one_call_per_width(grouping: str, device: torch.device, fused_adagrad: bool, floats: int) -> bool:
+    """Whether a step's reads of a memory (``floats``: its pooled outputs' elements, all tables together) are
+    pooled in one ``robe_pooled`` call per width and pooling mode, for :attr:`RobeMemory.call_grouping`
+    ``grouping``. Each call costs the host tens of microseconds of Python and, on CUDA, a kernel launch, in forward
+    and again in backward, which a model of many small tables pays per table; a fused Adagrad-type update
+    (``fused_adagrad``) needs the step's whole gradient at once."""
+    if grouping != "auto":
+        return grouping == "per_width"
+    return fused_adagrad or device.type == "cuda" or floats <= ONE_CALL_MAX_FLOATS
+
+
 @register_method(RobeConfig)
 class RobeMemory(PSSMemory):
     """One ROBE-Z array ``weight`` (``[|M|]`` float32) shared by ``tables``; see the module docstring."""
 
     name = "robe"
     config: RobeConfig
+    call_grouping: str = "auto"
+    """How :meth:`pooled_many` splits a step's reads into ``robe_pooled`` calls (set it on a memory to override):
+    ``"per_width"``, one call per embedding width and pooling mode with every table's bags; ``"per_table"``, one
+    call per table (a fused Adagrad-type update then runs unfused: it needs the step's whole gradient at once);
+    ``"auto"``, per width on CUDA, with a fused Adagrad-type update, or on the CPU up to ``ONE_CALL_MAX_FLOATS``
+    pooled floats, else per table (per width in a graph that ``torch.compile`` / ``torch.export`` trace, so that
+    it holds for any batch size)."""
 
     def __init__(
         self,
@@ -212,6 +237,15 @@ class RobeMemory(PSSMemory):
         return ops.robe_pooled(self.weight, ids, offsets, weights, self.hash_coefficients, keys, dim, z, sign, mean,
                                sparse)
 
+    def _pools_in_one_call(self, update: FusedUpdate | None, requests: Sequence[BagRequest]) -> bool:
+        if self.call_grouping not in CALL_GROUPINGS:
+            raise ValueError(f"ROBE memory of tables {sorted(self.tables)}: call_grouping must be one of "
+                             f"{CALL_GROUPINGS}, got {self.call_grouping!r}")
+        if torch.compiler.is_compiling():  # a traced graph takes one call: no guard on the batch size
+            return self.call_grouping != "per_table"
+        return one_call_per_width(self.call_grouping, self.weight.device, update is not None and update.kind != "SGD",
+                                  sum(r.lengths.numel() * self.tables[r.table].embedding_dim for r in requests))
+
     def recover(self, table: str, ids: torch.Tensor) -> torch.Tensor:
         offsets = torch.arange(ids.numel() + 1, device=ids.device)
         return self._bags(self._key(table), self.tables[table].embedding_dim, ids, offsets, None, False,
@@ -228,15 +262,13 @@ class RobeMemory(PSSMemory):
         return self.pooled_many([BagRequest(table, ids, lengths, weights, mean)])[0]
 
     def pooled_many(self, requests: Sequence[BagRequest]) -> list[torch.Tensor]:
-        """With a fusable Adagrad-type in-backward optimizer: one ``robe_pooled`` call per embedding width and
-        pooling mode (the requests' bags concatenated, each bag hashed with its own table's key), so the fused
-        update sees the step's whole gradient. Otherwise one call per request, which is faster on the CPU
-        (a call's hash plan stays in cache; ``benchmarks/shared_memory.py``)."""
+        """One ``robe_pooled`` call per embedding width and pooling mode (the requests' bags concatenated, each
+        bag hashed with its own table's key) or one call per request, as :attr:`call_grouping` says."""
         update = self._in_backward_update()
-        whole_step_needed = update is not None and update.kind != "SGD"
+        one_call = self._pools_in_one_call(update, requests)
         groups: dict[tuple[int, bool] | int, list[int]] = {}
         for index, request in enumerate(requests):
-            key = (self.tables[request.table].embedding_dim, request.mean) if whole_step_needed else index
+            key = (self.tables[request.table].embedding_dim, request.mean) if one_call else index
             groups.setdefault(key, []).append(index)
         whole_step = len(groups) == 1 and {r.table for r in requests} == set(self.tables)
         out: list[torch.Tensor] = [torch.empty(0)] * len(requests)
