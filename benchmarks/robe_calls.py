@@ -1,10 +1,11 @@
 """26 Criteo tables in one ROBE memory: one ``robe_pooled`` call per step against one call per table.
 
 ``RobeMemory.call_grouping`` decides how a step's reads of a shared memory become op calls: ``"per_width"``
-pools every table's bags in one call (one hash + gather kernel forward, one fused update backward), which saves
-the host a call's Python (and on CUDA a launch) per table; ``"per_table"`` makes one call per table, whose
-backward reads each table's gradient in place instead of one ``[bags, d]`` block gathered from the split
-output. Measured here in one process, in rounds interleaved between the two, on the 26 Criteo features (MLPerf
+pools every table's bags in one call (one hash + gather kernel forward, one fused update backward; here, one
+table per feature and a KJT of exactly those features, the module hands the KJT's ids to the memory as they
+lie, with no per-feature split: ``PSSMemory.pooled_stacked``), which saves the host a call's Python (and on CUDA
+a launch) per table; ``"per_table"`` makes one call per table, whose backward reads each table's gradient in
+place. Measured here in one process, in rounds interleaved between the two, on the 26 Criteo features (MLPerf
 cardinalities capped at ``--max-rows``, ``d`` = 128) at every ``--batch`` x ``--pooling``, ROBE-32 at
 ``--compression`` with SGD fused into backward (``sgd``) or Adam in backward (``adam``: not fused, so autograd's
 gradient then torch's step); ``auto`` names what ``call_grouping="auto"`` picks there.

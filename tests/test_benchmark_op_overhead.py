@@ -32,7 +32,7 @@ def test_op_overhead_benchmark_writes_every_cell(tmp_path: Path) -> None:
     for cell in result["cells"]:  # the profile sees the module's own code and the kernels it calls
         profile = cell["host_profile"]
         assert len(profile) == 40 and all(row["calls"] > 0 and row["own_us"] >= 0 for row in profile)
-        assert any("robe.py" in row["function"] and "pooled_many" in row["function"] for row in profile)
+        assert any("robe.py" in row["function"] and "pooled_stacked" in row["function"] for row in profile)
         assert [row["own_us"] for row in profile] == sorted((row["own_us"] for row in profile), reverse=True)
         assert 0 < sum(row["share"] for row in profile) <= 1
     assert "## Host profile of the module's training step" in text and "B = 16, L = 2:" in text

@@ -151,3 +151,11 @@ class PSSMemory(nn.Module, abc.ABC):
         whole gradient of a memory shared by several tables).
         """
         return [self.pooled(r.table, r.ids, r.lengths, r.weights, r.mean) for r in requests]
+
+    def pooled_stacked(self, tables: Sequence[str], ids: torch.Tensor, offsets: torch.Tensor,
+                       weights: torch.Tensor | None, mean: bool, bags_per_table: int) -> torch.Tensor | None:
+        """Pooled embeddings ``[T·B, d]`` of ``B = bags_per_table`` bags of each of the ``T`` ``tables`` (one
+        width and pooling mode), stacked table after table as a KJT holds them (``offsets`` ``[T·B + 1]``), in one
+        pass without splitting the batch per table; or None where the method pools table by table (the module
+        then calls :meth:`pooled_many`). The default returns None."""
+        return None

@@ -42,10 +42,9 @@ _FUSED_KINDS = ("SGD", "Adagrad", "BlockwiseAdagrad", "RowWiseAdagrad")
 CALL_GROUPINGS = ("auto", "per_width", "per_table")
 ONE_CALL_MAX_FLOATS = 1 << 21
 """Pooled floats (bags x width, all tables together: 8 MB) up to which the CPU pools a memory's tables in one
-call. Beyond, with one id per bag, one call ran at 0.53-1.36x the speed of per-table calls in three runs of
-``benchmarks/robe_calls.py`` (26 tables, B >= 1024, L = 1): the one call's output is split per table, and
-backward gathers the split blocks' gradients into one more ``[bags, d]`` tensor, which per-table calls read in
-place."""
+call. Up to it one call made steps 1.3-6.6x faster than per-table calls in ``benchmarks/robe_calls.py`` (26
+tables, fused SGD); beyond it, with one id per bag, one call ran at 0.79-1.58x their speed in two runs, while
+per-table calls read each table's gradient in place."""
 
 
 class _FusedRobeStep(torch.autograd.Function):
@@ -237,14 +236,15 @@ class RobeMemory(PSSMemory):
         return ops.robe_pooled(self.weight, ids, offsets, weights, self.hash_coefficients, keys, dim, z, sign, mean,
                                sparse)
 
-    def _pools_in_one_call(self, update: FusedUpdate | None, requests: Sequence[BagRequest]) -> bool:
+    def _pools_in_one_call(self, update: FusedUpdate | None, floats: int) -> bool:
+        """:func:`one_call_per_width` for reads of ``floats`` pooled elements under ``update``."""
         if self.call_grouping not in CALL_GROUPINGS:
             raise ValueError(f"ROBE memory of tables {sorted(self.tables)}: call_grouping must be one of "
                              f"{CALL_GROUPINGS}, got {self.call_grouping!r}")
         if torch.compiler.is_compiling():  # a traced graph takes one call: no guard on the batch size
             return self.call_grouping != "per_table"
         return one_call_per_width(self.call_grouping, self.weight.device, update is not None and update.kind != "SGD",
-                                  sum(r.lengths.numel() * self.tables[r.table].embedding_dim for r in requests))
+                                  floats)
 
     def recover(self, table: str, ids: torch.Tensor) -> torch.Tensor:
         offsets = torch.arange(ids.numel() + 1, device=ids.device)
@@ -265,7 +265,8 @@ class RobeMemory(PSSMemory):
         """One ``robe_pooled`` call per embedding width and pooling mode (the requests' bags concatenated, each
         bag hashed with its own table's key) or one call per request, as :attr:`call_grouping` says."""
         update = self._in_backward_update()
-        one_call = self._pools_in_one_call(update, requests)
+        one_call = self._pools_in_one_call(
+            update, sum(r.lengths.numel() * self.tables[r.table].embedding_dim for r in requests))
         groups: dict[tuple[int, bool] | int, list[int]] = {}
         for index, request in enumerate(requests):
             key = (self.tables[request.table].embedding_dim, request.mean) if one_call else index
@@ -281,6 +282,23 @@ class RobeMemory(PSSMemory):
             for index, block in zip(members, blocks):
                 out[index] = block
         return out
+
+    def pooled_stacked(self, tables: Sequence[str], ids: torch.Tensor, offsets: torch.Tensor,
+                       weights: torch.Tensor | None, mean: bool, bags_per_table: int) -> torch.Tensor | None:
+        """One ``robe_pooled`` call over the stacked bags (each hashed with its table's key) when
+        :attr:`call_grouping` pools these reads in one call, else None."""
+        dim, count = self.tables[tables[0]].embedding_dim, len(tables)
+        update = self._in_backward_update()
+        if not self._pools_in_one_call(update, count * bags_per_table * dim):
+            return None
+        if count == 1:
+            keys = self._key(tables[0])
+        else:
+            keys = (self.table_keys if list(tables) == list(self.tables) else self.table_keys[
+                torch.tensor([self._key_index[t] for t in tables], device=self.table_keys.device)])
+            keys = keys.repeat_interleave(bags_per_table, output_size=count * bags_per_table)
+        weights = None if weights is None else weights.to(self.weight.dtype)
+        return self._bags(keys, dim, ids, offsets, weights, mean, update, set(tables) == set(self.tables))
 
 
 def _concatenated(requests: Sequence[BagRequest], key_of: Callable[[str], torch.Tensor], dtype: torch.dtype

@@ -117,6 +117,10 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOpt
             t.embedding_dim for t in self._embedding_bag_configs for _ in t.feature_names
         ]
         self._flat_feature_names = [f for t in self._embedding_bag_configs for f in t.feature_names]
+        self._stacked_plan = _stacked_plan(self._embedding_bag_configs, self._group_of, self._flat_feature_names)
+        """``(memory group, tables, MEAN?, d)`` when one memory holds every table, each read by one feature of its
+        own, all of one width and pooling mode: a KJT of exactly those features in that order can then be pooled
+        in one :meth:`PSSMemory.pooled_stacked` pass; else None."""
         self._reset_plain_tables()
         self.register_load_state_dict_pre_hook(_check_state_dict_before_load)
 
@@ -203,13 +207,16 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOpt
             values = torch.zeros(0, sum(self._lengths_per_embedding), device=features.values().device,
                                  requires_grad=trainable)  # a loss on it back-propagates, changing nothing
             return KeyedTensor(keys=self._embedding_names, length_per_key=self._lengths_per_embedding, values=values)
+        if self.validate_inputs:
+            check_values(features, features.to_dict(), self._embedding_bag_configs, self._is_weighted)
+        stacked = self._pooled_stacked(features)
+        if stacked is not None:
+            return KeyedTensor(keys=self._embedding_names, length_per_key=self._lengths_per_embedding, values=stacked)
         inverse_indices = reorder_inverse_indices(
             inverse_indices=features.inverse_indices_or_none(),
             feature_names=self._flat_feature_names,
         )
         feature_dict = features.to_dict()
-        if self.validate_inputs:
-            check_values(features, feature_dict, self._embedding_bag_configs, self._is_weighted)
         compressed = self._pooled_compressed(feature_dict)
         pooled: list[torch.Tensor] = []
         for table in self._embedding_bag_configs:
@@ -231,6 +238,21 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOpt
             return bag(input=jt.values(), offsets=jt.offsets()).float()
         return embedding_bag(jt.values(), bag.weight, jt.offsets(), jt.weights(), table.pooling == PoolingType.MEAN,
                              bag.sparse).float()
+
+    def _pooled_stacked(self, features: KeyedJaggedTensor) -> torch.Tensor | None:
+        """The KeyedTensor's values ``[B, T·d]`` from one :meth:`PSSMemory.pooled_stacked` pass over the KJT's ids
+        as they lie (no per-feature split), or None where the batch or the memory does not allow it."""
+        if (self._stacked_plan is None or features.inverse_indices_or_none() is not None
+                or features.variable_stride_per_key() or features.keys() != self._flat_feature_names):
+            return None
+        group, tables, mean, dim = self._stacked_plan
+        batch = features.stride()
+        stacked = self.pss_memories[group].pooled_stacked(
+            tables, features.values().long(), features.offsets().long(),
+            features.weights() if self._is_weighted else None, mean, batch)
+        if stacked is None or len(tables) == 1:
+            return stacked
+        return stacked.view(len(tables), batch, dim).transpose(0, 1).reshape(batch, len(tables) * dim)
 
     def _pooled_compressed(self, feature_dict: Mapping[str, JaggedTensor]) -> dict[str, list[torch.Tensor]]:
         """Every compressed table's ``[B_f, d]`` blocks, one per feature: one ``pooled_many`` call per memory
@@ -285,6 +307,17 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOpt
                     "signature": config.signature(),
                 }
         return signatures
+
+
+def _stacked_plan(tables: Sequence[EmbeddingBagConfig], group_of: Mapping[str, str], features: Sequence[str]
+                  ) -> tuple[str, list[str], bool, int] | None:
+    """``(memory group, tables, MEAN?, d)`` when one memory group holds every table, each table reads one feature
+    read by no other, and all have one width and pooling mode; else None."""
+    groups = {group_of.get(t.name) for t in tables}
+    if (len(groups) != 1 or None in groups or any(len(t.feature_names) != 1 for t in tables)
+            or len(set(features)) != len(features) or len({(t.embedding_dim, t.pooling) for t in tables}) != 1):
+        return None
+    return groups.pop(), [t.name for t in tables], tables[0].pooling == PoolingType.MEAN, tables[0].embedding_dim
 
 
 def _joined(tensors: list[torch.Tensor]) -> torch.Tensor:
