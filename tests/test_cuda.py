@@ -69,37 +69,9 @@ def build_method(device: str, method: str, pooling: PoolingType = PoolingType.ME
     return CompressedEmbeddingBagCollection(tables, {"t1": config, "t2": config}, device, is_weighted=True)
 
 
-@pytest.mark.parametrize("method", METHOD_CONFIGS)
-@pytest.mark.parametrize("pooling", [PoolingType.MEAN, PoolingType.SUM])
-def test_fused_adagrad_steps_on_cuda_match_cpu(method: str, pooling: PoolingType) -> None:
-    """With SUM everywhere a ROBE memory shared by both tables is read in one call (fused Adagrad)."""
+def train_on_cpu_and_cuda(method: str, pooling: PoolingType, optimizer: type) -> None:
+    """Three steps with ``optimizer`` in backward from one init on the CPU and on CUDA: the parameters agree."""
     modules = {d: build_method(d, method, pooling) for d in ("cpu", "cuda")}
-    modules["cuda"].load_state_dict(modules["cpu"].state_dict())
-    for module in modules.values():
-        apply_optimizer_in_backward(torch.optim.Adagrad, module.parameters(), {"lr": 0.05})
-    for step in range(3):
-        rng = random.Random(step)
-        bags = {f: random_bags(rng, n, batch=32, max_len=5) for f, n in {"f1": 5000, "f2": 5000, "f3": 1000}.items()}
-        kjt = make_kjt(bags, {f: random_weights(rng, b) for f, b in bags.items()})
-        kjt_gpu = kjt.to(torch.device("cuda"))
-        modules["cpu"](kjt).values().pow(2).sum().backward()
-        modules["cuda"](kjt_gpu).values().pow(2).sum().backward()
-    for (name, cpu_param), gpu_param in zip(modules["cpu"].named_parameters(), modules["cuda"].parameters()):
-        torch.testing.assert_close(gpu_param.detach().cpu(), cpu_param.detach(), rtol=1e-4, atol=1e-5, msg=name)
-
-
-@pytest.mark.parametrize("optimizer", [torch.optim.SGD, torch.optim.Adam])
-def test_a_shared_memory_is_read_in_one_call_per_width_on_cuda(optimizer: type,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    """On CUDA every table of a ROBE memory with one width and pooling mode is pooled in one ``robe_pooled`` call
-    (one kernel launch forward, one backward), whatever the optimizer; the steps equal the CPU's (a call per
-    table there)."""
-    from torchrec_pss_plugins.robe import ops
-
-    seen = []
-    original = ops.robe_pooled
-    monkeypatch.setattr(ops, "robe_pooled", lambda *args: seen.append(args[0].device.type) or original(*args))
-    modules = {d: build_method(d, "robe", PoolingType.SUM) for d in ("cpu", "cuda")}
     modules["cuda"].load_state_dict(modules["cpu"].state_dict())
     for module in modules.values():
         apply_optimizer_in_backward(optimizer, module.parameters(), {"lr": 0.05})
@@ -110,6 +82,28 @@ def test_a_shared_memory_is_read_in_one_call_per_width_on_cuda(optimizer: type,
         kjt_gpu = kjt.to(torch.device("cuda"))
         modules["cpu"](kjt).values().pow(2).sum().backward()
         modules["cuda"](kjt_gpu).values().pow(2).sum().backward()
-    assert seen.count("cuda") == 3 and seen.count("cpu") == 6  # two tables: one call per step on CUDA
     for (name, cpu_param), gpu_param in zip(modules["cpu"].named_parameters(), modules["cuda"].parameters()):
         torch.testing.assert_close(gpu_param.detach().cpu(), cpu_param.detach(), rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("method", METHOD_CONFIGS)
+@pytest.mark.parametrize("pooling", [PoolingType.MEAN, PoolingType.SUM])
+def test_fused_adagrad_steps_on_cuda_match_cpu(method: str, pooling: PoolingType) -> None:
+    """With SUM everywhere a ROBE memory shared by both tables is read in one call (fused Adagrad)."""
+    train_on_cpu_and_cuda(method, pooling, torch.optim.Adagrad)
+
+
+@pytest.mark.parametrize("optimizer", [torch.optim.SGD, torch.optim.Adam])
+def test_a_shared_memory_is_read_in_one_call_per_width_on_cuda(optimizer: type,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA every table of a ROBE memory with one width and pooling mode is pooled in one ``robe_pooled`` call
+    (one kernel launch forward, one backward) whatever the batch size; the steps equal the CPU's, made here with
+    one call per table (its limit of pooled floats set to 0)."""
+    from torchrec_pss_plugins.robe import ops, robe
+
+    seen = []
+    original = ops.robe_pooled
+    monkeypatch.setattr(ops, "robe_pooled", lambda *args: seen.append(args[0].device.type) or original(*args))
+    monkeypatch.setattr(robe, "ONE_CALL_MAX_FLOATS", 0)
+    train_on_cpu_and_cuda("robe", PoolingType.SUM, optimizer)
+    assert seen.count("cuda") == 3 and seen.count("cpu") == 6  # two tables: one call per step on CUDA
