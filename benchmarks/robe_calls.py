@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.optim import apply_optimizer_in_backward
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec_pss_plugins.robe.robe import one_call_per_width
@@ -38,7 +39,7 @@ OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {"sgd": torch.optim.SGD, "a
 GROUPINGS = ("per_table", "per_width")
 
 
-def step(configs: list, compression: float, grouping: str, optimizer: type[torch.optim.Optimizer],
+def step(configs: list[EmbeddingBagConfig], compression: float, grouping: str, optimizer: type[torch.optim.Optimizer],
          kjt: KeyedJaggedTensor, device: torch.device) -> Callable[[], None]:
     """One training step of the 26 tables sharing one ROBE-32 memory read with ``grouping``."""
     config = RobeConfig(compression=compression, chunk_size=32, share_group="all")
