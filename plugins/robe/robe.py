@@ -285,11 +285,11 @@ class RobeMemory(PSSMemory):
 
     def pooled_stacked(self, tables: Sequence[str], ids: torch.Tensor, offsets: torch.Tensor,
                        weights: torch.Tensor | None, mean: bool, bags_per_table: int) -> torch.Tensor | None:
-        """One ``robe_pooled`` call over the stacked bags (each hashed with its table's key) when
-        :attr:`call_grouping` pools these reads in one call, else None."""
+        """One ``robe_pooled`` call over the stacked bags (each hashed with its table's key) for one table, or for
+        several when :attr:`call_grouping` pools their reads in one call; else None."""
         dim, count = self.tables[tables[0]].embedding_dim, len(tables)
         update = self._in_backward_update()
-        if not self._pools_in_one_call(update, count * bags_per_table * dim):
+        if not self._pools_in_one_call(update, count * bags_per_table * dim) and count > 1:
             return None
         if count == 1:
             keys = self._key(tables[0])
