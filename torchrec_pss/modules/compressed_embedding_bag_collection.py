@@ -118,9 +118,7 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOpt
         ]
         self._flat_feature_names = [f for t in self._embedding_bag_configs for f in t.feature_names]
         self._stacked_plan = _stacked_plan(self._embedding_bag_configs, self._group_of, self._flat_feature_names)
-        """``(memory group, tables, MEAN?, d)`` when one memory holds every table, each read by one feature of its
-        own, all of one width and pooling mode: a KJT of exactly those features in that order can then be pooled
-        in one :meth:`PSSMemory.pooled_stacked` pass; else None."""
+        """What a KJT of exactly the module's features, in order, needs for one :meth:`PSSMemory.pooled_stacked` pass."""
         self._reset_plain_tables()
         self.register_load_state_dict_pre_hook(_check_state_dict_before_load)
 
