@@ -139,7 +139,7 @@ def measure(batch: int, pooling: int, rows: int, calls: int, repeats: int, devic
     custom_pooled, custom_sgd = custom_ops
     args = (ids, offsets, None, coefficients, keys, DIM, CHUNK, True, False, False)
     sgd_args = (grad, ids, offsets, None, coefficients, keys, CHUNK, True, False, 0.0)
-    times: dict[str, float] = {}
+    times: dict[str, Any] = {}
 
     def timed(name: str, call: Callable[[], Any]) -> None:
         times[name] = per_call_us(call, calls, repeats, device)
@@ -177,10 +177,9 @@ def measure(batch: int, pooling: int, rows: int, calls: int, repeats: int, devic
     if device.type == "cuda":
         times["module_step_device_us"] = device_us_per_call(module_step, calls)
         times["embedding_bag_step_device_us"] = device_us_per_call(bag_step, calls)
-    result: dict[str, Any] = dict(times)
     if profile_steps > 0:
-        result["host_profile"] = host_profile(module_step, profile_steps, profile_top)
-    return result
+        times["host_profile"] = host_profile(module_step, profile_steps, profile_top)
+    return times
 
 
 def host_profile(step: Callable[[], None], steps: int, top: int) -> list[dict[str, Any]]:
@@ -202,12 +201,15 @@ def host_profile(step: Callable[[], None], steps: int, top: int) -> list[dict[st
 
 
 def _function_name(file: str, line: int, name: str) -> str:
-    for marker in ("site-packages/", "/torchrec_pss/", "/plugins/"):
-        if marker in file:
-            file = file.split(marker, 1)[1] if marker == "site-packages/" else marker.strip("/") + "/" + file.split(
-                marker, 1)[1]
-            break
-    return name if file == "~" else f"{file}:{line}({name})"
+    """``file:line(name)``, the file from its package on (from this repository's top folder for its own code);
+    a builtin by its name alone."""
+    if file == "~":
+        return name
+    for marker, keep in (("site-packages/", ""), ("/torchrec_pss/", "torchrec_pss/"), ("/plugins/", "plugins/")):
+        _, found, tail = file.partition(marker)
+        if found:
+            return f"{keep}{tail}:{line}({name})"
+    return f"{file}:{line}({name})"
 
 
 OP_ROWS = [
