@@ -48,17 +48,21 @@ STALE_LOCK_SECONDS = 600
 """A build lock older than this is left by a killed build (a build takes a minute or two) and is removed."""
 
 
-def remove_stale_lock(directory: Path) -> None:
-    """Delete ``directory``'s build ``lock`` when it is older than :data:`STALE_LOCK_SECONDS`: torch waits for
-    a lock forever, and a build killed mid-way (e.g. a timed-out process) never releases its lock."""
+def wait_for_lock(directory: Path, poll_seconds: float = 1.0) -> None:
+    """Return once ``directory`` holds no build ``lock``: wait while another build holds it, and delete it once it
+    is older than :data:`STALE_LOCK_SECONDS`. torch itself waits for a lock forever, and a build killed mid-way
+    (e.g. a timed-out process) never releases its lock."""
     lock = directory / "lock"
-    try:
-        age = time.time() - lock.stat().st_mtime
-    except FileNotFoundError:
-        return
-    if age > STALE_LOCK_SECONDS:
-        logger.warning("removing the stale build lock %s (%.0f s old, left by a killed build)", lock, age)
-        lock.unlink(missing_ok=True)
+    while True:
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            return
+        if age > STALE_LOCK_SECONDS:
+            logger.warning("removing the stale build lock %s (%.0f s old, left by a killed build)", lock, age)
+            lock.unlink(missing_ok=True)
+            return
+        time.sleep(poll_seconds)
 
 
 def extension_loader(name: str, source: Path) -> Callable[[], ModuleType | None]:
@@ -69,7 +73,7 @@ def extension_loader(name: str, source: Path) -> Callable[[], ModuleType | None]
         try:
             directory = build_directory() / f"{name}-{cpu_fingerprint()}"
             directory.mkdir(parents=True, exist_ok=True)
-            remove_stale_lock(directory)
+            wait_for_lock(directory)
             return cpp_extension.load(name=name, sources=[str(source)], extra_cflags=CFLAGS,
                                       extra_ldflags=["-fopenmp"], extra_include_paths=[str(INCLUDE)],
                                       build_directory=str(directory))
