@@ -8,6 +8,7 @@ import pytest
 import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.optim import apply_optimizer_in_backward
+from torchrec_pss_plugins.robe import ops, robe
 
 from helpers import make_kjt, random_bags, random_weights
 from torchrec_pss import CompressedEmbeddingBagCollection, HashingConfig, MLETConfig, QRConfig, RobeConfig, TTConfig
@@ -99,8 +100,6 @@ def test_a_shared_memory_is_read_in_one_call_per_width_on_cuda(optimizer: type,
     """On CUDA every table of a ROBE memory with one width and pooling mode is pooled in one ``robe_pooled`` call
     (one kernel launch forward, one backward) whatever the batch size; the steps equal the CPU's, made here with
     one call per table (its limit of pooled floats set to 0)."""
-    from torchrec_pss_plugins.robe import ops, robe
-
     seen = []
     original = ops.robe_pooled
     monkeypatch.setattr(ops, "robe_pooled", lambda *args: seen.append(args[0].device.type) or original(*args))

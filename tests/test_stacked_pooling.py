@@ -18,6 +18,7 @@ from torchrec_pss_plugins.robe import ops
 
 from helpers import make_kjt, random_bags, random_weights
 from torchrec_pss import CompressedEmbeddingBagCollection, RobeConfig
+from torchrec_pss.contract import BagRequest
 
 SIZES = {"f1": 50, "f2": 40, "f3": 30}
 
@@ -101,3 +102,18 @@ def test_inputs_are_still_checked_before_a_stacked_pass() -> None:
     bags["f3"] = [[1], [30]]
     with pytest.raises(ValueError, match=r"t2.*f3.*30"):
         module(make_kjt(bags))
+
+
+def test_tables_in_another_order_than_the_memory_s_are_hashed_with_their_own_keys() -> None:
+    """``pooled_stacked`` over tables listed in another order than the memory holds them equals ``pooled_many``."""
+    memory = stacked_module("auto", PoolingType.SUM, weighted=False).memory_for("t0")
+    jagged = batch(0, weighted=False).to_dict()
+    order = [("t2", "f3"), ("t0", "f1"), ("t1", "f2")]
+    ids = torch.cat([jagged[f].values() for _, f in order])
+    lengths = torch.cat([jagged[f].lengths() for _, f in order])
+    offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+    with torch.no_grad():
+        stacked = memory.pooled_stacked([t for t, _ in order], ids, offsets, None, False, 6)
+        expected = memory.pooled_many([BagRequest(t, jagged[f].values(), jagged[f].lengths(), None, False)
+                                       for t, f in order])
+    torch.testing.assert_close(stacked, torch.cat(expected), rtol=1e-6, atol=1e-6)

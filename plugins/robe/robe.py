@@ -294,8 +294,7 @@ class RobeMemory(PSSMemory):
         if count == 1:
             keys = self._key(tables[0])
         else:
-            keys = (self.table_keys if list(tables) == list(self.tables) else self.table_keys[
-                torch.tensor([self._key_index[t] for t in tables], device=self.table_keys.device)])
+            keys = self.table_keys if list(tables) == list(self.tables) else torch.cat([self._key(t) for t in tables])
             keys = keys.repeat_interleave(bags_per_table, output_size=count * bags_per_table)
         weights = None if weights is None else weights.to(self.weight.dtype)
         return self._bags(keys, dim, ids, offsets, weights, mean, update, set(tables) == set(self.tables))
