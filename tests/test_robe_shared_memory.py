@@ -15,7 +15,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.optim import apply_optimizer_in_backward
 from torchrec_pss_plugins.robe import ops, reference
 from torchrec_pss_plugins.robe import robe
-from torchrec_pss_plugins.robe.robe import _FusedRobeStep
+from torchrec_pss_plugins.robe.fused_step import FusedRobeStep
 
 from helpers import make_kjt, random_bags, random_weights
 from torchrec_pss import CompressedEmbeddingBagCollection, RobeConfig
@@ -164,10 +164,10 @@ def test_a_shared_memory_takes_the_fused_update_and_matches_the_reference(
     """Three tables (four features) share one memory: one fused call per step, same steps as the reference."""
     fused = shared_module()
     nodes = train(fused, optimizer, kwargs, steps=4)
-    assert _FusedRobeStep.__name__ + "Backward" in nodes
+    assert FusedRobeStep.__name__ + "Backward" in nodes
     monkeypatch.setenv("TORCHREC_PSS_KERNELS", "reference")
     expected = shared_module()
-    assert _FusedRobeStep.__name__ + "Backward" not in train(expected, optimizer, kwargs, steps=4)
+    assert FusedRobeStep.__name__ + "Backward" not in train(expected, optimizer, kwargs, steps=4)
     assert_same_parameters(fused, expected)
 
 
@@ -177,7 +177,7 @@ def test_a_memory_read_by_two_calls_keeps_adagrad_unfused(pooling: PoolingType, 
     """A table of another pooling mode or width needs a second call: Adagrad then waits for the whole
     gradient (unfused) and the steps still equal the reference."""
     module = shared_module(pooling, dim_of_t3)
-    assert _FusedRobeStep.__name__ + "Backward" not in train(module, torch.optim.Adagrad, {"lr": 0.1}, steps=3)
+    assert FusedRobeStep.__name__ + "Backward" not in train(module, torch.optim.Adagrad, {"lr": 0.1}, steps=3)
     monkeypatch.setenv("TORCHREC_PSS_KERNELS", "reference")
     expected = shared_module(pooling, dim_of_t3)
     train(expected, torch.optim.Adagrad, {"lr": 0.1}, steps=3)
@@ -228,5 +228,5 @@ def test_one_call_per_width_trains_as_one_call_per_table(optimizer: type, monkey
     grouped.memory_for("t1").call_grouping = "per_width"
     nodes = train(grouped, optimizer, {"lr": 0.1}, steps=4)
     assert seen == [20] * 4  # 4 features x 5 bags, one call per step
-    assert (_FusedRobeStep.__name__ + "Backward" in nodes) == (optimizer is torch.optim.SGD)
+    assert (FusedRobeStep.__name__ + "Backward" in nodes) == (optimizer is torch.optim.SGD)
     assert_same_parameters(grouped, per_table)

@@ -37,6 +37,7 @@ from torchrec_pss.pooling import lengths_to_offsets
 from torchrec_pss.registry import register_method
 from torchrec_pss_plugins.robe import ops, reference
 from torchrec_pss_plugins.robe.config import RobeConfig
+from torchrec_pss_plugins.robe.fused_step import FusedRobeStep, pending_reads
 
 _FUSED_KINDS = ("SGD", "Adagrad", "BlockwiseAdagrad", "RowWiseAdagrad")
 CALL_GROUPINGS = ("auto", "per_width", "per_table")
@@ -45,38 +46,6 @@ ONE_CALL_MAX_FLOATS = 1 << 21
 call. Up to it one call made steps 1.3-6.6x faster than per-table calls in ``benchmarks/robe_calls.py`` (26
 tables, fused SGD); beyond it, with one id per bag, one call ran at 0.79-1.58x their speed in two runs, while
 per-table calls read each table's gradient in place."""
-
-
-class _FusedRobeStep(torch.autograd.Function):
-    """``robe_pooled`` whose backward applies the in-backward optimizer to ``M`` directly (fused kernels).
-
-    ``M`` gets no ``.grad``: the SGD / Adagrad update is scattered into it in place, so no ``[|M|]``
-    gradient is formed (SGD) or kept (Adagrad).
-    """
-
-    @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, memory: torch.Tensor, update: FusedUpdate,
-                ids: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor | None, coefficients: torch.Tensor,
-                keys: torch.Tensor, dim: int, chunk_size: int, use_sign: bool, mean: bool) -> torch.Tensor:
-        ctx.update, ctx.layout = update, (chunk_size, use_sign, mean)
-        ctx.save_for_backward(ids, offsets, weights, coefficients, keys)
-        return ops.robe_pooled(memory, ids, offsets, weights, coefficients, keys, dim, chunk_size, use_sign, mean,
-                               False)
-
-    @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple:
-        ids, offsets, weights, coefficients, keys = ctx.saved_tensors
-        update, (chunk_size, use_sign, mean) = ctx.update, ctx.layout
-        memory, group = update.param, update.group
-        with torch.no_grad():
-            if update.kind == "SGD":
-                ops.robe_sgd_update_(memory, grad, ids, offsets, weights, coefficients, keys, chunk_size, use_sign,
-                                     mean, group["lr"])
-            else:
-                block = 1 if update.kind == "Adagrad" else update.row_size
-                ops.robe_adagrad_update_(memory, update.state["sum"], grad, ids, offsets, weights, coefficients, keys,
-                                         chunk_size, use_sign, mean, update.next_step_lr(), group["eps"], block)
-        return (None,) * 11
 
 
 def one_call_per_width(grouping: str, device: torch.device, fused_adagrad: bool, floats: int) -> bool:
@@ -95,6 +64,7 @@ class RobeMemory(PSSMemory):
     """One ROBE-Z array ``weight`` (``[|M|]`` float32) shared by ``tables``; see the module docstring."""
 
     name = "robe"
+    per_table_buffers = ("table_keys",)
     config: RobeConfig
     call_grouping: str = "auto"
     """How :meth:`pooled_many` splits a step's reads into ``robe_pooled`` calls (set it on a memory to override):
@@ -205,8 +175,9 @@ class RobeMemory(PSSMemory):
     def _in_backward_update(self) -> FusedUpdate | None:
         """The in-backward update of ``M`` that the fused kernels can apply themselves, or None: a
         :class:`~torchrec_pss.optim.FusedUpdate` of a supported kind, not deferred (replicated memories' updates
-        wait for the gradient all-reduce), in a float32 training forward with the fast kernels on."""
-        if not (torch.is_grad_enabled() and self.weight.requires_grad) or reference_only():
+        wait for the gradient all-reduce), in an eager float32 training forward with the fast kernels on."""
+        if (not (torch.is_grad_enabled() and self.weight.requires_grad) or reference_only()
+                or torch.compiler.is_compiling()):
             return None
         if self.weight.dtype != torch.float32:
             return None
@@ -223,15 +194,16 @@ class RobeMemory(PSSMemory):
 
     def _bags(self, keys: torch.Tensor, dim: int, ids: torch.Tensor, offsets: torch.Tensor,
               weights: torch.Tensor | None, mean: bool, update: FusedUpdate | None, whole_step: bool) -> torch.Tensor:
-        """One ``robe_pooled`` call over bags of width ``dim``, fused with the in-backward ``update`` when it can be:
-        SGD is linear, so any number of reads per step may each apply their share; Adagrad needs the whole step's
-        gradient at once, so only a call that reads every table of the memory (``whole_step``) qualifies; trainable
-        weights never do."""
+        """One ``robe_pooled`` call over bags of width ``dim``, fused with the in-backward ``update``
+        (:mod:`~torchrec_pss_plugins.robe.fused_step`) when it pays: always for SGD; for Adagrad, whose step several
+        fused reads would take on their summed dense gradient, only in a call that reads every table of the memory
+        (``whole_step``); never with trainable weights."""
         z, sign = self.config.chunk_size, self.config.use_sign
-        if (update is not None and (update.kind == "SGD" or whole_step)
+        pending = None if update is None else pending_reads(update)
+        if (pending is not None and (update.kind == "SGD" or whole_step)
                 and (weights is None or not weights.requires_grad)):
-            return _FusedRobeStep.apply(self.weight, update, ids, offsets, weights, self.hash_coefficients, keys, dim,
-                                        z, sign, mean)
+            return FusedRobeStep.apply(self.weight, pending, ids, offsets, weights, self.hash_coefficients, keys, dim,
+                                       z, sign, mean)
         sparse = self.use_sparse_gradient(ids.numel() * dim)
         return ops.robe_pooled(self.weight, ids, offsets, weights, self.hash_coefficients, keys, dim, z, sign, mean,
                                sparse)
