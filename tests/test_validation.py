@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 import torch
+from torchrec import EmbeddingBagCollection
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.optim import apply_optimizer_in_backward
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -268,3 +269,87 @@ def test_environment_switch_sets_the_default(monkeypatch: pytest.MonkeyPatch) ->
     assert CompressedEmbeddingBagCollection(tables(), validate_inputs=True).validate_inputs
     monkeypatch.setenv("TORCHREC_PSS_VALIDATE", "1")
     assert CompressedEmbeddingBagCollection(tables()).validate_inputs
+
+
+def ebc_like(module: CompressedEmbeddingBagCollection, dtype: torch.dtype = torch.float32) -> EmbeddingBagCollection:
+    """A torchrec EBC (in ``dtype``) holding ``module``'s tables: plain weights as they are, compressed tables
+    materialised."""
+    ebc = EmbeddingBagCollection(tables(), is_weighted=module.is_weighted())
+    with torch.no_grad():
+        for name, bag in ebc.embedding_bags.items():
+            memory = module.memory_for(name)
+            bag.weight.copy_(module.embedding_bags[name].weight if memory is None else memory.materialize(name))
+    return ebc.to(dtype)
+
+
+def vbe_kjt(stride_per_key_per_rank: list[list[int]]) -> KeyedJaggedTensor:
+    """f1 with 1 bag and f2 with 2 (3 lengths for 2 keys), output batch 2 through the inverse indices."""
+    return KeyedJaggedTensor(keys=["f1", "f2"], values=torch.tensor([1, 2, 3, 4]), lengths=torch.tensor([2, 1, 1]),
+                             stride_per_key_per_rank=stride_per_key_per_rank,
+                             inverse_indices=(["f1", "f2"], torch.tensor([[0, 0], [0, 1]])))
+
+
+@pytest.mark.parametrize("compression", [{}, {"t1": HashingConfig(num_buckets=7)}, {"t2": RobeConfig(compression=2)}],
+                         ids=["plain", "hashing", "robe"])
+def test_variable_batch_kjt_is_accepted_like_torchrec(compression: dict) -> None:
+    """A VBE KJT has as many lengths as its per-key batch sizes add up to, not a multiple of its keys."""
+    module = CompressedEmbeddingBagCollection(tables(), compression)
+    out, expected = module(vbe_kjt([[1], [2]])), ebc_like(module)(vbe_kjt([[1], [2]]))
+    assert out.keys() == expected.keys() and out.values().shape == (2, 16)
+    torch.testing.assert_close(out.values(), expected.values())
+
+
+@pytest.mark.parametrize("strides, message", [
+    ([[1], [1]], r"has 3 lengths but its per-key batch sizes \[1, 1\] \(keys \['f1', 'f2'\]\) add up to 2"),
+    ([[1], [3]], r"has 3 lengths but its per-key batch sizes \[1, 3\] \(keys \['f1', 'f2'\]\) add up to 4"),
+    ([[3]], r"has 1 per-key batch sizes \[3\] for its 2 keys \['f1', 'f2'\]"),
+])
+def test_inconsistent_variable_batch_kjt_is_refused(strides: list[list[int]], message: str) -> None:
+    module = CompressedEmbeddingBagCollection(tables(), {"t1": RobeConfig(compression=2)})
+    with pytest.raises(ValueError, match=rf"variable-batch KJT {message}"):
+        module(vbe_kjt(strides))
+
+
+@pytest.mark.parametrize("compression", [{}, {"t1": RobeConfig(compression=2)}], ids=["plain", "robe"])
+def test_meta_forward_with_validation_on(compression: dict) -> None:
+    """Meta tensors have no values to check: the forward gives the shapes torchrec's EBC gives on meta."""
+    module = CompressedEmbeddingBagCollection(tables(), compression, device="meta")
+    assert module.validate_inputs
+    kjt = KeyedJaggedTensor(keys=["f1", "f2"], values=torch.tensor([1, 2, 3], device="meta"),
+                            lengths=torch.tensor([1, 1, 0, 1], device="meta"))
+    out, expected = module(kjt), EmbeddingBagCollection(tables(), device=torch.device("meta"))(kjt)
+    assert out.values().is_meta and out.values().shape == expected.values().shape == (2, 16)
+    with pytest.raises(ValueError, match="lacks features"):
+        module(KeyedJaggedTensor(keys=["f1"], values=kjt.values()[:1], lengths=kjt.lengths()[:2]))
+
+
+DTYPE_CASES = {
+    "plain": {},
+    "robe_t1": {"t1": RobeConfig(compression=2)},
+    "robe_both": {"t1": RobeConfig(compression=2), "t2": RobeConfig(compression=2)},
+    "qr_t1": {"t1": QRConfig(collisions=3)},
+    "qr_both": {"t1": QRConfig(collisions=3), "t2": QRConfig(collisions=3)},
+    "mlet_both": {"t1": MLETConfig(inner_dim=2), "t2": MLETConfig(inner_dim=2)},
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", DTYPE_CASES)
+def test_half_precision_modules_pool_into_float32_like_torchrec(case: str, dtype: torch.dtype) -> None:
+    """torchrec's EBC casts every pooled block to float32; so does the CEBC, whatever its mix of tables."""
+    module = CompressedEmbeddingBagCollection(tables(), DTYPE_CASES[case])
+    reference = ebc_like(module, dtype)
+    module = module.to(dtype)
+    kjt = make_kjt({"f1": [[1, 2], [3]], "f2": [[4], []]})
+    out, expected = module(kjt).values(), reference(kjt).values()
+    assert expected.dtype == torch.float32 and out.dtype == torch.float32
+    torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2)
+    assert module(make_kjt({"f1": [], "f2": []})).values().dtype == torch.float32  # no bags: torchrec's EBC fails
+
+
+@pytest.mark.parametrize("case", DTYPE_CASES)
+def test_float64_modules_pool_into_float64(case: str) -> None:
+    """A float64 module keeps float64 (references, gradcheck) for every table, plain ones included."""
+    module = CompressedEmbeddingBagCollection(tables(), DTYPE_CASES[case]).double()
+    for kjt in (make_kjt({"f1": [[1, 2], [3]], "f2": [[4], []]}), make_kjt({"f1": [], "f2": []})):
+        assert module(kjt).values().dtype == torch.float64

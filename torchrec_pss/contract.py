@@ -74,6 +74,9 @@ class PSSMemory(nn.Module, abc.ABC):
     config_cls: ClassVar[type[MethodConfig]]
     collapses_for_inference: ClassVar[bool] = False
     """True for training-time factorisations (MLET) that :func:`torchrec_pss.collapse` turns into plain tables."""
+    per_table_buffers: ClassVar[tuple[str, ...]] = ()
+    """Buffers with one entry per table, in ``tables``' order: a checkpoint listing the tables in another order
+    has them permuted into this order when loaded."""
 
     def __init__(
         self,

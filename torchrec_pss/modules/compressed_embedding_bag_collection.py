@@ -79,6 +79,8 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOpt
         self._group_of: dict[str, str] = {}
         self._fused_updates: dict[str, FusedUpdate] = {}
         self._named_parameters: list[tuple[str, nn.Parameter]] | None = None
+        self._unset_constants: dict[str, tuple[torch.Tensor, int]] = {}
+        """Recovery constants materialised from meta and not written since: ``key -> (buffer, its version then)``."""
         groups: dict[str, tuple[MethodConfig, list[EmbeddingBagConfig]]] = {}
         for table in self._embedding_bag_configs:
             config = compression.get(table.name)
@@ -130,7 +132,8 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOpt
 
     @property
     def device(self) -> torch.device:
-        return self._device
+        """Where the parameters are (after ``to_empty`` or an ``assign=True`` load too); else the construction device."""
+        return next((p.device for p in self.parameters()), self._device)
 
     @property
     def compression(self) -> dict[str, MethodConfig]:
@@ -154,6 +157,7 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOpt
         self._reset_plain_tables()
         for memory in self.pss_memories.values():
             memory.reset_parameters()
+        self._unset_constants = {}
 
     def _reset_plain_tables(self) -> None:
         for table in self._embedding_bag_configs:
@@ -193,7 +197,21 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOpt
 
     def _apply(self, fn: Any, recurse: bool = True) -> CompressedEmbeddingBagCollection:
         self._named_parameters = None
-        return super()._apply(fn, recurse)
+        unset = {key for key, tensor in self._constants().items() if tensor.is_meta or self._constant_unset(key, tensor)}
+        super()._apply(fn, recurse)
+        self._unset_constants = {
+            key: (tensor, tensor._version) for key, tensor in self._constants().items() if key in unset and not tensor.is_meta
+        }
+        return self
+
+    def _constants(self) -> dict[str, torch.Tensor]:
+        """The memories' recovery constants (their buffers), by state_dict key."""
+        return {f"pss_memories.{g}.{n}": b for g, m in self.pss_memories.items() for n, b in m.named_buffers()}
+
+    def _constant_unset(self, key: str, tensor: torch.Tensor) -> bool:
+        """True while ``tensor`` holds what materialising from meta (``to_empty``) left: no value to compare."""
+        recorded = self._unset_constants.get(key)
+        return recorded is not None and recorded[0] is tensor and tensor._version == recorded[1]
 
     def pool(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """The forward pass without taking over in-backward optimizers (for wrappers that own them)."""
@@ -202,14 +220,16 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOpt
             check_structure(features, self._flat_feature_names, self._is_weighted)
         if features.lengths().numel() == 0:  # no bags (KJT.to_dict cannot split an empty batch)
             trainable = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
-            values = torch.zeros(0, sum(self._lengths_per_embedding), device=features.values().device,
+            dtype = _pooled_dtype(*(p.dtype for p in self.parameters() if p.is_floating_point()))
+            values = torch.zeros(0, sum(self._lengths_per_embedding), dtype=dtype, device=features.values().device,
                                  requires_grad=trainable)  # a loss on it back-propagates, changing nothing
             return KeyedTensor(keys=self._embedding_names, length_per_key=self._lengths_per_embedding, values=values)
         if self.validate_inputs:
             check_values(features, features.to_dict(), self._embedding_bag_configs, self._is_weighted)
         stacked = self._pooled_stacked(features)
         if stacked is not None:
-            return KeyedTensor(keys=self._embedding_names, length_per_key=self._lengths_per_embedding, values=stacked)
+            return KeyedTensor(keys=self._embedding_names, length_per_key=self._lengths_per_embedding,
+                               values=stacked.to(_pooled_dtype(stacked.dtype)))
         inverse_indices = reorder_inverse_indices(
             inverse_indices=features.inverse_indices_or_none(),
             feature_names=self._flat_feature_names,
@@ -221,7 +241,7 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOpt
             if table.name in self.embedding_bags:
                 pooled.extend(self._pooled_plain(table, feature_dict[f]) for f in table.feature_names)
             else:
-                pooled.extend(compressed[table.name])
+                pooled.extend(block.to(_pooled_dtype(block.dtype)) for block in compressed[table.name])
         return KeyedTensor(
             keys=self._embedding_names,
             values=pooled[0] if len(pooled) == 1 and features.inverse_indices_or_none() is None  # no copy
@@ -233,9 +253,9 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOpt
         """One feature of a plain table, as an EBC pools it; a weighted MEAN is the weighted sum / length."""
         bag = self.embedding_bags[table.name]
         if not self._is_weighted:
-            return bag(input=jt.values(), offsets=jt.offsets()).float()
+            return bag(input=jt.values(), offsets=jt.offsets()).to(_pooled_dtype(bag.weight.dtype))
         return embedding_bag(jt.values(), bag.weight, jt.offsets(), jt.weights(), table.pooling == PoolingType.MEAN,
-                             bag.sparse).float()
+                             bag.sparse).to(_pooled_dtype(bag.weight.dtype))
 
     def _pooled_stacked(self, features: KeyedJaggedTensor) -> torch.Tensor | None:
         """The KeyedTensor's values ``[B, T·d]`` from one :meth:`PSSMemory.pooled_stacked` pass over the KJT's ids
@@ -275,7 +295,7 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOpt
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
         """``nn.Module.load_state_dict`` that, when ``strict``, refuses missing or unexpected keys before copying."""
-        _check_state_dict_before_load(self, state_dict, "", None, strict, [], [], [])
+        _checked_state(self, state_dict, "")
         if strict:
             mine, theirs = set(self.state_dict(keep_vars=True)), set(state_dict)
             if mine != theirs:
@@ -318,6 +338,15 @@ def _stacked_plan(tables: Sequence[EmbeddingBagConfig], group_of: Mapping[str, s
     return groups.pop(), [t.name for t in tables], tables[0].pooling == PoolingType.MEAN, tables[0].embedding_dim
 
 
+def _pooled_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """The dtype of pooled blocks read from tables of ``dtypes``: float32 as in torchrec's EBC (which pools half
+    precision into float32), float64 for a float64 module (kept for references and gradcheck)."""
+    out = torch.float32
+    for dtype in dtypes:
+        out = torch.promote_types(out, dtype)
+    return out
+
+
 def _joined(tensors: list[torch.Tensor]) -> torch.Tensor:
     """``torch.cat`` that returns a single tensor as it is (no copy)."""
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
@@ -342,7 +371,7 @@ def _validate_tables(tables: Sequence[EmbeddingBagConfig], compression: Mapping[
 
 def _check_state_dict_before_load(
     module: CompressedEmbeddingBagCollection,
-    state_dict: Mapping[str, Any],
+    state_dict: dict[str, Any],
     prefix: str,
     local_metadata: Any,
     strict: bool,  # torch passes True here whatever the caller asked; strictness is checked in load_state_dict
@@ -350,13 +379,24 @@ def _check_state_dict_before_load(
     unexpected_keys: list[str],
     error_msgs: list[str],
 ) -> None:
-    """Refuse, before anything is copied, a state_dict from another method, signature, shape or constants.
-    Also drops the module's cached parameter list (``assign=True`` swaps parameters)."""
+    """Load pre-hook: :func:`_checked_state`, then its per-table constants in this module's table order go into
+    ``state_dict`` (torch's own copy of the caller's). Also drops the module's cached parameter list
+    (``assign=True`` swaps parameters)."""
     module._named_parameters = None
+    state_dict.update(_checked_state(module, state_dict, prefix))
+
+
+def _checked_state(module: CompressedEmbeddingBagCollection, state_dict: Mapping[str, Any], prefix: str
+                   ) -> dict[str, torch.Tensor]:
+    """Refuse, before anything is copied, a state_dict from another method, signature, shape or constants.
+
+    Constants are compared with the module's unless the module has none yet (on meta, or materialised from meta
+    and not reset): it then takes the checkpoint's. Returns the checkpoint's per-table constants reordered to this
+    module's table order where the checkpoint lists a memory group's tables in another order."""
     saved = state_dict.get(prefix + _EXTRA_STATE)
+    theirs: dict[str, dict[str, Any]] = {} if saved is None else saved.get("tables", {})
     if saved is not None:
         mine = module._table_signatures()
-        theirs = saved.get("tables", {})
         if set(theirs) != set(mine):
             raise ValueError(
                 f"{prefix or 'module'}: checkpoint holds tables {sorted(theirs)}, this module {sorted(mine)}"
@@ -379,23 +419,40 @@ def _check_state_dict_before_load(
                     f"table {table!r} ({sig['method']}): checkpoint recovers embeddings differently "
                     f"({details or 'memory group ' + repr(other.get('group'))}); refusing to load"
                 )
-    constants = {n for g, m in module.pss_memories.items() for n in _prefixed_buffers(m, f"pss_memories.{g}.")}
+    constants = module._constants()
+    reordered = _in_module_table_order(module, state_dict, prefix, theirs)
     for key, tensor in module.state_dict(keep_vars=True).items():
         if key == _EXTRA_STATE:
             continue
-        incoming = state_dict.get(prefix + key)
+        incoming = reordered.get(prefix + key, state_dict.get(prefix + key))
         if incoming is None:
             continue
         if tuple(incoming.shape) != tuple(tensor.shape):
             raise ValueError(
                 f"{prefix + key}: checkpoint shape {tuple(incoming.shape)} != module shape {tuple(tensor.shape)}"
             )
-        if key in constants and not tensor.is_meta and not torch.equal(incoming.to(tensor.device), tensor):
+        if (key in constants and not tensor.is_meta and not module._constant_unset(key, tensor)
+                and not torch.equal(incoming.to(tensor.device), tensor)):
             raise ValueError(
                 f"{prefix + key}: recovery constants (hash coefficients) differ from this module's; "
                 "the checkpoint was made with another seed or tables — refusing to load"
             )
+    return reordered
 
 
-def _prefixed_buffers(module: nn.Module, prefix: str) -> list[str]:
-    return [prefix + name for name, _ in module.named_buffers()]
+def _in_module_table_order(module: CompressedEmbeddingBagCollection, state_dict: Mapping[str, Any], prefix: str,
+                           theirs: Mapping[str, Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+    """The checkpoint's per-table constants of each memory group whose tables its signatures (``theirs``, in the
+    checkpoint's table order) list in another order than this module, permuted into this module's order."""
+    out: dict[str, torch.Tensor] = {}
+    for group, memory in module.pss_memories.items():
+        mine = list(memory.tables)
+        saved_order = [table for table, sig in theirs.items() if sig.get("group") == group]
+        if saved_order == mine or sorted(saved_order) != sorted(mine):
+            continue
+        permutation = [saved_order.index(table) for table in mine]
+        for name in memory.per_table_buffers:
+            incoming = state_dict.get(f"{prefix}pss_memories.{group}.{name}")
+            if isinstance(incoming, torch.Tensor) and tuple(incoming.shape[:1]) == (len(mine),):
+                out[f"{prefix}pss_memories.{group}.{name}"] = incoming[permutation]
+    return out

@@ -43,7 +43,18 @@ def check_structure(features: KeyedJaggedTensor, feature_names: Sequence[str], i
         raise TypeError(f"KJT of features {keys}: ids must be int32 or int64, got {values.dtype}")
     if lengths.dtype not in _ID_DTYPES:
         raise TypeError(f"KJT of features {keys}: lengths must be int32 or int64, got {lengths.dtype}")
-    if keys and lengths.numel() % len(keys):
+    if keys and features.variable_stride_per_key():
+        strides = features.stride_per_key()
+        if len(strides) != len(keys):
+            raise ValueError(
+                f"variable-batch KJT has {len(strides)} per-key batch sizes {strides} for its {len(keys)} keys {keys}"
+            )
+        if sum(strides) != lengths.numel():
+            raise ValueError(
+                f"variable-batch KJT has {lengths.numel()} lengths but its per-key batch sizes {strides} "
+                f"(keys {keys}) add up to {sum(strides)}"
+            )
+    elif keys and lengths.numel() % len(keys):
         raise ValueError(f"KJT has {lengths.numel()} lengths, not a multiple of its {len(keys)} keys {keys}")
     if is_weighted and weights is None:
         raise ValueError("this CompressedEmbeddingBagCollection is weighted but the KJT has no weights")
@@ -61,7 +72,9 @@ def check_values(
     is_weighted: bool
 ) -> None:
     """Ids in ``[0, num_embeddings)``, lengths ``>= 0`` and finite weights, or an error naming table, feature,
-    position and value. ``jagged``: the KJT's ``to_dict()``."""
+    position and value. ``jagged``: the KJT's ``to_dict()``. Meta tensors hold no values: nothing is checked."""
+    if features.values().is_meta or features.lengths().is_meta:
+        return
     flags = [features.lengths().min() < 0] if features.lengths().numel() else []
     for table in tables:
         for name in table.feature_names:
