@@ -19,6 +19,7 @@ from torchrec_pss import (
     compress_,
     parse_compression_flag,
 )
+from torchrec_pss.compress import ConfigChoice, FilterFn
 
 
 def tables() -> list[EmbeddingBagConfig]:
@@ -80,6 +81,105 @@ def test_compress_respects_filter_fn_and_leaves_other_modules() -> None:
     assert isinstance(model["swap"], CompressedEmbeddingBagCollection)
 
 
+def one_table_ebc(name: str, rows: int = 1000, device: str | None = None) -> EmbeddingBagCollection:
+    """An EBC of one table ``name`` read by feature ``name``."""
+    table = EmbeddingBagConfig(name=name, embedding_dim=8, num_embeddings=rows, feature_names=[name])
+    return EmbeddingBagCollection([table], device=None if device is None else torch.device(device))
+
+
+def two_towers() -> nn.Module:
+    """A model with two EBCs: ``user`` (table ``user``) and ``item`` (table ``item``)."""
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.user, model.item = one_table_ebc("user"), one_table_ebc("item", rows=2000)
+    return model
+
+
+def test_compress_mapping_applies_across_the_ebcs_of_a_model() -> None:
+    model = two_towers()
+    item = model.item
+    kjt = make_kjt({"item": [[0, 1999], [5]]})
+    expected = item(kjt).to_dict()["item"]
+    robe = RobeConfig(compression=10, chunk_size=4)
+    compress_(model, {"user": robe})
+    assert model.user.compression == {"user": robe}
+    assert isinstance(model.item, CompressedEmbeddingBagCollection) and model.item.compression == {}
+    assert torch.equal(model.item.embedding_bags["item"].weight, item.embedding_bags["item"].weight)
+    assert torch.equal(model.item(kjt).to_dict()["item"], expected)
+    both = compress_(two_towers(), {"user": robe, "item": QRConfig(collisions=4)})
+    assert both.user.compression == {"user": robe} and both.item.compression == {"item": QRConfig(collisions=4)}
+
+
+@pytest.mark.parametrize(
+    "config, filter_fn, unknown",
+    [
+        ({"user": RobeConfig(compression=10), "usr": RobeConfig(compression=10)}, None, "usr"),
+        ({"item": RobeConfig(compression=10)}, lambda module, fqn: fqn == "user", "item"),
+        (parse_compression_flag("robe:compression=10;T_1=plain"), None, "T_1"),
+        (parse_compression_flag("robe:compression=10;item=plain;t_99=plain"), None, "t_99"),
+    ],
+)
+def test_compress_refuses_unknown_tables_before_replacing_anything(config: ConfigChoice, filter_fn: FilterFn | None,
+                                                                   unknown: str) -> None:
+    model = two_towers()
+    user, item = model.user, model.item
+    with pytest.raises(ValueError, match=rf"names tables \['{unknown}'\].*tables: \[.*'user'"):
+        compress_(model, config, filter_fn=filter_fn)
+    assert model.user is user and model.item is item
+
+
+def test_compress_builds_every_replacement_before_swapping() -> None:
+    model = two_towers()
+    user, item = model.user, model.item
+    with pytest.raises(ValueError, match="table 'item'"):
+        compress_(model, parse_compression_flag("tt:ranks=4,p_shapes=[10,10,10],q_shapes=[2,2,2]"))
+    assert model.user is user and model.item is item
+
+
+def test_compress_replaces_a_shared_ebc_under_every_name() -> None:
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.query_tower = one_table_ebc("tok")
+    model.doc_tower = model.query_tower
+    model.heads = nn.ModuleDict({"tied": model.query_tower})
+    weight = model.query_tower.embedding_bags["tok"].weight.clone()
+    kjt = make_kjt({"tok": [[3, 999], [7]]})
+    expected = model.query_tower(kjt).to_dict()["tok"]
+    compress_(model, lambda table: None, filter_fn=lambda module, fqn: fqn == "doc_tower")
+    swapped = model.query_tower
+    assert isinstance(swapped, CompressedEmbeddingBagCollection)
+    assert model.doc_tower is swapped and model.heads["tied"] is swapped
+    assert torch.equal(swapped.embedding_bags["tok"].weight, weight)
+    assert torch.equal(model.doc_tower(kjt).to_dict()["tok"], expected)
+    assert len(list(model.parameters())) == 1
+    compress_(model, RobeConfig(compression=10, chunk_size=4))
+    assert type(model.query_tower) is CompressedEmbeddingBagCollection and model.query_tower is model.doc_tower
+    shared = nn.Module()
+    shared.a = nn.Sequential(one_table_ebc("tok"))
+    shared.b = shared.a
+    robe = RobeConfig(compression=10, chunk_size=4)
+    compress_(shared, robe)
+    assert shared.b is shared.a and shared.a[0].compression == {"tok": robe}
+
+
+def test_compress_builds_on_the_device_of_the_weights() -> None:
+    tables = [EmbeddingBagConfig(name="a", embedding_dim=4, num_embeddings=10, feature_names=["a"]),
+              EmbeddingBagConfig(name="b", embedding_dim=4, num_embeddings=1000, feature_names=["b"])]
+    ebc = EmbeddingBagCollection(tables, device=torch.device("meta"))
+    ebc.to_empty(device="cpu")
+    with torch.no_grad():
+        ebc.embedding_bags["a"].weight.copy_(torch.arange(40, dtype=torch.float32).reshape(10, 4))
+    kjt = make_kjt({"a": [[1, 9], [4]], "b": [[0], [999]]})
+    expected = ebc(kjt).to_dict()["a"]
+    compressed = compress_(ebc, {"b": RobeConfig(compression=10, chunk_size=4)})
+    assert compressed.device == torch.device("cpu")
+    assert all(not parameter.is_meta for parameter in compressed.parameters())
+    assert torch.equal(compressed.embedding_bags["a"].weight, ebc.embedding_bags["a"].weight)
+    assert torch.equal(compressed(kjt).to_dict()["a"], expected)
+    on_meta = compress_(one_table_ebc("m", device="meta"), lambda table: None)
+    assert on_meta.embedding_bags["m"].weight.is_meta
+
+
 def test_flag_parses_defaults_overrides_and_min_rows() -> None:
     flag = parse_compression_flag("robe:compression=1000,chunk_size=32,min_rows=1000;small=qr:collisions=4;x=plain")
     assert flag(tables()[0]) == RobeConfig(compression=1000, chunk_size=32)
@@ -87,6 +187,8 @@ def test_flag_parses_defaults_overrides_and_min_rows() -> None:
     below = EmbeddingBagConfig(name="tiny", embedding_dim=8, num_embeddings=10, feature_names=["t"])
     assert flag(below) is None
     assert flag(EmbeddingBagConfig(name="x", embedding_dim=8, num_embeddings=10**6, feature_names=["x"])) is None
+    assert parse_compression_flag("robe:compression=10,min_rows=0").min_rows == 0
+    assert parse_compression_flag("robe:compression=10,min_rows=100_000").min_rows == 100_000
     tt = parse_compression_flag("tt:ranks=[4,8],p_shapes=[10,10,10],q_shapes=[2,2,2]")
     assert tt(tables()[1]) == TTConfig(ranks=(4, 8), p_shapes=(10, 10, 10), q_shapes=(2, 2, 2))
     model = compress_(dlrm(), parse_compression_flag("robe:compression=10,chunk_size=4,min_rows=1000"))
@@ -102,6 +204,17 @@ def test_flag_parses_defaults_overrides_and_min_rows() -> None:
         ("robe:compression=10;qr:collisions=4", "more than one default clause"),
         ("robe:compression=0.5", "compression must be"),
         ("plain:x=1", "'plain' takes no fields"),
+        ("robe:compression=10;t_1=plain;t_1=qr:collisions=4", "table 't_1' is overridden twice"),
+        ("robe:compression=10;t_1=plain; t_1 =plain", "table 't_1' is overridden twice"),
+        ("robe:compression=10,compression=100", "field 'compression' given twice"),
+        ("robe:compression=10,min_rows=5,min_rows=6", "field 'min_rows' given twice"),
+        ("robe:compression=10;=plain", "names no table"),
+        ("robe:compression=10,min_rows=1.5", "min_rows must be a non-negative int, got '1.5'"),
+        ("robe:compression=10,min_rows=-5", "min_rows must be a non-negative int, got '-5'"),
+        ("robe:compression=10,min_rows=1e3", "min_rows must be a non-negative int, got '1e3'"),
+        ("robe:compression=10,min_rows=abc", "min_rows must be a non-negative int, got 'abc'"),
+        ("robe:compression=10,min_rows=True", "min_rows must be a non-negative int, got 'True'"),
+        ("robe:compression=10;t_1=qr:collisions=4,min_rows=5", "'min_rows' belongs in the default clause"),
     ],
 )
 def test_flag_errors(flag: str, message: str) -> None:

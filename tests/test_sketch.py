@@ -14,7 +14,7 @@ from torchrec import EmbeddingBagCollection
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
 from helpers import make_kjt
-from torchrec_pss import CompressedEmbeddingBagCollection, QRConfig, RobeConfig, sketch_from_pretrained
+from torchrec_pss import CompressedEmbeddingBagCollection, QRConfig, RobeConfig, parse_compression_flag, sketch_from_pretrained
 from torchrec_pss.hashing import PRIME
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,6 +119,13 @@ def test_refuses_unsigned_and_non_robe_configs() -> None:
         sketch_from_pretrained(ebc, QRConfig(collisions=4))
     with pytest.raises(ValueError, match="rows_per_chunk"):
         sketch_from_pretrained(ebc, RobeConfig(compression=10, use_sign=True), rows_per_chunk=0)
+
+
+@pytest.mark.parametrize("config", [{"T": RobeConfig(compression=10, use_sign=True)},
+                                    parse_compression_flag("robe:compression=10,use_sign=True;t_1=plain")])
+def test_refuses_tables_the_ebc_does_not_have(config) -> None:
+    with pytest.raises(ValueError, match=r"names tables \['(T|t_1)'\] that no EmbeddingBagCollection .* tables: \['t'\]"):
+        sketch_from_pretrained(_ebc({"t": torch.randn(100, 8)}), config)
 
 
 def test_compressed_tables_of_a_cebc_keep_their_memory() -> None:

@@ -4,7 +4,8 @@ Grammar: clauses separated by ``;``. The first clause without ``<table>=`` is th
 table; ``<table>=<clause>`` overrides one table; a clause is ``<method>:<field>=<value>,...`` with a
 registered method name (``robe``, ``qr``, ``tt``, ``mlet``, ``hashing``, ...) or ``plain`` / ``none``
 to keep a table uncompressed. Values are Python literals (``1000``, ``0.5``, ``True``, ``[4,4,8]``) or
-bare strings. The key ``min_rows`` (default clause only) leaves tables with fewer rows plain. Example::
+bare strings. The key ``min_rows`` (default clause only, a non-negative int) leaves tables with fewer rows
+plain. A table overridden twice, or a field given twice in one clause, is an error. Example::
 
     robe:compression=1000,chunk_size=32,min_rows=100000;t_3=tt:ranks=16;t_7=plain
 """
@@ -26,7 +27,10 @@ MIN_ROWS = "min_rows"
 
 @dataclasses.dataclass(frozen=True)
 class CompressionFlag:
-    """A parsed flag: a callable ``(EmbeddingBagConfig) -> MethodConfig | None`` for ``compress_``."""
+    """A parsed flag: a callable ``(EmbeddingBagConfig) -> MethodConfig | None`` for ``compress_``.
+
+    ``compress_`` raises a ``ValueError`` when an override names a table that none of its EBCs has.
+    """
 
     default: MethodConfig | None
     overrides: dict[str, MethodConfig | None]
@@ -61,6 +65,14 @@ def _split_fields(text: str) -> list[str]:
     return parts + [current] if current else parts
 
 
+def _min_rows(text: str) -> int:
+    """The ``min_rows`` value: a non-negative int literal."""
+    rows = _value(text)
+    if type(rows) is not int or rows < 0:
+        raise ValueError(f"{MIN_ROWS} must be a non-negative int, got {text!r}")
+    return rows
+
+
 def _clause(text: str, allow_min_rows: bool) -> tuple[MethodConfig | None, int | None]:
     method, _, fields = text.strip().partition(":")
     method = method.strip()
@@ -75,13 +87,19 @@ def _clause(text: str, allow_min_rows: bool) -> tuple[MethodConfig | None, int |
     known = {f.name for f in dataclasses.fields(config_cls)}
     kwargs: dict[str, Any] = {}
     min_rows = None
+    seen: set[str] = set()
     for field in _split_fields(fields):
         key, sep, value = field.partition("=")
         key = key.strip()
         if not sep or not key:
             raise ValueError(f"expected <field>=<value> in {text!r}, got {field!r}")
-        if key == MIN_ROWS and allow_min_rows:
-            min_rows = int(_value(value.strip()))
+        if key in seen:
+            raise ValueError(f"field {key!r} given twice in {text!r}")
+        seen.add(key)
+        if key == MIN_ROWS:
+            if not allow_min_rows:
+                raise ValueError(f"{MIN_ROWS!r} belongs in the default clause, not in the per-table clause {text!r}")
+            min_rows = _min_rows(value.strip())
             continue
         if key not in known:
             raise ValueError(f"{config_cls.__name__} has no field {key!r} (in {text!r}); fields: {sorted(known)}")
@@ -99,7 +117,12 @@ def parse_compression_flag(flag: str) -> CompressionFlag:
         head = clause.split(":", 1)[0]
         if "=" in head:
             table, _, rest = clause.partition("=")
-            overrides[table.strip()], _ = _clause(rest, allow_min_rows=False)
+            table = table.strip()
+            if not table:
+                raise ValueError(f"per-table clause {clause!r} in {flag!r} names no table")
+            if table in overrides:
+                raise ValueError(f"table {table!r} is overridden twice in {flag!r}")
+            overrides[table], _ = _clause(rest, allow_min_rows=False)
             continue
         if seen_default:
             raise ValueError(f"more than one default clause in {flag!r}; per-table clauses are <table>=<method>:...")

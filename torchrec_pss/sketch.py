@@ -36,7 +36,7 @@ import torch
 from torchrec import EmbeddingBagCollection
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
-from torchrec_pss.compress import ConfigChoice, _mapping
+from torchrec_pss.compress import ConfigChoice, _check_named_tables, _mapping
 from torchrec_pss.contract import MethodConfig
 from torchrec_pss.modules.compressed_embedding_bag_collection import CompressedEmbeddingBagCollection
 
@@ -67,6 +67,7 @@ def sketch_from_pretrained(
     device = next(ebc.parameters()).device  # not ebc.device: a module built on meta keeps that after to_empty
     if device.type == "meta":
         raise ValueError("sketch_from_pretrained needs trained tables, got a module on the meta device")
+    _check_named_tables(config, [ebc])
     tables = ebc.embedding_bag_configs()
     previous = ebc.compression if isinstance(ebc, CompressedEmbeddingBagCollection) else {}
     chosen = _chosen_configs(config, [t for t in tables if t.name not in previous], previous)
