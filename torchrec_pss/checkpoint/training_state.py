@@ -13,6 +13,7 @@ replicated compressed memories once. The progress part holds the step and the da
 
 from __future__ import annotations
 
+import copy
 import json
 import posixpath
 import re
@@ -206,14 +207,58 @@ def save_training_state(root: str, step: int, model: torch.nn.Module, optimizers
     return final
 
 
+def _is_guard_entry(key: str, value: Any) -> bool:
+    """Whether a model state entry is read for the pre-load checks: a non-tensor (extra state, e.g. a compressed
+    table's method and recovery signature) or a plain tensor under ``pss_memories`` (hash constants)."""
+    if not isinstance(value, torch.Tensor):
+        return True
+    return type(value) is torch.Tensor and "pss_memories" in key.split(".")
+
+
+def _check_model_state(path: str, model: torch.nn.Module, path_manager: PathManager | None) -> None:
+    """Refuse the checkpoint at ``path`` for ``model`` before DCP writes anything into it.
+
+    The guard entries (:func:`_is_guard_entry`) are read into staging copies and handed to
+    ``model.load_state_dict(strict=False)``, whose pre-load checks refuse another method, signature or constants
+    (entries missing from the checkpoint read as None); they copy nothing but the constants they found equal.
+    Then the model's state keys must be the checkpoint's.
+    """
+    saved = set(IopathReader(path, path_manager).read_metadata().state_dict_metadata)
+    current = model.state_dict(keep_vars=True)
+    guard = {key: value.detach().clone() if isinstance(value, torch.Tensor) else copy.deepcopy(value)
+             for key, value in current.items() if _is_guard_entry(key, value)}
+    if guard:
+        tree = {"model": guard}
+        flat, paths = _flatten(tree)
+        present = {key: value for key, value in flat.items() if key in saved}
+        if present:
+            dcp.load(present, storage_reader=IopathReader(path, path_manager))
+        for key, value in flat.items():
+            if not isinstance(value, torch.Tensor):
+                _assign(tree, paths[key], present.get(key))
+        read = {key: value for key, value in guard.items()
+                if value is not None and (not isinstance(value, torch.Tensor) or f"model.{key}" in present)}
+        model.load_state_dict(read, strict=False)
+    mine = {key[len("model."):] for key in _flatten({"model": current})[0]}
+    theirs = {key[len("model."):] for key in saved if key.startswith("model.")}
+    if mine != theirs:
+        raise ValueError(
+            f"checkpoint {path} does not match the model; missing {sorted(mine - theirs)}, "
+            f"unexpected {sorted(theirs - mine)}; nothing was loaded"
+        )
+
+
 def load_training_state(path: str, model: torch.nn.Module, optimizers: Mapping[str, Optimizer],
                         path_manager: PathManager | None = None) -> Progress:
     """Load the checkpoint at ``path`` into ``model`` and ``optimizers`` in place; returns its progress.
 
-    Collective, like :func:`save_training_state`. The model's and optimizers' own ``load_state_dict``
-    run last, so their checks (e.g. a compressed table's method and hash constants) apply. Use
-    :func:`latest_checkpoint` to pick a checkpoint whose files have been verified.
+    Collective, like :func:`save_training_state`. Before DCP reads anything into the model, the model's own
+    pre-load checks (e.g. a compressed table's method, recovery signature and hash constants, sharded by DMP
+    or not) run on staging copies of the checkpoint's small entries, and its state keys must match: a refused
+    checkpoint leaves model and optimizers unchanged. The model's and optimizers' own ``load_state_dict``
+    run last. Use :func:`latest_checkpoint` to pick a checkpoint whose files have been verified.
     """
+    _check_model_state(path, model, path_manager)
     state = _training_state(model, optimizers, Progress(-1, -1))
     flat, paths = _flatten(state)
     dcp.load(flat, storage_reader=IopathReader(path, path_manager))

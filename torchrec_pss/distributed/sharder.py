@@ -41,7 +41,10 @@ from torchrec.streamable import Multistreamable
 
 from torchrec_pss.distributed.constraints import REPLICATED_KERNEL
 from torchrec_pss.distributed.gradient_sync import ReplicatedGradientSync
-from torchrec_pss.modules.compressed_embedding_bag_collection import CompressedEmbeddingBagCollection
+from torchrec_pss.modules.compressed_embedding_bag_collection import (
+    CompressedEmbeddingBagCollection,
+    _check_state_dict_before_load,
+)
 from torchrec_pss.modules.input_checks import check_structure, check_values
 from torchrec_pss.optim import BlockwiseAdagrad, FusedUpdate, PSSFusedOptimizer
 
@@ -108,6 +111,12 @@ class ShardedCompressedEmbeddingBagCollection(
             if getattr(p, "_optimizer_classes", None)
         }
         self.pss_memories = _materialised(module.pss_memories, device)
+        self._tag_memories()
+        # A stand-in of the unsharded module for its pre-load check: every table (plain ones on meta, costing
+        # nothing) and this module's memories; held in a list so that it stays out of the module tree.
+        self._unsharded = [CompressedEmbeddingBagCollection(self._tables, module.compression, "meta",
+                                                            is_weighted=module.is_weighted(), validate_inputs=False)]
+        self._unsharded[0].pss_memories = self.pss_memories
         self._sync: ReplicatedGradientSync | None = None
         self._fused: PSSFusedOptimizer | None = None
         if plain:
@@ -123,20 +132,34 @@ class ShardedCompressedEmbeddingBagCollection(
         self._embedding_names = module._embedding_names
         self._lengths_per_embedding = module._lengths_per_embedding
         self._register_state_dict_hook(_drop_plain_prefix)
+        # The unsharded module's check first: it reads the keys as saved, before the plain tables' are renamed.
+        self.register_load_state_dict_pre_hook(_check_as_unsharded)
         self.register_load_state_dict_pre_hook(_add_plain_prefix)
+
+    def _tag_memories(self) -> dict[str, nn.Parameter]:
+        """The memories' parameters by name, each carrying its in-backward optimizer tags again.
+
+        Materialising meta parameters replaces them by untagged ones; without ``_in_backward_optimizers``
+        TorchRec's ``in_backward_optimizer_filter`` would hand them to the dense optimizer as well.
+        """
+        params = dict(self.pss_memories.named_parameters(prefix="pss_memories"))
+        for name, (classes, kwargs) in self._optimizer_tags.items():
+            param = params[name]
+            param._optimizer_classes, param._optimizer_kwargs = classes, kwargs
+            if not hasattr(param, "_in_backward_optimizers"):
+                param._in_backward_optimizers = []
+        return params
 
     def _replication(self) -> tuple[ReplicatedGradientSync, PSSFusedOptimizer]:
         """Fused updates and gradient sync for the memories, built on first use (after DMP materialised them)."""
         if self._sync is None:
-            params = dict(self.pss_memories.named_parameters(prefix="pss_memories"))
+            params = self._tag_memories()
             updates = {}
-            for name, (classes, kwargs) in self._optimizer_tags.items():
+            for name in self._optimizer_tags:
                 param = params[name]
-                param._optimizer_classes, param._optimizer_kwargs = classes, kwargs
                 block = self.pss_memories[name.split(".")[1]].optimizer_block_size(param)
                 updates[name] = FusedUpdate.from_tags(name, param, block)
-                if getattr(param, "_in_backward_optimizers", None):
-                    param._in_backward_optimizers[:] = [updates[name]]
+                param._in_backward_optimizers[:] = [updates[name]]
             self._broadcast_from_first_rank()
             self._sync = ReplicatedGradientSync(params, updates, self._env.process_group)
             self._fused = PSSFusedOptimizer(updates)
@@ -167,7 +190,7 @@ class ShardedCompressedEmbeddingBagCollection(
         return self._signatures
 
     def set_extra_state(self, state: Any) -> None:
-        """The unsharded module's pre-load check guards signatures; nothing to restore."""
+        """Nothing to restore: the pre-load check already refused a state with other signatures."""
 
     def create_context(self) -> CompressedEBCContext:
         return CompressedEBCContext()
@@ -223,6 +246,13 @@ def _materialised(memories: nn.ModuleDict, device: torch.device) -> nn.ModuleDic
 def _drop_plain_prefix(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
     for key in [k for k in state_dict if k.startswith(f"{prefix}{_PLAIN}.")]:
         state_dict[prefix + key[len(prefix) + len(_PLAIN) + 1 :]] = state_dict.pop(key)
+
+
+def _check_as_unsharded(module: ShardedCompressedEmbeddingBagCollection, state_dict: dict[str, Any], prefix: str,
+                        *args: Any) -> None:
+    """Load pre-hook: the unsharded module's refusal of another method, signature, shape or constants, before
+    anything is copied (it may also put the checkpoint's per-table constants into this module's table order)."""
+    _check_state_dict_before_load(module._unsharded[0], state_dict, prefix, *args)
 
 
 def _add_plain_prefix(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:

@@ -1,0 +1,245 @@
+"""Loading into DMP-sharded compressed tables: another ROBE hashing setup is refused (through ``load_state_dict``,
+through a DCP checkpoint and by the DLRM app's resume) with nothing written; memories built on meta keep their
+in-backward optimizer tags, so they stay out of the dense optimizer and its checkpoint state."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torch.distributed.checkpoint import FileSystemReader
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+from torchrec.distributed.planner.types import ParameterConstraints
+from torchrec.distributed.sharding_plan import get_default_sharders
+from torchrec.distributed.types import ShardingEnv, ShardingType
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.optim import apply_optimizer_in_backward
+from torchrec.optim.keyed import KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+from helpers import make_kjt, random_bags
+from torchrec_pss import CompressedEmbeddingBagCollection, RobeConfig
+from torchrec_pss.checkpoint import complete_checkpoints, load_training_state, save_training_state
+from torchrec_pss.distributed import get_pss_sharders, pss_constraints
+from torchrec_pss.optim import FusedUpdate
+
+WORLD = 2
+LR = 0.1
+SIZES = {"fp": 20, "f1": 1000}
+MEMORY = "pss_memories.robe_default.weight"
+BASE = RobeConfig(memory_size=256, chunk_size=8)
+OTHERS = {  # same memory size, other hashing: (config, the refusal's message)
+    "chunk_size": (RobeConfig(memory_size=256, chunk_size=4), "chunk_size: checkpoint 8 vs module 4"),
+    "seed": (RobeConfig(memory_size=256, chunk_size=8, seed=1), "seed: checkpoint 0 vs module 1"),
+    "use_sign": (RobeConfig(memory_size=256, chunk_size=8, use_sign=True), "use_sign: checkpoint False vs module True"),
+}
+
+
+class Net(nn.Module):
+    """A plain table (sharded table-wise by TorchRec) and a ROBE table (replicated), then a linear head."""
+
+    def __init__(self, robe: RobeConfig, device: str = "cpu") -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        tables = [
+            EmbeddingBagConfig(name="p", embedding_dim=8, num_embeddings=SIZES["fp"], feature_names=["fp"],
+                               weight_init_min=0.05, weight_init_max=0.05),
+            EmbeddingBagConfig(name="r", embedding_dim=8, num_embeddings=SIZES["f1"], feature_names=["f1"]),
+        ]
+        self.ebc = CompressedEmbeddingBagCollection(tables, {"r": robe}, device)
+        self.head = nn.Linear(16, 1, device=device)
+        apply_optimizer_in_backward(torch.optim.Adagrad, self.ebc.parameters(), {"lr": LR})
+
+    def forward(self, kjt) -> torch.Tensor:
+        return self.head(self.ebc(kjt).values()).squeeze(1)
+
+
+def make_dmp(model: nn.Module) -> DistributedModelParallel:
+    sharders = get_pss_sharders() + get_default_sharders()
+    constraints = {**pss_constraints(model), "p": ParameterConstraints(sharding_types=[ShardingType.TABLE_WISE.value])}
+    planner = EmbeddingShardingPlanner(topology=Topology(world_size=WORLD, compute_device="cpu"), constraints=constraints)
+    plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
+    return DistributedModelParallel(model, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD),
+                                    device=torch.device("cpu"), plan=plan, sharders=sharders)
+
+
+def dense_optimizer(dmp: DistributedModelParallel) -> KeyedOptimizerWrapper:
+    return KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())),
+                                 lambda params: torch.optim.Adagrad(params, lr=LR))
+
+
+def train_step(dmp: DistributedModelParallel, dense: KeyedOptimizerWrapper, rank: int) -> None:
+    rng = random.Random(rank)
+    kjt = make_kjt({f: random_bags(rng, n, batch=6, max_len=3) for f, n in SIZES.items()})
+    dense.zero_grad()
+    (dmp(kjt) - 1.0).pow(2).mean().backward()
+    dense.step()
+
+
+def snapshot(dmp: DistributedModelParallel) -> dict[str, torch.Tensor]:
+    """Copies of the rank's parameters, buffers (hash constants) and fused optimizer states."""
+    out = {name: t.detach().clone() for name, t in [*dmp.named_parameters(), *dmp.named_buffers()]}
+    for key, fields in dmp.fused_optimizer.state_dict()["state"].items():
+        for field, value in fields.items():
+            parts = [s.tensor for s in value.local_shards()] if isinstance(value, ShardedTensor) else [value]
+            for index, part in enumerate(parts):
+                out[f"fused.{key}.{field}.{index}"] = torch.as_tensor(part).clone()
+    return out
+
+
+def unchanged(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> bool:
+    return before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def refusal(load: Callable[[], Any]) -> str | None:
+    """The ValueError ``load`` raised, or None when it loaded."""
+    try:
+        load()
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def _refusal_worker(rank: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    source = make_dmp(Net(BASE))
+    train_step(source, dense_optimizer(source), rank)  # the source's values differ from any fresh model's
+    state = source.state_dict()
+    path = save_training_state(os.path.join(out_dir, "ckpt"), 1, source, {"fused": source.fused_optimizer})
+    results: dict[str, Any] = {}
+    for name, (config, _) in OTHERS.items():
+        target = make_dmp(Net(config))
+        before = snapshot(target)
+        results[name] = {
+            "load_state_dict": refusal(lambda: target.load_state_dict(dict(state))),
+            "dcp": refusal(lambda: load_training_state(path, target, {"fused": target.fused_optimizer})),
+            "unchanged": unchanged(before, snapshot(target)),
+        }
+    same = make_dmp(Net(BASE))
+    results["same_config"] = {
+        "dcp": refusal(lambda: load_training_state(path, same, {"fused": same.fused_optimizer})),
+        "restored": torch.equal(same.state_dict()[f"ebc.{MEMORY}"], state[f"ebc.{MEMORY}"]),
+    }
+    torch.save(results, os.path.join(out_dir, f"refusal{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_dmp_refuses_another_hashing_setup_and_writes_nothing() -> None:
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(_refusal_worker, args=(os.path.join(out_dir, "init"), out_dir), nprocs=WORLD, join=True)
+        ranks = [torch.load(os.path.join(out_dir, f"refusal{r}.pt")) for r in range(WORLD)]
+    for results in ranks:
+        for name, (_, message) in OTHERS.items():
+            got = results[name]
+            for path in ("load_state_dict", "dcp"):
+                assert got[path] is not None, f"{name}: {path} loaded a checkpoint of another hashing setup"
+                assert f"table 'r' (robe): checkpoint recovers embeddings differently ({message})" in got[path]
+            assert got["unchanged"], f"{name}: a refused load changed parameters, constants or optimizer states"
+        assert results["same_config"] == {"dcp": None, "restored": True}
+
+
+def _meta_worker(rank: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    results = {}
+    for device in ("cpu", "meta"):
+        dmp = make_dmp(Net(BASE, device))
+        dense = dense_optimizer(dmp)
+        memory = dmp.module.ebc.pss_memories["robe_default"].weight
+        update = dmp.module.ebc._fused.updates[MEMORY]
+        train_step(dmp, dense, rank)
+        path = save_training_state(os.path.join(out_dir, device), 1, dmp, {"fused": dmp.fused_optimizer, "dense": dense})
+        results[device] = {
+            "dense": sorted(dense.params),
+            "in_backward": [type(o).__name__ for o in memory._in_backward_optimizers],
+            "is_fused_update": memory._in_backward_optimizers == [update],
+            "classes": [c.__name__ for c in memory._optimizer_classes],
+            "saved": sorted(k for k in FileSystemReader(path).read_metadata().state_dict_metadata
+                            if k.startswith("optimizers.")),
+        }
+    torch.save(results, os.path.join(out_dir, f"meta{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_memories_built_on_meta_stay_out_of_the_dense_optimizer() -> None:
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(_meta_worker, args=(os.path.join(out_dir, "init"), out_dir), nprocs=WORLD, join=True)
+        ranks = [torch.load(os.path.join(out_dir, f"meta{r}.pt")) for r in range(WORLD)]
+    for results in ranks:
+        cpu, meta = results["cpu"], results["meta"]
+        assert meta["dense"] == cpu["dense"] == ["head.bias", "head.weight"]
+        assert meta["in_backward"] == cpu["in_backward"] == [FusedUpdate.__name__]
+        assert meta["is_fused_update"] and cpu["is_fused_update"]
+        assert meta["classes"] == cpu["classes"] == ["Adagrad"]
+        assert meta["saved"] == cpu["saved"]
+        dense_keys = [k for k in meta["saved"] if k.startswith("optimizers.dense.")]
+        assert dense_keys and not any("pss_memories" in k for k in dense_keys), "duplicate Adagrad state of |M|"
+        assert any(k.startswith(f"optimizers.fused.state.ebc.{MEMORY}.") for k in meta["saved"])
+
+
+def build(tables: tuple[str, ...], robe: RobeConfig | None) -> CompressedEmbeddingBagCollection:
+    """An unsharded module; table ``big`` compressed with ``robe`` (plain when None)."""
+    torch.manual_seed(0)
+    configs = [EmbeddingBagConfig(name=t, embedding_dim=8, num_embeddings=500, feature_names=[f"f_{t}"]) for t in tables]
+    module = CompressedEmbeddingBagCollection(configs, {} if robe is None else {"big": robe})
+    apply_optimizer_in_backward(torch.optim.Adagrad, module.parameters(), {"lr": LR})
+    return module
+
+
+def trained(module: CompressedEmbeddingBagCollection) -> CompressedEmbeddingBagCollection:
+    rng = random.Random(0)
+    kjt = make_kjt({f: random_bags(rng, 500, 6, 3) for t in module.embedding_bag_configs() for f in t.feature_names})
+    module(kjt).values().pow(2).sum().backward()
+    return module
+
+
+def module_snapshot(module: CompressedEmbeddingBagCollection) -> dict[str, torch.Tensor]:
+    out = {k: v.clone() for k, v in module.state_dict().items() if isinstance(v, torch.Tensor)}
+    for key, fields in module.fused_optimizer.state_dict()["state"].items():
+        out.update({f"fused.{key}.{field}": torch.as_tensor(value).clone() for field, value in fields.items()})
+    return out
+
+
+@pytest.mark.parametrize("tables, robe, message", [
+    (("big", "small"), RobeConfig(memory_size=256, chunk_size=4), "chunk_size: checkpoint 8 vs module 4"),
+    (("big", "small"), RobeConfig(memory_size=256, chunk_size=8, seed=1), "seed: checkpoint 0 vs module 1"),
+    (("big", "small"), None, "table 'big': checkpoint was saved with method 'robe', this module uses 'plain'"),
+    (("big",), RobeConfig(memory_size=256, chunk_size=8), r"unexpected \['_extra_state.tables.small.method', "
+                                                           r"'embedding_bags.small.weight'\]"),
+])
+def test_refused_checkpoint_leaves_an_unsharded_module_unchanged(tmp_path: Path, tables, robe, message: str) -> None:
+    """DCP reads in place: the checks must run before it, not after (as they did, once the weights were read)."""
+    source = trained(build(("big", "small"), BASE))
+    path = save_training_state(str(tmp_path), 1, source, {"fused": source.fused_optimizer})
+    target = build(tables, robe)
+    before = module_snapshot(target)
+    with pytest.raises(ValueError, match=message):
+        load_training_state(path, target, {"fused": target.fused_optimizer})
+    assert unchanged(before, module_snapshot(target))
+
+
+def test_dlrm_app_refuses_to_resume_with_another_chunk_size(tmp_path: Path) -> None:
+    def app(steps: int, chunk_size: int) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "torchrec_pss.app.dlrm_main", "--steps", str(steps), "--batch-size", "32",
+             "--eval-batches", "1", "--checkpoint-dir", str(tmp_path),
+             "--pss", f"robe:compression=100,chunk_size={chunk_size},min_rows=10000"],
+            capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    first = app(2, 8)
+    assert first.returncode == 0, first.stderr[-4000:]
+    resumed = app(4, 4)
+    assert resumed.returncode != 0, "resumed from a checkpoint made with another chunk size"
+    assert "checkpoint recovers embeddings differently (chunk_size: checkpoint 8 vs module 4)" in resumed.stderr
+    assert [step for step, _ in complete_checkpoints(str(tmp_path))] == [2]
