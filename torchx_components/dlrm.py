@@ -33,16 +33,18 @@ def dlrm_pss(
             or npy:<dir> with TorchRec's NumPy Criteo days
         steps: total training steps (a resumed run continues up to this step)
         batch_size: examples per rank and step (0: the preset's global batch / world size)
-        eval_batches: evaluation batches per rank
+        eval_batches: evaluation batches per rank (fewer where the held-out data has fewer rounds of one per rank)
         eval_every: also evaluate every N steps (0: only at the end)
         checkpoint_dir: iopath location for checkpoints (empty: none); the job resumes from the newest one there
-        checkpoint_every: checkpoint every N steps (0: only at the end)
+        checkpoint_every: checkpoint every N steps (0: only at the end); needs checkpoint_dir
         summary: path of the JSON summary written by rank 0
         image: container image (for container schedulers)
         cpu: CPUs per replica
         gpu: GPUs per replica
         memMB: memory per replica in MB
     """
+    if checkpoint_every and not checkpoint_dir:
+        raise ValueError(f"--checkpoint_every {checkpoint_every} needs --checkpoint_dir")
     args = ["--preset", preset, "--pss", pss, "--data", data, "--steps", str(steps),
             "--eval-batches", str(eval_batches), "--eval-every", str(eval_every), "--summary", summary]
     if checkpoint_dir:

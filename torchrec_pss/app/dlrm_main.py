@@ -6,9 +6,10 @@
 Builds the preset on meta, compresses it with ``compress_`` and the ``--pss`` flag, plans with
 ``make_planner`` (compressed tables replicated, the rest sharded by TorchRec), trains with
 ``TrainPipelineSparseDist`` and fused Adagrad on the synthetic Criteo-like stream, Criteo text files or
-TorchRec's NumPy Criteo days (each rank its own slice), evaluates AUC and log-loss (torchmetrics, synced
-across ranks) every ``--eval-every`` steps and at the end, checkpoints to an iopath location with
-``torch.distributed.checkpoint`` (resuming from the newest complete checkpoint there) and writes a JSON summary.
+TorchRec's NumPy Criteo days (each rank its own slice, every rank as many batches), evaluates AUC and
+log-loss (torchmetrics, synced across ranks) every ``--eval-every`` steps and at the end, checkpoints to an
+iopath location with ``torch.distributed.checkpoint`` (resuming from the newest complete checkpoint there)
+and writes a JSON summary.
 """
 
 from __future__ import annotations
@@ -17,14 +18,17 @@ import argparse
 import itertools
 import json
 import os
+import posixpath
 import resource
 import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
+from iopath.common.file_io import g_pathmgr
 from torchmetrics.classification import BinaryAUROC
 from torchrec.datasets.utils import Batch
 from torchrec.distributed.model_parallel import DistributedModelParallel
@@ -41,11 +45,26 @@ from tqdm import tqdm
 
 from torchrec_pss import compress_, parse_compression_flag
 from torchrec_pss.checkpoint import latest_checkpoint, load_training_state, save_training_state
-from torchrec_pss.datasets import SyntheticCriteo, criteo_npy_batches, criteo_text_batches, npy_days
+from torchrec_pss.datasets import SyntheticCriteo, criteo_npy_batches, criteo_text_batches, npy_days, read_criteo_rows
 from torchrec_pss.distributed import get_pss_sharders, make_planner
 from torchrec_pss.models import PRESETS
 
 EVAL_STREAM = 1_000_000
+
+
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type`` for integers ``>= minimum`` (argparse names the option in its error)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,53 +77,110 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "(day-format TSV or CSV with header), the last file held out for evaluation; or "
                              "'npy:<dir>' with TorchRec's NumPy days day_<i>_{dense,sparse,labels}.npy, the first "
                              "half of the last day held out")
-    parser.add_argument("--steps", type=int, default=200, help="total training steps (including resumed ones)")
-    parser.add_argument("--batch-size", type=int, default=None, help="per rank; default: the preset's / world size")
-    parser.add_argument("--eval-batches", type=int, default=4)
-    parser.add_argument("--eval-every", type=int, default=0, help="also evaluate every N steps (0: only at the end)")
+    parser.add_argument("--steps", type=int_at_least(1), default=200,
+                        help="total training steps (including resumed ones)")
+    parser.add_argument("--batch-size", type=int_at_least(1), default=None,
+                        help="per rank; default: the preset's / world size")
+    parser.add_argument("--eval-batches", type=int_at_least(1), default=4,
+                        help="evaluation batches per rank (fewer where the held-out data has fewer rounds of one "
+                             "batch per rank)")
+    parser.add_argument("--eval-every", type=int_at_least(0), default=0,
+                        help="also evaluate every N steps (0: only at the end)")
     parser.add_argument("--checkpoint-dir", default=None,
                         help="iopath location for checkpoints; a run resumes from the newest complete one there")
-    parser.add_argument("--checkpoint-every", type=int, default=0,
+    parser.add_argument("--checkpoint-every", type=int_at_least(0), default=0,
                         help="checkpoint every N steps (0: only at the end); needs --checkpoint-dir")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--summary", type=Path, default=None, help="JSON summary path (rank 0 writes it)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.checkpoint_every and not args.checkpoint_dir:
+        parser.error("--checkpoint-every needs --checkpoint-dir")
+    return args
 
 
-def data_streams(args: argparse.Namespace, num_embeddings: Sequence[int], batch_size: int, rank: int, world: int,
-                 start: int) -> tuple[Iterator[Batch], Callable[[], Iterable[Batch]]]:
-    """This rank's training batches for steps ``start .. args.steps - 1``, and a maker of its evaluation batches.
+def deal(batches: Iterable[Batch], rank: int, world: int) -> Iterator[Batch]:
+    """Batch ``rank`` of every complete round of ``world`` consecutive ``batches``: a trailing incomplete round
+    is dropped, so that every rank gets as many batches."""
+    mine: Batch | None = None
+    for index, batch in enumerate(batches):
+        if index % world == rank:
+            mine = batch
+        if index % world == world - 1:
+            yield mine
 
-    Synthetic: one planted model, a sample stream per rank. Files: every rank reads them in order and
-    keeps every ``world``-th batch (starting at its rank), cycling the training files as needed.
+
+def npy_rows(path: str) -> int:
+    """The number of rows of the ``.npy`` array at iopath location ``path`` (read from its header only)."""
+    with g_pathmgr.open(path, "rb") as stream:
+        version = np.lib.format.read_magic(stream)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, _ = read_header(stream)
+    return shape[0]
+
+
+def require_a_batch_per_rank(what: str, rows: int, batch_size: int, world: int) -> None:
+    """ValueError unless ``rows`` make at least one full batch of ``batch_size`` for each of ``world`` ranks."""
+    if rows // batch_size < world:
+        raise ValueError(
+            f"--data: {what} has {rows} rows, {rows // batch_size} full batches of {batch_size} (the batch size per "
+            f"rank), but world size {world} needs at least {world} (one per rank): give more rows, a smaller "
+            f"--batch-size or fewer ranks")
+
+
+def data_streams(args: argparse.Namespace, num_embeddings: Sequence[int], batch_size: int, rank: int, world: int
+                 ) -> tuple[Callable[[int], Iterator[Batch]], Callable[[], Iterable[Batch]]]:
+    """A maker of this rank's training batches from a data position up to step ``args.steps``, and a maker of
+    its evaluation batches.
+
+    Synthetic: one planted model, a sample stream per rank. Files: every rank reads them in order and keeps
+    its batch of every complete round of ``world`` batches (``deal``), cycling the training files as needed,
+    so every rank runs as many evaluation batches (at most ``--eval-batches``). NumPy days: TorchRec's
+    reader, which also keeps complete rounds only. Data that cannot give every rank a training batch and
+    an evaluation batch raises ``ValueError`` here, on every rank alike, before anything is trained.
     """
     if args.data == "synthetic":
-        train = SyntheticCriteo(num_embeddings, seed=args.seed, stream=rank).batches(batch_size, args.steps)
-        return itertools.islice(train, start, None), lambda: SyntheticCriteo(
+        def synthetic_train(start: int) -> Iterator[Batch]:
+            stream = SyntheticCriteo(num_embeddings, seed=args.seed, stream=rank).batches(batch_size, args.steps)
+            return itertools.islice(stream, start, None)
+
+        return synthetic_train, lambda: SyntheticCriteo(
             num_embeddings, seed=args.seed, stream=EVAL_STREAM + rank).batches(batch_size, args.eval_batches)
     if args.data.startswith("npy:"):
         root = args.data[len("npy:"):]
         days = npy_days(root)
         if len(days) < 2:
             raise ValueError(f"--data {args.data}: needs at least two days (training, then one held out), got {days}")
+        train_rows = sum(npy_rows(posixpath.join(root, f"day_{day}_labels.npy")) for day in days[:-1])
+        require_a_batch_per_rank(f"training data (days {days[:-1]} of {root})", train_rows, batch_size, world)
+        held_out = npy_rows(posixpath.join(root, f"day_{days[-1]}_labels.npy"))
+        require_a_batch_per_rank(f"held-out data (the first half of day {days[-1]} of {root})", (held_out + 1) // 2,
+                                 batch_size, world)
 
-        def epochs() -> Iterator[Batch]:
-            for _ in itertools.count():
-                yield from criteo_npy_batches(root, days[:-1], batch_size, num_embeddings, rank, world)
+        def npy_train(start: int) -> Iterator[Batch]:
+            epochs = itertools.chain.from_iterable(
+                criteo_npy_batches(root, days[:-1], batch_size, num_embeddings, rank, world) for _ in itertools.count())
+            return itertools.islice(epochs, start, args.steps)
 
-        return itertools.islice(epochs(), start, args.steps), lambda: itertools.islice(
+        return npy_train, lambda: itertools.islice(
             criteo_npy_batches(root, days[-1:], batch_size, num_embeddings, rank, world, stage="val"), args.eval_batches)
     paths = [p for p in args.data.split(",") if p]
     if len(paths) < 2:
         raise ValueError(f"--data needs at least two Criteo files (training, then one held out), got {paths}")
+    train_files, eval_files = paths[:-1], paths[-1:]
+    for what, files in (("training data", train_files), ("held-out data", eval_files)):
+        rows = itertools.chain.from_iterable(read_criteo_rows(path, num_embeddings) for path in files)
+        count = sum(1 for _ in itertools.islice(rows, world * batch_size))
+        require_a_batch_per_rank(f"{what} ({','.join(files)})", count, batch_size, world)
 
-    def mine(files: list[str]) -> Iterator[Batch]:
-        for index, batch in enumerate(criteo_text_batches(files, batch_size, num_embeddings, drop_last=True)):
-            if index % world == rank:
-                yield batch
+    def files_train(start: int) -> Iterator[Batch]:
+        passes = itertools.chain.from_iterable(
+            deal(criteo_text_batches(train_files, batch_size, num_embeddings, drop_last=True), rank, world)
+            for _ in itertools.count())
+        return itertools.islice(passes, start, args.steps)
 
-    train = itertools.chain.from_iterable(mine(paths[:-1]) for _ in itertools.count())
-    return itertools.islice(train, start, args.steps), lambda: itertools.islice(mine(paths[-1:]), args.eval_batches)
+    return files_train, lambda: itertools.islice(
+        deal(criteo_text_batches(eval_files, batch_size, num_embeddings, drop_last=True), rank, world),
+        args.eval_batches)
 
 
 def evaluate(model: torch.nn.Module, batches: Iterable[Batch], device: torch.device) -> tuple[float, float]:
@@ -135,12 +211,26 @@ def init_process_group() -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Parse ``argv``, join (or make) the process group, train and return the summary."""
     args = parse_args(argv)
     init_process_group()
+    try:
+        return train(args)
+    finally:
+        dist.destroy_process_group()
+
+
+def train(args: argparse.Namespace) -> dict:
+    """The job in the current process group: data and resume checks, training, evaluation, the summary."""
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
     preset = PRESETS[args.preset]
     batch_size = args.batch_size or max(1, preset.batch_size // world)
+    train_from, eval_batches = data_streams(args, preset.num_embeddings, batch_size, rank, world)
+    found = latest_checkpoint(args.checkpoint_dir) if args.checkpoint_dir else None
+    if found is not None and found[0] > args.steps:
+        raise ValueError(f"--checkpoint-dir {args.checkpoint_dir}: the checkpoint is at step {found[0]}, --steps "
+                         f"{args.steps}: ask for at least {found[0]} steps or use another --checkpoint-dir")
     torch.manual_seed(args.seed)
 
     model = DLRMTrain(preset.build("meta"))
@@ -165,16 +255,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     optimizers = {"fused": dmp.fused_optimizer, "dense": dense}
     first_step = data_position = 0
-    if args.checkpoint_dir:
-        found = latest_checkpoint(args.checkpoint_dir)
-        if found is not None:
-            first_step, data_position = load_training_state(found[1], dmp, optimizers)
-            if rank == 0:
-                print(f"resumed from {found[1]} (step {first_step}, data position {data_position})")
-    elif args.checkpoint_every:
-        raise ValueError("--checkpoint-every needs --checkpoint-dir")
+    if found is not None:
+        first_step, data_position = load_training_state(found[1], dmp, optimizers)
+        if rank == 0:
+            print(f"resumed from {found[1]} (step {first_step}, data position {data_position})")
 
-    train_batches, eval_batches = data_streams(args, preset.num_embeddings, batch_size, rank, world, data_position)
+    train_batches = train_from(data_position)
     start = time.perf_counter()
     losses, history = [], []
     for step in tqdm(range(first_step + 1, args.steps + 1), disable=rank != 0, desc=f"train {args.preset}",
@@ -209,7 +295,6 @@ def main(argv: list[str] | None = None) -> dict:
         if args.summary is not None:
             args.summary.parent.mkdir(parents=True, exist_ok=True)
             args.summary.write_text(json.dumps(summary, indent=2))
-    dist.destroy_process_group()
     return summary
 
 
