@@ -51,6 +51,41 @@ def test_qr_op(operation: str, weighted: bool, mean: bool) -> None:
         torch.testing.assert_close(weights.grad, expected_weights.grad)
 
 
+@pytest.mark.parametrize("kernels", ["fast", "reference"])
+def test_qr_int32_ids_and_strided_parts(kernels: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """int32 ids give int64 gradient rows in every kernel (the reference's sparse backward indexes with them), and
+    a transposed (strided) part gets a contiguous gradient, as its fake says."""
+    monkeypatch.setenv("TORCHREC_PSS_KERNELS", kernels)
+    parts, ids = qr_inputs("mult", 2)
+    ids = ids.to(torch.int32)
+    grad = torch.randn(4, parts[0].shape[1])
+    torch.library.opcheck(qr_ops.qr_grad_rows, (grad, parts, ids, OFFSETS, None, 5, "mult", False))
+    rows, _ = qr_ops.qr_grad_rows(grad, parts, ids, OFFSETS, None, 5, "mult", False)
+    assert all(r.dtype == torch.int64 for r in rows)
+    strided = [p.t().contiguous().t() for p in parts]
+    torch.library.opcheck(qr_ops.qr_pooled_backward, (grad, strided, ids.long(), OFFSETS, None, 5, "mult", False))
+    leaves = [p.clone().requires_grad_(True) for p in parts]
+    out = qr_ops.qr_pooled(leaves, ids, OFFSETS, None, 5, "mult", False, [True, False])
+    (out * grad).sum().backward()
+    expected = qr_reference.pooled_backward(grad, parts, ids.long(), OFFSETS, None, 5, "mult", False)
+    torch.testing.assert_close(leaves[0].grad.to_dense(), expected[0])
+    torch.testing.assert_close(leaves[1].grad, expected[1])
+
+
+def test_qr_reference_refuses_an_unknown_operation() -> None:
+    parts, ids = qr_inputs("mult", 2)
+    with pytest.raises(ValueError, match="operation must be one of .*'max'"):
+        qr_reference.pooled_forward(parts, ids, OFFSETS, None, 5, "max", False)
+
+
+def test_tt_reference_gives_contiguous_core_gradients() -> None:
+    generator = torch.Generator().manual_seed(1)
+    cores = [torch.randn(4, 1, 2, 3, generator=generator), torch.randn(3, 3, 2, 1, generator=generator)]
+    strided = [c.transpose(0, 1).contiguous().transpose(0, 1) for c in cores]
+    torch.library.opcheck(tt_ops.tt_rows_backward, (torch.randn(5, 4), strided, torch.arange(5)))
+    assert all(g.is_contiguous() for g in tt_reference.rows_backward(torch.randn(5, 4), strided, torch.arange(5)))
+
+
 def test_tt_op() -> None:
     generator = torch.Generator().manual_seed(0)
     cores = [torch.randn(4, 1, 2, 3, generator=generator), torch.randn(5, 3, 2, 2, generator=generator),

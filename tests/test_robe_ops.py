@@ -58,6 +58,20 @@ def test_opcheck_pooled_and_backward(z: int, use_sign: bool, weighted: bool, mea
                                                      a["keys"], z, use_sign, mean, 0.1, 1e-8, 4))
 
 
+def test_opcheck_int32_ids() -> None:
+    """int32 ids and offsets: the sparse gradient's positions are int64 in every kernel and the fake one."""
+    a = op_inputs(4, True, False, False)
+    ids, offsets = (a["ids"] % 2**31).to(torch.int32), a["offsets"].to(torch.int32)
+    memory = a["memory"].clone().requires_grad_(True)
+    torch.library.opcheck(ops.robe_pooled, (memory, ids, offsets, None, a["coefficients"], a["keys"], 8, 4, True,
+                                            False, False))
+    grad = torch.randn(4, 8)
+    torch.library.opcheck(ops.robe_sparse_grad, (grad, ids, offsets, None, a["coefficients"], a["keys"], 50, 4, True,
+                                                 False))
+    positions, _ = ops.robe_sparse_grad(grad, ids, offsets, None, a["coefficients"], a["keys"], 50, 4, True, False)
+    assert positions.dtype == torch.int64
+
+
 OPTIMIZERS = {
     "sgd": (torch.optim.SGD, {"lr": 0.1}),
     "adagrad": (torch.optim.Adagrad, {"lr": 0.1, "initial_accumulator_value": 0.01}),

@@ -171,6 +171,21 @@ def test_robe_odd_and_wide_dims(dim: int, z: int) -> None:
     torch.testing.assert_close(weights_grad.cpu(), expected_grads[1], **TOL)
 
 
+@pytest.mark.parametrize("z", [4, 3 * D])
+def test_robe_hashes_ids_at_both_ends_of_int64(z: int) -> None:
+    """The ops take any int64 id: at Z = 3d the block of ``-2^63`` is a floor quotient that ``x - r`` would
+    overflow (it gave ``-2^63`` and ``-2^63 + 1`` another block than the reference)."""
+    memory = robe(z, use_sign=True, memory_size=1009)
+    ids = torch.tensor([-2**63, -2**63 + 1, -2**63 + 2, 2**63 - 1, 2**63 - 2, -1, 0, 5])
+    offsets = torch.tensor([0, 1, 2, 3, 4, 5, 6, 8])
+    args = robe_args(memory, z, True, False)
+    cpu_args = {key: value.cpu() if isinstance(value, torch.Tensor) else value for key, value in args.items()}
+    expected = reference.pooled_forward(memory.weight.detach(), ids, offsets, None, **cpu_args)
+    m, ids_d, offsets_d = on_device(memory.weight, ids, offsets)
+    torch.testing.assert_close(robe_pooled_forward(m, ids_d, offsets_d, None, **args).cpu(), expected, **TOL)
+    assert_sparse_grad_matches(torch.randn(expected.shape), ids, offsets, None, args, 1009)
+
+
 @pytest.mark.parametrize("z", [4, 2 * D, 4 * D])
 def test_robe_runs_wrap_around_a_small_memory(z: int) -> None:
     """|M| = 5 is smaller than a chunk: every run wraps around the end of M, some several times."""

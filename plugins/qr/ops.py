@@ -56,7 +56,7 @@ def qr_pooled_backward(grad: Tensor, parts: list[Tensor], ids: Tensor, offsets: 
 @torch.library.register_fake(qr_pooled_backward)
 def _qr_pooled_backward_fake(grad: Tensor, parts: list[Tensor], ids: Tensor, offsets: Tensor,
                              weights: Tensor | None, collisions: int, operation: str, mean: bool) -> list[Tensor]:
-    return [torch.empty_like(part) for part in parts]
+    return [part.new_empty(part.shape) for part in parts]
 
 
 def _grad_rows_kernel(kernels: ModuleType, grad: Tensor, parts: list[Tensor], ids: Tensor, offsets: Tensor,
@@ -76,7 +76,7 @@ def _qr_grad_rows_fake(grad: Tensor, parts: list[Tensor], ids: Tensor, offsets: 
                        collisions: int, operation: str, mean: bool) -> tuple[list[Tensor], list[Tensor]]:
     ctx = torch.library.get_ctx()
     unique = [ctx.new_dynamic_size() for _ in parts]
-    return ([ids.new_empty(u) for u in unique],
+    return ([ids.new_empty(u, dtype=torch.int64) for u in unique],
             [grad.new_empty(u, part.shape[1]) for u, part in zip(unique, parts, strict=True)])
 
 

@@ -7,9 +7,14 @@ elementwise, ``concat`` side by side). Bags are ``offsets`` ``[B + 1]``.
 
 from __future__ import annotations
 
+from typing import get_args
+
 import torch
 
 from torchrec_pss.pooling import offsets_to_bag_index, per_id_scale
+from torchrec_pss_plugins.qr.config import Operation
+
+OPERATIONS = get_args(Operation)
 
 
 def digits(ids: torch.Tensor, collisions: int, num_parts: int) -> list[torch.Tensor]:
@@ -23,6 +28,8 @@ def digits(ids: torch.Tensor, collisions: int, num_parts: int) -> list[torch.Ten
 
 def compose(rows: list[torch.Tensor], operation: str) -> torch.Tensor:
     """One embedding per id ``[N, d]`` from each part's rows ``[N, width]``."""
+    if operation not in OPERATIONS:
+        raise ValueError(f"operation must be one of {OPERATIONS}, got {operation!r}")
     if operation == "concat":
         return torch.cat(rows, dim=1)
     out = rows[0]
@@ -77,7 +84,7 @@ def pooled_backward(grad: torch.Tensor, parts: list[torch.Tensor], ids: torch.Te
         if sparse is not None and sparse[j]:
             grads.append(torch.sparse_coo_tensor(digit.unsqueeze(0), g, part.shape).coalesce())
         else:
-            grads.append(torch.zeros_like(part).index_add_(0, digit, g))
+            grads.append(part.new_zeros(part.shape).index_add_(0, digit, g))
     return grads
 
 
@@ -89,7 +96,7 @@ def grad_rows(grad: torch.Tensor, parts: list[torch.Tensor], ids: torch.Tensor, 
     rows, values = [], []
     for digit, g in part_grads_per_id(grad, parts, ids, offsets, weights, collisions, operation, mean):
         unique, inverse = torch.unique(digit, return_inverse=True)
-        rows.append(unique)
+        rows.append(unique.to(torch.int64))
         values.append(g.new_zeros(unique.numel(), g.shape[1]).index_add_(0, inverse, g))
     return rows, values
 

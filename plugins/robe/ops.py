@@ -96,7 +96,7 @@ def _robe_sparse_grad_fake(grad: Tensor, ids: Tensor, offsets: Tensor, weights: 
                            keys: Tensor, memory_size: int, chunk_size: int, use_sign: bool,
                            mean: bool) -> tuple[Tensor, Tensor]:
     unique = torch.library.get_ctx().new_dynamic_size()
-    return ids.new_empty(unique), grad.new_empty(unique)
+    return ids.new_empty(unique, dtype=torch.int64), grad.new_empty(unique)
 
 
 def _weights_grad_cpu(kernels: ModuleType, grad: Tensor, memory: Tensor, ids: Tensor, offsets: Tensor,

@@ -44,10 +44,13 @@ warps, a 328 MB one 0.054 / 0.048 / 0.058 ms; the scatter ties across them."""
 
 @triton.jit
 def _floor_divmod(x, n):
-    """``(x // n, x mod n)`` with floor semantics (remainder in ``[0, n)``) for int64 ``x`` of any sign."""
+    """``(x // n, x mod n)`` with floor semantics (remainder in ``[0, n)``) for int64 ``x`` of any sign, down to
+    ``-2^63`` (``x - r`` would overflow there); ``//`` may truncate (GPU) or floor (the interpreter): a quotient
+    ``q`` is the floor one when ``q·n + r == x`` (also in int64's wrap-around), else it is one too high."""
     r = x % n
     r = tl.where(r < 0, r + n, r)
-    return (x - r) // n, r
+    q = x // n
+    return tl.where(q * n + r == x, q, q - 1), r
 
 
 @triton.jit

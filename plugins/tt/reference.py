@@ -49,7 +49,7 @@ def rows_backward(grad: torch.Tensor, cores: list[torch.Tensor], ids: torch.Tens
     u = ids.numel()
     digit_list = digits(cores, ids)
     left = left_products(cores[:-1], digit_list[:-1])
-    grads = [torch.zeros_like(core) for core in cores]
+    grads = [core.new_zeros(core.shape) for core in cores]
     d_left = grad
     for k in range(len(cores) - 1, 0, -1):
         _, r_in, q, r_out = cores[k].shape
