@@ -1,11 +1,15 @@
-"""Shared test helpers: KJTs from Python lists and random bags."""
+"""Shared test helpers: KJTs from Python lists, random bags, multi-process runs."""
 
 from __future__ import annotations
 
+import os
 import random
-from collections.abc import Iterable
+import tempfile
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
+import torch.multiprocessing as mp
 from torchmetrics.classification import BinaryAUROC
 from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -52,3 +56,11 @@ def train_dlrm_and_auc(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         for batch in test:
             auroc.update(torch.sigmoid(model(batch.dense_features, batch.sparse_features).squeeze(1)), batch.labels.long())
     return auroc.compute().item()
+
+
+def spawn_ranks(worker: Callable[..., None], world: int, name: str) -> list[Any]:
+    """Run ``worker(rank, init_file, out_dir)`` on ``world`` processes; what each rank saved as
+    ``<out_dir>/<name><rank>.pt``, in rank order."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(worker, args=(os.path.join(out_dir, "init"), out_dir), nprocs=world, join=True)
+        return [torch.load(os.path.join(out_dir, f"{name}{rank}.pt")) for rank in range(world)]

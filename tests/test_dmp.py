@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
@@ -22,7 +20,7 @@ from torchrec.optim import apply_optimizer_in_backward
 from torchrec.optim.keyed import KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-from helpers import make_kjt, random_bags
+from helpers import make_kjt, random_bags, spawn_ranks
 from torchrec_pss import CompressedEmbeddingBagCollection, RobeConfig
 from torchrec_pss.distributed import (
     ShardedCompressedEmbeddingBagCollection,
@@ -128,9 +126,7 @@ def single_process():
 
 
 def test_dmp_replicates_memories_and_matches_one_process() -> None:
-    with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_worker, args=(os.path.join(out_dir, "init"), out_dir), nprocs=WORLD, join=True)
-        ranks = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD)]
+    ranks = spawn_ranks(_worker, WORLD, "rank")
     reference = single_process()
     assert torch.equal(ranks[0]["memory"], ranks[1]["memory"]), "replicas must stay bit-identical"
     torch.testing.assert_close(ranks[0]["memory"], reference.ebc.pss_memories["robe_default"].weight.detach(),
@@ -180,9 +176,7 @@ def _pipeline_worker(rank: int, init_file: str, out_dir: str) -> None:
 
 
 def test_train_pipeline_sparse_dist_gives_the_same_training() -> None:
-    with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_pipeline_worker, args=(os.path.join(out_dir, "init"), out_dir), nprocs=WORLD, join=True)
-        runs = [torch.load(os.path.join(out_dir, f"pipeline{r}.pt")) for r in range(WORLD)]
+    runs = spawn_ranks(_pipeline_worker, WORLD, "pipeline")
     for plain, pipelined in runs:
         torch.testing.assert_close(pipelined, plain, rtol=1e-6, atol=1e-7)
     assert torch.equal(runs[0][1], runs[1][1])
@@ -205,7 +199,5 @@ def _meta_worker(rank: int, init_file: str, out_dir: str) -> None:
 
 
 def test_dmp_materialises_a_meta_model_and_trains_it() -> None:
-    with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_meta_worker, args=(os.path.join(out_dir, "init"), out_dir), nprocs=WORLD, join=True)
-        flags = [torch.load(os.path.join(out_dir, f"meta{r}.pt")) for r in range(WORLD)]
+    flags = spawn_ranks(_meta_worker, WORLD, "meta")
     assert flags == [[True, True, True]] * WORLD

@@ -8,14 +8,12 @@ import os
 import random
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.checkpoint import FileSystemReader
@@ -29,7 +27,7 @@ from torchrec.optim import apply_optimizer_in_backward
 from torchrec.optim.keyed import KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-from helpers import make_kjt, random_bags
+from helpers import make_kjt, random_bags, spawn_ranks
 from torchrec_pss import CompressedEmbeddingBagCollection, RobeConfig
 from torchrec_pss.checkpoint import complete_checkpoints, load_training_state, save_training_state
 from torchrec_pss.distributed import get_pss_sharders, pss_constraints
@@ -137,9 +135,7 @@ def _refusal_worker(rank: int, init_file: str, out_dir: str) -> None:
 
 
 def test_dmp_refuses_another_hashing_setup_and_writes_nothing() -> None:
-    with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_refusal_worker, args=(os.path.join(out_dir, "init"), out_dir), nprocs=WORLD, join=True)
-        ranks = [torch.load(os.path.join(out_dir, f"refusal{r}.pt")) for r in range(WORLD)]
+    ranks = spawn_ranks(_refusal_worker, WORLD, "refusal")
     for results in ranks:
         for name, (_, message) in OTHERS.items():
             got = results[name]
@@ -173,9 +169,7 @@ def _meta_worker(rank: int, init_file: str, out_dir: str) -> None:
 
 
 def test_memories_built_on_meta_stay_out_of_the_dense_optimizer() -> None:
-    with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_meta_worker, args=(os.path.join(out_dir, "init"), out_dir), nprocs=WORLD, join=True)
-        ranks = [torch.load(os.path.join(out_dir, f"meta{r}.pt")) for r in range(WORLD)]
+    ranks = spawn_ranks(_meta_worker, WORLD, "meta")
     for results in ranks:
         cpu, meta = results["cpu"], results["meta"]
         assert meta["dense"] == cpu["dense"] == ["head.bias", "head.weight"]
