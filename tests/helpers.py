@@ -1,4 +1,4 @@
-"""Shared test helpers: KJTs from Python lists, random bags, multi-process runs."""
+"""Shared test helpers: KJTs from Python lists, random bags, multi-process runs, DMP on CPU ranks."""
 
 from __future__ import annotations
 
@@ -9,10 +9,19 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch import nn
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+from torchrec.distributed.planner.types import ParameterConstraints
+from torchrec.distributed.sharding_plan import get_default_sharders
+from torchrec.distributed.types import ShardingEnv, ShardingType
 from torchmetrics.classification import BinaryAUROC
 from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from torchrec_pss.distributed import get_pss_sharders, pss_constraints
 
 
 def make_kjt(bags: dict[str, list[list[int]]], weights: dict[str, list[list[float]]] | None = None) -> KeyedJaggedTensor:
@@ -64,3 +73,13 @@ def spawn_ranks(worker: Callable[..., None], world: int, name: str) -> list[Any]
     with tempfile.TemporaryDirectory() as out_dir:
         mp.spawn(worker, args=(os.path.join(out_dir, "init"), out_dir), nprocs=world, join=True)
         return [torch.load(os.path.join(out_dir, f"{name}{rank}.pt")) for rank in range(world)]
+
+
+def make_dmp(model: nn.Module, world: int) -> DistributedModelParallel:
+    """``model`` under DMP on ``world`` CPU ranks: compressed tables replicated, table ``"p"`` table-wise."""
+    sharders = get_pss_sharders() + get_default_sharders()
+    constraints = {**pss_constraints(model), "p": ParameterConstraints(sharding_types=[ShardingType.TABLE_WISE.value])}
+    planner = EmbeddingShardingPlanner(topology=Topology(world_size=world, compute_device="cpu"), constraints=constraints)
+    plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
+    return DistributedModelParallel(model, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD),
+                                    device=torch.device("cpu"), plan=plan, sharders=sharders)

@@ -9,24 +9,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torchrec.distributed.model_parallel import DistributedModelParallel
-from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
-from torchrec.distributed.planner.types import ParameterConstraints
-from torchrec.distributed.sharding_plan import get_default_sharders
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
-from torchrec.distributed.types import ShardingEnv, ShardingType
 from torchrec.datasets.utils import Batch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.optim import apply_optimizer_in_backward
 from torchrec.optim.keyed import KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-from helpers import make_kjt, random_bags, spawn_ranks
+from helpers import make_dmp, make_kjt, random_bags, spawn_ranks
 from torchrec_pss import CompressedEmbeddingBagCollection, RobeConfig
 from torchrec_pss.distributed import (
     ShardedCompressedEmbeddingBagCollection,
     assert_replicas_identical,
-    get_pss_sharders,
-    pss_constraints,
 )
 from torchrec_pss.hashing import hash_coefficients
 
@@ -67,15 +61,6 @@ def loss_of(model, kjt) -> torch.Tensor:
     return (model(kjt) - 1.0).pow(2).mean()
 
 
-def make_dmp(model: nn.Module) -> DistributedModelParallel:
-    sharders = get_pss_sharders() + get_default_sharders()
-    constraints = {**pss_constraints(model), "p": ParameterConstraints(sharding_types=[ShardingType.TABLE_WISE.value])}
-    planner = EmbeddingShardingPlanner(topology=Topology(world_size=WORLD, compute_device="cpu"), constraints=constraints)
-    plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
-    return DistributedModelParallel(model, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD),
-                                    device=torch.device("cpu"), plan=plan, sharders=sharders)
-
-
 def train_steps(dmp: DistributedModelParallel, rank: int, steps: range) -> None:
     dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())),
                                   lambda params: torch.optim.SGD(params, lr=LR))
@@ -93,14 +78,14 @@ def fresh_model() -> Net:
 
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    dmp = make_dmp(fresh_model())
+    dmp = make_dmp(fresh_model(), WORLD)
     assert isinstance(dmp.module.ebc, ShardedCompressedEmbeddingBagCollection)
     train_steps(dmp, rank, range(STEPS))
     state = dmp.state_dict()
     keys = sorted(state)
     optimizer_state = dmp.fused_optimizer.state_dict()
     memory = state["ebc.pss_memories.robe_default.weight"].clone()
-    restored = make_dmp(fresh_model())
+    restored = make_dmp(fresh_model(), WORLD)
     restored.load_state_dict(dict(state))  # a copy: DMP renames the keys of the dict it loads
     restored.fused_optimizer.load_state_dict(optimizer_state)
     probe = batch(STEPS, range(rank, rank + 1))
@@ -156,7 +141,7 @@ def _pipeline_worker(rank: int, init_file: str, out_dir: str) -> None:
     for pipelined in (False, True):
         model = PipelineNet()
         apply_optimizer_in_backward(torch.optim.Adagrad, model.ebc.parameters(), {"lr": LR})
-        dmp = make_dmp(model)
+        dmp = make_dmp(model, WORLD)
         dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())),
                                       lambda params: torch.optim.SGD(params, lr=LR))
         batches = [as_batch(step, rank) for step in range(STEPS)]
@@ -186,7 +171,7 @@ def _meta_worker(rank: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     model = Net("meta")
     apply_optimizer_in_backward(torch.optim.Adagrad, model.ebc.parameters(), {"lr": LR})
-    dmp = make_dmp(model)
+    dmp = make_dmp(model, WORLD)
     memory = dmp.module.ebc.pss_memories["robe_default"]
     materialised = not memory.weight.is_meta and torch.equal(memory.hash_coefficients, hash_coefficients(0, 2))
     before = memory.weight.detach().clone()

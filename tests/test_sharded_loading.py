@@ -18,19 +18,14 @@ from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.checkpoint import FileSystemReader
 from torchrec.distributed.model_parallel import DistributedModelParallel
-from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
-from torchrec.distributed.planner.types import ParameterConstraints
-from torchrec.distributed.sharding_plan import get_default_sharders
-from torchrec.distributed.types import ShardingEnv, ShardingType
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.optim import apply_optimizer_in_backward
 from torchrec.optim.keyed import KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-from helpers import make_kjt, random_bags, spawn_ranks
+from helpers import make_dmp, make_kjt, random_bags, spawn_ranks
 from torchrec_pss import CompressedEmbeddingBagCollection, RobeConfig
 from torchrec_pss.checkpoint import complete_checkpoints, load_training_state, save_training_state
-from torchrec_pss.distributed import get_pss_sharders, pss_constraints
 from torchrec_pss.optim import FusedUpdate
 
 WORLD = 2
@@ -62,15 +57,6 @@ class Net(nn.Module):
 
     def forward(self, kjt) -> torch.Tensor:
         return self.head(self.ebc(kjt).values()).squeeze(1)
-
-
-def make_dmp(model: nn.Module) -> DistributedModelParallel:
-    sharders = get_pss_sharders() + get_default_sharders()
-    constraints = {**pss_constraints(model), "p": ParameterConstraints(sharding_types=[ShardingType.TABLE_WISE.value])}
-    planner = EmbeddingShardingPlanner(topology=Topology(world_size=WORLD, compute_device="cpu"), constraints=constraints)
-    plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
-    return DistributedModelParallel(model, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD),
-                                    device=torch.device("cpu"), plan=plan, sharders=sharders)
 
 
 def dense_optimizer(dmp: DistributedModelParallel) -> KeyedOptimizerWrapper:
@@ -112,20 +98,20 @@ def refusal(load: Callable[[], Any]) -> str | None:
 
 def _refusal_worker(rank: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    source = make_dmp(Net(BASE))
+    source = make_dmp(Net(BASE), WORLD)
     train_step(source, dense_optimizer(source), rank)  # the source's values differ from any fresh model's
     state = source.state_dict()
     path = save_training_state(os.path.join(out_dir, "ckpt"), 1, source, {"fused": source.fused_optimizer})
     results: dict[str, Any] = {}
     for name, (config, _) in OTHERS.items():
-        target = make_dmp(Net(config))
+        target = make_dmp(Net(config), WORLD)
         before = snapshot(target)
         results[name] = {
             "load_state_dict": refusal(lambda: target.load_state_dict(dict(state))),
             "dcp": refusal(lambda: load_training_state(path, target, {"fused": target.fused_optimizer})),
             "unchanged": unchanged(before, snapshot(target)),
         }
-    same = make_dmp(Net(BASE))
+    same = make_dmp(Net(BASE), WORLD)
     results["same_config"] = {
         "dcp": refusal(lambda: load_training_state(path, same, {"fused": same.fused_optimizer})),
         "restored": torch.equal(same.state_dict()[f"ebc.{MEMORY}"], state[f"ebc.{MEMORY}"]),
@@ -150,7 +136,7 @@ def _meta_worker(rank: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     results = {}
     for device in ("cpu", "meta"):
-        dmp = make_dmp(Net(BASE, device))
+        dmp = make_dmp(Net(BASE, device), WORLD)
         dense = dense_optimizer(dmp)
         memory = dmp.module.ebc.pss_memories["robe_default"].weight
         update = dmp.module.ebc._fused.updates[MEMORY]
