@@ -83,3 +83,16 @@ def make_dmp(model: nn.Module, world: int) -> DistributedModelParallel:
     plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
     return DistributedModelParallel(model, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD),
                                     device=torch.device("cpu"), plan=plan, sharders=sharders)
+
+
+def graph_nodes(tensor: torch.Tensor) -> set[str]:
+    """Names of every autograd node ``tensor`` depends on."""
+    seen, names, stack = set(), set(), [tensor.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return names

@@ -16,7 +16,7 @@ from torchrec.optim import apply_optimizer_in_backward
 from torchrec_pss_plugins.robe import fused_step, ops
 from torchrec_pss_plugins.robe.fused_step import FusedRobeStep
 
-from helpers import make_kjt, random_bags
+from helpers import graph_nodes, make_kjt, random_bags
 from torchrec_pss import CompressedEmbeddingBagCollection, RobeConfig
 from torchrec_pss.optim import BlockwiseAdagrad
 
@@ -42,16 +42,6 @@ def readout(out: torch.Tensor) -> torch.Tensor:
     return (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum() + out.pow(2).sum()
 
 
-def autograd_nodes(tensor: torch.Tensor) -> set[str]:
-    seen, stack = set(), [tensor.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is not None and node not in seen:
-            seen.add(node)
-            stack.extend(next_node for next_node, _ in node.next_functions)
-    return {type(node).__name__ for node in seen}
-
-
 FUSED = FusedRobeStep.__name__ + "Backward"
 
 
@@ -62,7 +52,7 @@ def train_twice_per_pass(kernels: str, optimizer: type, kwargs: dict, monkeypatc
     apply_optimizer_in_backward(optimizer, module.parameters(), kwargs)
     for step in range(steps):
         loss = readout(module(batch(2 * step)).values()) + 0.5 * readout(module(batch(2 * step + 1)).values())
-        nodes = autograd_nodes(loss)
+        nodes = graph_nodes(loss)
         loss.backward()
     return module.memory_for("t0").weight.detach().clone(), nodes
 

@@ -17,7 +17,7 @@ from torchrec_pss_plugins.robe import ops, reference
 from torchrec_pss_plugins.robe import robe
 from torchrec_pss_plugins.robe.fused_step import FusedRobeStep
 
-from helpers import make_kjt, random_bags, random_weights
+from helpers import graph_nodes, make_kjt, random_bags, random_weights
 from torchrec_pss import CompressedEmbeddingBagCollection, RobeConfig
 from torchrec_pss.hashing import hash_coefficients
 from torchrec_pss.optim import BlockwiseAdagrad
@@ -125,19 +125,6 @@ def step_batch(step: int):
     sizes = {"f1": 50, "f2": 50, "f3": 40, "f4": 30, "f5": 10}
     bags = {f: random_bags(rng, n, batch=5, max_len=4) for f, n in sizes.items()}
     return make_kjt(bags, {f: random_weights(rng, b) for f, b in bags.items()})
-
-
-def graph_nodes(tensor: torch.Tensor) -> set[str]:
-    """Names of every autograd node ``tensor`` depends on."""
-    seen, names, stack = set(), set(), [tensor.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        names.add(type(node).__name__)
-        stack.extend(next_node for next_node, _ in node.next_functions)
-    return names
 
 
 def train(module: CompressedEmbeddingBagCollection, optimizer: type, kwargs: dict, steps: int) -> set[str]:
