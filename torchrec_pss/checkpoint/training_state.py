@@ -29,6 +29,7 @@ from iopath.common.file_io import PathManager, g_pathmgr
 from torch.optim import Optimizer
 
 from torchrec_pss.checkpoint.iopath_storage import IopathReader, IopathWriter
+from torchrec_pss.checkpoint.optimizer_state import check_optimizer_states, drop_states, materialize_lazy_states
 
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
 MANIFEST = "MANIFEST.json"
@@ -215,15 +216,15 @@ def _is_guard_entry(key: str, value: Any) -> bool:
     return type(value) is torch.Tensor and "pss_memories" in key.split(".")
 
 
-def _check_model_state(path: str, model: torch.nn.Module, path_manager: PathManager | None) -> None:
-    """Refuse the checkpoint at ``path`` for ``model`` before DCP writes anything into it.
+def _check_model_state(path: str, saved: set[str], model: torch.nn.Module,
+                       path_manager: PathManager | None) -> None:
+    """Refuse the checkpoint at ``path`` (metadata keys ``saved``) for ``model`` before DCP writes anything into it.
 
     The guard entries (:func:`_is_guard_entry`) are read into staging copies and handed to
     ``model.load_state_dict(strict=False)``, whose pre-load checks refuse another method, signature or constants
     (entries missing from the checkpoint read as None); they copy nothing but the constants they found equal.
     Then the model's state keys must be the checkpoint's.
     """
-    saved = set(IopathReader(path, path_manager).read_metadata().state_dict_metadata)
     current = model.state_dict(keep_vars=True)
     guard = {key: value.detach().clone() if isinstance(value, torch.Tensor) else copy.deepcopy(value)
              for key, value in current.items() if _is_guard_entry(key, value)}
@@ -255,13 +256,23 @@ def load_training_state(path: str, model: torch.nn.Module, optimizers: Mapping[s
     Collective, like :func:`save_training_state`. Before DCP reads anything into the model, the model's own
     pre-load checks (e.g. a compressed table's method, recovery signature and hash constants, sharded by DMP
     or not) run on staging copies of the checkpoint's small entries, and its state keys must match: a refused
-    checkpoint leaves model and optimizers unchanged. The model's and optimizers' own ``load_state_dict``
-    run last. Use :func:`latest_checkpoint` to pick a checkpoint whose files have been verified.
+    checkpoint leaves model and optimizers unchanged. Optimizer states that torch creates at the first step
+    (Adam's) are created first where the checkpoint holds them, so they are loaded too, and each optimizer's
+    state entries must be the checkpoint's (:mod:`~torchrec_pss.checkpoint.optimizer_state`). The model's and
+    optimizers' own ``load_state_dict`` run last. Use :func:`latest_checkpoint` to pick a checkpoint whose
+    files have been verified.
     """
-    _check_model_state(path, model, path_manager)
-    state = _training_state(model, optimizers, Progress(-1, -1))
-    flat, paths = _flatten(state)
-    dcp.load(flat, storage_reader=IopathReader(path, path_manager))
+    saved = set(IopathReader(path, path_manager).read_metadata().state_dict_metadata)
+    _check_model_state(path, saved, model, path_manager)
+    created = materialize_lazy_states(optimizers, saved)
+    try:
+        state = _training_state(model, optimizers, Progress(-1, -1))
+        flat, paths = _flatten(state)
+        check_optimizer_states(path, flat, saved, optimizers)
+        dcp.load(flat, storage_reader=IopathReader(path, path_manager))
+    except BaseException:  # DCP's CheckpointException is not an Exception
+        drop_states(created)
+        raise
     for key, value in flat.items():  # tensors were loaded in place; other values were replaced
         _assign(state, paths[key], value)
     model.load_state_dict(state["model"])
