@@ -1,6 +1,6 @@
 """Demo: a TorchRec DLRM whose large tables are swapped for ROBE-Z, trained on a planted click task.
 
-    bash scripts/demo.sh --steps 300 --pss "robe:compression=100,chunk_size=8,gradient=dense,min_rows=10000"
+    python examples/train_dlrm_robe.py --steps 300 --pss "robe:compression=100,chunk_size=8,gradient=dense,min_rows=10000"
 
 Builds ``torchrec.models.dlrm.DLRM`` with an ordinary ``EmbeddingBagCollection``, compresses a copy
 with ``torchrec_pss.compress_`` and the ``--pss`` flag (by default the tables with at least 10,000 rows
@@ -77,7 +77,8 @@ def train(model: DLRM, data: PlantedClicks, test: list, steps: int, batch: int, 
     with torch.no_grad():
         for dense, kjt, labels in test:
             auroc.update(torch.sigmoid(model(dense, kjt).squeeze(1)), labels.long())
-    return {"first_loss": sum(losses[:20]) / 20, "last_loss": sum(losses[-20:]) / 20, "test_auc": auroc.compute().item()}
+    first, last = losses[:20], losses[-20:]
+    return {"first_loss": sum(first) / len(first), "last_loss": sum(last) / len(last), "test_auc": auroc.compute().item()}
 
 
 def main() -> None:

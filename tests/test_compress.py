@@ -189,6 +189,8 @@ def test_flag_parses_defaults_overrides_and_min_rows() -> None:
     assert flag(EmbeddingBagConfig(name="x", embedding_dim=8, num_embeddings=10**6, feature_names=["x"])) is None
     assert parse_compression_flag("robe:compression=10,min_rows=0").min_rows == 0
     assert parse_compression_flag("robe:compression=10,min_rows=100_000").min_rows == 100_000
+    for text, sign in (("true", True), ("FALSE", False), ("True", True), ("False", False)):
+        assert parse_compression_flag(f"robe:compression=10,use_sign={text}").default.use_sign is sign
     tt = parse_compression_flag("tt:ranks=[4,8],p_shapes=[10,10,10],q_shapes=[2,2,2]")
     assert tt(tables()[1]) == TTConfig(ranks=(4, 8), p_shapes=(10, 10, 10), q_shapes=(2, 2, 2))
     model = compress_(dlrm(), parse_compression_flag("robe:compression=10,chunk_size=4,min_rows=1000"))
@@ -215,6 +217,9 @@ def test_flag_parses_defaults_overrides_and_min_rows() -> None:
         ("robe:compression=10,min_rows=abc", "min_rows must be a non-negative int, got 'abc'"),
         ("robe:compression=10,min_rows=True", "min_rows must be a non-negative int, got 'True'"),
         ("robe:compression=10;t_1=qr:collisions=4,min_rows=5", "'min_rows' belongs in the default clause"),
+        ("compression=100,chunk_size=8", "reads as an override of table 'compression', but '100,chunk_size=8' is not a"
+                                         " compression method"),
+        ("robe:compression=10,use_sign=yes", "RobeConfig.use_sign must be True or False, got 'yes'"),
     ],
 )
 def test_flag_errors(flag: str, message: str) -> None:

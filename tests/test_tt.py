@@ -90,7 +90,7 @@ def test_40m_row_table_trains_in_a_few_hundred_mb() -> None:
     [
         ({"num_cores": 5}, r"num_cores must be an int in \[2, 4\]"),
         ({"num_cores": 1}, r"num_cores must be an int in \[2, 4\]"),
-        ({"ranks": 0}, "ranks must be ints >= 1"),
+        ({"ranks": 0}, "ranks must be an int >= 1 or a sequence of them"),
         ({"ranks": [4, 4, 4]}, "ranks needs num_cores - 1 = 2 values"),
         ({"p_shapes": [10, 10]}, "p_shapes must be 3 ints"),
         ({"init": "zeros"}, "init must be"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 from torchrec import EmbeddingBagCollection
@@ -250,7 +251,14 @@ def test_required_fields_may_not_be_none() -> None:
         (lambda: QRConfig(collisions=1), r"QRConfig.collisions must be an int >= 2, got 1"),
         (lambda: QRConfig(compression=2, operation="xor"), r"QRConfig.operation must be one of .*'xor'"),
         (lambda: QRConfig(compression=2, num_partitions=1), r"QRConfig.num_partitions must be an int >= 2"),
-        (lambda: TTConfig(ranks=0), r"TTConfig.ranks must be ints >= 1, got 0"),
+        (lambda: TTConfig(ranks=0), r"TTConfig.ranks must be an int >= 1 or a sequence of them, got 0"),
+        (lambda: TTConfig(ranks=(8, True)), r"TTConfig.ranks must be an int >= 1 or a sequence of them"),
+        (lambda: TTConfig(p_shapes=(10, 10.0, 10)), r"TTConfig.p_shapes must be 3 ints >= 1, got \(10, 10.0, 10\)"),
+        (lambda: RobeConfig(compression=2, use_sign="false"), r"RobeConfig.use_sign must be True or False, got 'false'"),
+        (lambda: RobeConfig(compression=2, use_sign=1), r"RobeConfig.use_sign must be True or False, got 1"),
+        (lambda: RobeConfig(compression=True), r"RobeConfig.compression must be a finite number >= 1, got True"),
+        (lambda: RobeConfig(compression=torch.tensor(10.0)), r"RobeConfig.compression must be a finite number >= 1"),
+        (lambda: RobeConfig(compression=2, share_group=1), r"RobeConfig.share_group must be a non-empty string, got 1"),
         (lambda: TTConfig(num_cores=5), r"TTConfig.num_cores must be an int in \[2, 4\], got 5"),
         (lambda: MLETConfig(inner_dim=0), r"MLETConfig.inner_dim must be an int >= 1, got 0"),
         (lambda: MLETConfig(inner_dim=4, init_std=float("inf")), r"MLETConfig.init_std must be a finite number > 0"),
@@ -261,6 +269,22 @@ def test_required_fields_may_not_be_none() -> None:
 def test_impossible_configs_of_every_method(make, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         make()
+
+
+def test_numpy_numbers_are_taken_as_python_numbers() -> None:
+    """Sizes computed with NumPy configure a method like Python numbers, and are stored as them."""
+    robe = RobeConfig(memory_size=np.int64(1000), chunk_size=np.int32(8), use_sign=np.bool_(True), seed=np.uint8(3),
+                      init_scale=np.float32(0.5))
+    assert robe == RobeConfig(memory_size=1000, chunk_size=8, use_sign=True, seed=3, init_scale=0.5)
+    assert [type(v) for v in (robe.memory_size, robe.chunk_size, robe.use_sign, robe.seed, robe.init_scale)] == [
+        int, int, bool, int, float]
+    assert RobeConfig(compression=np.float64(10)).compression == 10.0
+    tt = TTConfig(ranks=np.int64(8), p_shapes=[np.int64(10)] * 3, q_shapes=np.array([2, 2, 2]).tolist())
+    assert tt == TTConfig(ranks=8, p_shapes=(10, 10, 10), q_shapes=(2, 2, 2)) and type(tt.ranks) is int
+    assert TTConfig(ranks=[np.int64(4), 8]).ranks == (4, 8)
+    assert QRConfig(collisions=np.int16(4)) == QRConfig(collisions=4)
+    assert HashingConfig(num_buckets=np.int64(64)) == HashingConfig(num_buckets=64)
+    assert MLETConfig(inner_dim=np.int64(4), init_std=np.float32(0.25)) == MLETConfig(inner_dim=4, init_std=0.25)
 
 
 def test_environment_switch_sets_the_default(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -3,9 +3,9 @@
 Grammar: clauses separated by ``;``. The first clause without ``<table>=`` is the default for every
 table; ``<table>=<clause>`` overrides one table; a clause is ``<method>:<field>=<value>,...`` with a
 registered method name (``robe``, ``qr``, ``tt``, ``mlet``, ``hashing``, ...) or ``plain`` / ``none``
-to keep a table uncompressed. Values are Python literals (``1000``, ``0.5``, ``True``, ``[4,4,8]``) or
-bare strings. The key ``min_rows`` (default clause only, a non-negative int) leaves tables with fewer rows
-plain. A table overridden twice, or a field given twice in one clause, is an error. Example::
+to keep a table uncompressed. Values are Python literals (``1000``, ``0.5``, ``True`` or ``true``,
+``[4,4,8]``) or bare strings. The key ``min_rows`` (default clause only, a non-negative int) leaves tables
+with fewer rows plain. A table overridden twice, or a field given twice in one clause, is an error. Example::
 
     robe:compression=1000,chunk_size=32,min_rows=100000;t_3=tt:ranks=16;t_7=plain
 """
@@ -43,6 +43,9 @@ class CompressionFlag:
 
 
 def _value(text: str) -> Any:
+    """A Python literal (``true`` / ``false`` in any case too), or else the text itself."""
+    if text.strip().lower() in ("true", "false"):
+        return text.strip().lower() == "true"
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
@@ -122,6 +125,13 @@ def parse_compression_flag(flag: str) -> CompressionFlag:
                 raise ValueError(f"per-table clause {clause!r} in {flag!r} names no table")
             if table in overrides:
                 raise ValueError(f"table {table!r} is overridden twice in {flag!r}")
+            method = rest.partition(":")[0].strip()
+            if method not in PLAIN_NAMES and method not in registered_methods():
+                raise ValueError(
+                    f"clause {clause!r} in {flag!r} reads as an override of table {table!r}, but {method!r} is not "
+                    f"a compression method (known: {sorted(registered_methods())} or {list(PLAIN_NAMES)}); a default "
+                    "clause is <method>:<field>=<value>,..., an override <table>=<method>:..."
+                )
             overrides[table], _ = _clause(rest, allow_min_rows=False)
             continue
         if seen_default:

@@ -62,8 +62,8 @@ class RobeConfig(MethodConfig):
         checks.positive(self, "init_scale", optional=True)
         checks.one_of(self, "gradient", GRADIENT_MODES)
         checks.positive(self, "auto_dense_ratio")
-        if not self.share_group:
-            raise ValueError("RobeConfig.share_group must be a non-empty string")
+        checks.flag(self, "use_sign")
+        checks.text(self, "share_group")
 
     @classmethod
     def for_memory(cls, table: EmbeddingBagConfig, elements: int) -> RobeConfig:

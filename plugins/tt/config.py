@@ -12,6 +12,14 @@ _NOT_SIGNED = {IN_SIGNATURE: False}
 Init = Literal["sampled_gaussian", "normal", "uniform"]
 
 
+def _positive_ints(values: object) -> tuple[int, ...] | None:
+    """``values`` (a sequence) as a tuple of Python ints, or None unless every one is an integer >= 1."""
+    if not isinstance(values, (tuple, list)):
+        return None
+    ints = tuple(checks.as_int(v) for v in values)
+    return ints if all(v is not None and v >= 1 for v in ints) else None
+
+
 @dataclasses.dataclass(frozen=True)
 class TTConfig(MethodConfig):
     """TT-Rec (Yin et al., 2021): the ``[n, d]`` table as a train of ``num_cores`` small cores.
@@ -40,24 +48,24 @@ class TTConfig(MethodConfig):
     seed: int | None = dataclasses.field(default=None, metadata=_NOT_SIGNED)
 
     def __post_init__(self) -> None:
-        for name in ("ranks", "p_shapes", "q_shapes"):
-            value = getattr(self, name)
-            if isinstance(value, list):
-                object.__setattr__(self, name, tuple(value))
         checks.integer_at_least(self, "num_cores", 2, 4)
-        ranks = (self.ranks,) if isinstance(self.ranks, int) else self.ranks
-        if not all(isinstance(r, int) and r >= 1 for r in ranks):
-            raise ValueError(f"TTConfig.ranks must be ints >= 1, got {self.ranks!r}")
-        if not isinstance(self.ranks, int) and len(self.ranks) != self.num_cores - 1:
+        single = checks.as_int(self.ranks)
+        ranks = _positive_ints(self.ranks if single is None else (single,))
+        if ranks is None:
+            raise ValueError(f"TTConfig.ranks must be an int >= 1 or a sequence of them, got {self.ranks!r}")
+        if single is None and len(ranks) != self.num_cores - 1:
             raise ValueError(
                 f"TTConfig.ranks needs num_cores - 1 = {self.num_cores - 1} values, got {self.ranks!r}"
             )
+        object.__setattr__(self, "ranks", ranks[0] if single is not None else ranks)
         for name in ("p_shapes", "q_shapes"):
             value = getattr(self, name)
-            if value is not None and (
-                len(value) != self.num_cores or not all(isinstance(v, int) and v >= 1 for v in value)
-            ):
+            if value is None:
+                continue
+            shapes = _positive_ints(value)
+            if shapes is None or len(shapes) != self.num_cores:
                 raise ValueError(f"TTConfig.{name} must be {self.num_cores} ints >= 1, got {value!r}")
+            object.__setattr__(self, name, shapes)
         checks.one_of(self, "init", ("sampled_gaussian", "normal", "uniform"))
         checks.integer_at_least(self, "seed", 0, optional=True)
 
