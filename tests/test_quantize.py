@@ -33,7 +33,7 @@ BLOCK = 32
 SIZES = {"r1": 3000, "r2": 1000, "qm": 2000, "qa": 500, "tt": 4000, "h": 800, "p": 100}
 
 
-def _trained_module() -> CompressedEmbeddingBagCollection:
+def _trained_module(is_weighted: bool = False) -> CompressedEmbeddingBagCollection:
     """Every method, one ROBE memory shared by two tables (one MEAN), memories with values spread over decades."""
     torch.manual_seed(0)
     tables = [EmbeddingBagConfig(name=name, embedding_dim=16, num_embeddings=n, feature_names=[f"f_{name}"],
@@ -43,7 +43,7 @@ def _trained_module() -> CompressedEmbeddingBagCollection:
     module = CompressedEmbeddingBagCollection(tables, {
         "r1": robe, "r2": robe, "qm": QRConfig(collisions=50), "qa": QRConfig(collisions=30, operation="add"),
         "tt": TTConfig(ranks=8), "h": HashingConfig(num_buckets=64),
-    })
+    }, is_weighted=is_weighted)
     with torch.no_grad():
         for param in module.pss_memories.parameters():
             param.mul_(torch.randn_like(param).exp())
@@ -129,6 +129,51 @@ def test_rows_equal_the_dequantized_float_memory_exactly() -> None:
             torch.testing.assert_close(out_q[key], out_r[key], rtol=1e-6, atol=1e-7)
         else:
             assert torch.equal(out_q[key], out_r[key]), key
+
+
+def _dequantized_reference(module: CompressedEmbeddingBagCollection,
+                           quantized: CompressedEmbeddingBagCollection) -> CompressedEmbeddingBagCollection:
+    """A float copy of ``module`` holding the dequantized values of ``quantized``'s memories."""
+    reference = copy.deepcopy(module)
+    with torch.no_grad():
+        for group, memory in quantized.pss_memories.items():
+            if not isinstance(memory, (Int8RobeMemory, Int8QRMemory, Int8TTMemory)):
+                continue  # kept float32
+            values = memory.dequantized()
+            for param, value in zip(reference.pss_memories[group].parameters(),
+                                    values if isinstance(values, list) else [values]):
+                param.copy_(value)
+    return reference
+
+
+@pytest.mark.parametrize("names", [["a", "b", "c"], ["a"]], ids=["three_tables", "one_table"])
+def test_one_memory_holding_every_table_pools_dequantized_values(names: list[str]) -> None:
+    """The DLRM layout (one ROBE memory, one feature per table): the stacked one-call path of the float module."""
+    torch.manual_seed(0)
+    tables = [EmbeddingBagConfig(name=n, embedding_dim=16, num_embeddings=500, feature_names=[f"f_{n}"]) for n in names]
+    module = CompressedEmbeddingBagCollection(tables, {n: RobeConfig(compression=4, chunk_size=8, use_sign=True)
+                                                       for n in names}).eval()
+    quantized = quantize_memories_(copy.deepcopy(module), block_size=BLOCK)
+    reference = _dequantized_reference(module, quantized)
+    rng = random.Random(0)
+    kjt = make_kjt({f"f_{n}": random_bags(rng, 500, 32, 5) for n in names})
+    out_q, out_f = quantized(kjt).values(), reference(kjt).values()
+    torch.testing.assert_close(out_q, out_f, rtol=1e-6, atol=1e-7)
+    assert (out_q - module(kjt).values()).abs().max() < 0.01 * module(kjt).values().abs().max()
+
+
+def test_weighted_features_pool_dequantized_values_of_every_method() -> None:
+    module = _trained_module(is_weighted=True)
+    quantized = quantize_memories_(copy.deepcopy(module), block_size=BLOCK)
+    reference = _dequantized_reference(module, quantized)
+    rng = random.Random(2)
+    bags = {f"f_{name}": random_bags(rng, n, 16, 4) for name, n in SIZES.items()}
+    weights = {key: [[rng.uniform(0.1, 1.9) for _ in bag] for bag in value] for key, value in bags.items()}
+    kjt = make_kjt(bags, weights)
+    out_q, out_r = quantized(kjt).to_dict(), reference(kjt).to_dict()
+    for key in out_q:
+        torch.testing.assert_close(out_q[key], out_r[key], rtol=1e-5, atol=1e-7)
+        assert out_q[key].abs().max() > 0, key
 
 
 def test_quantized_memories_store_int8_and_scales() -> None:

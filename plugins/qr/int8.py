@@ -25,6 +25,11 @@ class Int8QRMemory(Int8Memory, QRMemory):
         """Every part ``q · s`` ``[rows_j, width]`` float32."""
         return [codes.float() * scales.unsqueeze(1) for codes, scales in zip(self.parts, self.parts_qscale)]
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """float32: the parts are dequantized before pooling."""
+        return torch.float32
+
     def _bags(self, ids: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor | None, mean: bool) -> torch.Tensor:
         self.check_inference()
         parts = self.dequantized()

@@ -101,6 +101,11 @@ class QRMemory(PSSMemory):
         """Row of each part table for ``ids`` (integer division only, exact for any int64 id)."""
         return reference.digits(ids, self.collisions, self.config.num_partitions)
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype lookups pool in (the parts')."""
+        return self.parts[0].dtype
+
     def _bags(self, ids: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor | None, mean: bool) -> torch.Tensor:
         sparse = [use_sparse_rows(self.config.gradient, part, ids.numel()) for part in self.parts]
         return ops.qr_pooled(list(self.parts), ids, offsets, weights, self.collisions, self.config.operation, mean,
@@ -112,4 +117,4 @@ class QRMemory(PSSMemory):
     def pooled(self, table: str, ids: torch.Tensor, lengths: torch.Tensor, weights: torch.Tensor | None,
                mean: bool) -> torch.Tensor:
         offsets = lengths_to_offsets(lengths)
-        return self._bags(ids, offsets, None if weights is None else weights.to(self.parts[0].dtype), mean)
+        return self._bags(ids, offsets, None if weights is None else weights.to(self.compute_dtype), mean)

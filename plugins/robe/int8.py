@@ -31,3 +31,4 @@ class Int8RobeMemory(Int8Memory, RobeMemory):
 
     pooled = PSSMemory.pooled
     pooled_many = PSSMemory.pooled_many
+    pooled_stacked = PSSMemory.pooled_stacked  # None: pooled table by table from the dequantized elements
