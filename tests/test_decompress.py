@@ -14,7 +14,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from helpers import make_kjt, random_bags, random_weights
 from torchrec_pss import (CompressedEmbeddingBagCollection, HashingConfig, MLETConfig, QRConfig, RobeConfig, TTConfig,
-                          decompress)
+                          collapse, decompress, quantize_memories_)
 from torchrec_pss.contract import PSSMemory
 from torchrec_pss.decompress import DEFAULT_MAX_BYTES
 
@@ -80,6 +80,38 @@ def test_partial_decompression_keeps_the_rest_compressed() -> None:
     bags = {f: random_bags(rng, 50, batch=16, max_len=5) for f in ["fa", "fb", "fc", "fd", "fe"]}
     features = make_kjt(bags, {f: random_weights(rng, b) for f, b in bags.items()})
     torch.testing.assert_close(served(features).values(), module(features).values(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("plain", [["a"], ["d"], ["a", "c"]], ids=["half_a_robe_group", "qr", "with_a_plain_one"])
+def test_partial_decompression_of_an_int8_module_keeps_int8_memories(plain: list[str]) -> None:
+    """Kept memories stay int8 (the same codes and scales), so the served module equals the int8 one."""
+    torch.manual_seed(4)
+    configs = tables() + [EmbeddingBagConfig(name="d", embedding_dim=8, num_embeddings=100, feature_names=["fe"])]
+    robe = RobeConfig(memory_size=300, chunk_size=4, use_sign=True)
+    module = quantize_memories_(CompressedEmbeddingBagCollection(configs, {"a": robe, "b": robe, "d": METHODS["qr"]}),
+                                block_size=16).eval()
+    served = decompress(module, plain)
+    kept = set(module.compression) - set(plain)
+    assert set(served.compression) == kept
+    for name in kept:
+        assert type(served.memory_for(name)) is type(module.memory_for(name))
+        for key, value in module.memory_for(name).state_dict().items():
+            assert torch.equal(served.memory_for(name).state_dict()[key], value), (name, key)
+    rng = random.Random(5)
+    features = make_kjt({f: random_bags(rng, 50, batch=16, max_len=5) for f in ["fa", "fb", "fc", "fd", "fe"]})
+    with torch.no_grad():
+        torch.testing.assert_close(served(features).values(), module(features).values(), rtol=1e-5, atol=1e-6)
+
+
+def test_collapsing_mlet_keeps_an_int8_robe_memory() -> None:
+    torch.manual_seed(6)
+    robe = RobeConfig(memory_size=300, chunk_size=4, use_sign=True)
+    module = CompressedEmbeddingBagCollection(tables(), {"a": robe, "b": robe, "c": MLETConfig(inner_dim=4)})
+    module = quantize_memories_(module, block_size=16).eval()
+    served = collapse(module)
+    assert set(served.compression) == {"a", "b"} and type(served.memory_for("a")) is type(module.memory_for("a"))
+    with torch.no_grad():
+        assert_same_outputs(served, module)
 
 
 def test_one_table_by_name() -> None:

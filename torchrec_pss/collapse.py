@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Collection
 
 import torch
@@ -12,6 +13,7 @@ from torchrec import EmbeddingBagCollection
 from torchrec.modules.embedding_configs import PoolingType
 
 from torchrec_pss.modules.compressed_embedding_bag_collection import CompressedEmbeddingBagCollection
+from torchrec_pss.quantize import Int8Memory
 
 
 def collapse(module: CompressedEmbeddingBagCollection) -> EmbeddingBagCollection | CompressedEmbeddingBagCollection:
@@ -31,8 +33,8 @@ def with_plain_tables(
 
     Each is materialised in float64 (``PSSMemory.materialize``) and cast to float32, so outputs equal the
     module's up to float32 rounding. Plain tables keep copies of their weights; the other compressed
-    tables keep copies of their memories (a share group of which only some tables became plain keeps its
-    whole memory, so the rest read the same values). The result is a ``torchrec.EmbeddingBagCollection``
+    tables keep copies of their memories, int8 ones included (a share group of which only some tables
+    became plain keeps its whole memory, so the rest read the same values). The result is a ``torchrec.EmbeddingBagCollection``
     when no compressed table is left, except for a weighted module with a MEAN table (``nn.EmbeddingBag``
     refuses per-sample weights with MEAN): that, and a module with compressed tables left, is a
     ``CompressedEmbeddingBagCollection`` (same keys, ``embedding_bags.<table>.weight`` for plain tables).
@@ -47,6 +49,9 @@ def with_plain_tables(
                                                   validate_inputs=module.validate_inputs)
         for group, memory in list(result.pss_memories.items()):
             source = module.pss_memories[group]
+            if isinstance(source, Int8Memory):  # inference-only: no optimizer attached to copy along
+                result.pss_memories[group] = copy.deepcopy(source)
+                continue
             if memory.tables.keys() != source.tables.keys():
                 memory = type(source)(source.config, list(source.tables.values()), device)
                 result.pss_memories[group] = memory
