@@ -116,3 +116,15 @@ def test_save_and_reload_through_the_example(tmp_path: pathlib.Path) -> None:
     program = example.export_and_reload(model, as_batch[0], tmp_path / "dlrm.pt2")
     assert (tmp_path / "dlrm.pt2").stat().st_size > 0
     assert example.max_difference(model, program, as_batch) <= 1e-6
+
+
+def test_a_variable_batch_example_is_refused() -> None:
+    """The rebuilt KJT would lose the per-key batch sizes (the program gave 2 rows where eager gives 3)."""
+    tables = [EmbeddingBagConfig(name=n, embedding_dim=8, num_embeddings=100, feature_names=[f"f_{n}"]) for n in "ab"]
+    module = CompressedEmbeddingBagCollection(tables, {"a": RobeConfig(compression=4, chunk_size=4)}).eval()
+    kjt = KeyedJaggedTensor(keys=["f_a", "f_b"], values=torch.tensor([1, 2, 3, 4, 5]), lengths=torch.tensor([2, 1, 1, 1]),
+                            stride_per_key_per_rank=[[1], [3]],
+                            inverse_indices=(["f_a", "f_b"], torch.tensor([[0, 0, 0], [0, 1, 2]])))
+    assert module(kjt).values().shape == (3, 16)  # eager takes it
+    with pytest.raises(ValueError, match=r"keys \['f_a', 'f_b'\] has variable batch sizes per key \(VBE\)"):
+        export_for_inference(module, (kjt,))

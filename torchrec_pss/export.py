@@ -33,7 +33,9 @@ def export_for_inference(model: nn.Module, example_inputs: tuple[Any, ...], *, d
       id values, which a graph cannot): the program does not range-check ids, so validate them upstream.
     - Every ``KeyedJaggedTensor`` in ``example_inputs`` is traced as a KJT of keys, values, lengths (and
       weights): call the program with KJTs that carry lengths (TorchRec's batches do; for one built from
-      offsets only pass ``lengths=kjt.lengths()`` as well).
+      offsets only pass ``lengths=kjt.lengths()`` as well). The KJTs must have one batch size for every key:
+      a variable-batch (VBE) example is refused, and the program cannot tell a VBE KJT it is called with
+      (its per-key batch sizes are not among the KJT's flattened tensors), so do not serve those.
     - ``dynamic``: the batch size ``B`` is symbolic (dim 0 of every tensor argument, and ``B x len(keys)``
       lengths of every KJT) and so is the id count of each KJT (its weights with it); ``B = 1`` is not
       specialised (``backed_size_oblivious``). Otherwise every shape is that of ``example_inputs``.
@@ -64,9 +66,18 @@ def load_exported(path: str | os.PathLike[str] | IO[bytes]) -> ExportedProgram:
 
 
 def _with_lengths(value: Any) -> Any:
-    """A KJT rebuilt from keys, values, lengths and weights (no offsets, no caches); other values as they are."""
+    """A KJT rebuilt from keys, values, lengths and weights (no offsets, no caches); other values as they are.
+
+    ``ValueError`` for a variable-batch (VBE) KJT: its per-key batch sizes would be lost in the rebuilt one.
+    """
     if not isinstance(value, KeyedJaggedTensor):
         return value
+    if value.variable_stride_per_key() or value.inverse_indices_or_none() is not None:
+        raise ValueError(
+            f"export_for_inference: the example KJT with keys {value.keys()} has variable batch sizes per key "
+            "(VBE); the program is traced for fixed-stride KJTs (one batch size B for every key), so give such an "
+            "example and serve such batches"
+        )
     return KeyedJaggedTensor(keys=value.keys(), values=value.values(), lengths=value.lengths(),
                              weights=value.weights_or_none())
 
