@@ -128,3 +128,30 @@ def test_a_variable_batch_example_is_refused() -> None:
     assert module(kjt).values().shape == (3, 16)  # eager takes it
     with pytest.raises(ValueError, match=r"keys \['f_a', 'f_b'\] has variable batch sizes per key \(VBE\)"):
         export_for_inference(module, (kjt,))
+
+
+@pytest.mark.parametrize("validate", [True, False])
+def test_the_program_checks_inputs_as_the_module_does(validate: bool) -> None:
+    """Checks on: asserts in the graph refuse a bad id, length or weight, naming table and feature; off: none."""
+    torch.manual_seed(0)
+    model = dlrm({"t0": METHODS["robe"][0], "t1": METHODS["qr"][0]}, weighted=True)
+    model.sparse_arch.embedding_bag_collection.validate_inputs = validate
+    dense, sparse = batches(weighted=True)[0]
+    program = export_for_inference(model, (dense, sparse))
+    asserts = [n for n in program.graph.nodes if n.target is torch.ops.aten._assert_async.msg]
+    assert len(asserts) == (8 if validate else 0)  # lengths >= 0 and their sum; ids and weights of 3 features
+    if not validate:
+        return
+    served = program.module()
+    bad = {"id": (FEATURES[1], ROWS, r"table 't1', feature 'f1': an id is outside \[0, 1000\)"),
+           "weight": (FEATURES[0], float("nan"), r"table 't0', feature 'f0': a weight is not finite")}
+    for kind, (feature, value, message) in bad.items():
+        bags = {f: [[], [1, 2], [3, 4], [5]] for f in FEATURES}
+        weights = {f: [[0.5] * len(bag) for bag in b] for f, b in bags.items()}
+        served(torch.randn(4, DENSE), make_kjt(bags, weights))  # good
+        if kind == "id":
+            bags[feature][2][0] = value
+        else:
+            weights[feature][1][0] = value
+        with pytest.raises(RuntimeError, match=message):
+            served(torch.randn(4, DENSE), make_kjt(bags, weights))

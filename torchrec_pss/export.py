@@ -10,9 +10,8 @@ pytree), ids and batch size symbolic. :func:`export_for_inference` sets this up 
 
 from __future__ import annotations
 
-import contextlib
 import os
-from typing import IO, Any, Iterator
+from typing import IO, Any
 
 import torch
 import torch.fx.experimental._config as fx_config
@@ -21,7 +20,6 @@ from torch.export import Dim, ExportedProgram, ShapesCollection
 from torch.utils import _pytree as pytree
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
-from torchrec_pss.modules.compressed_embedding_bag_collection import CompressedEmbeddingBagCollection
 from torchrec_pss.registry import registered_methods
 
 
@@ -29,8 +27,10 @@ def export_for_inference(model: nn.Module, example_inputs: tuple[Any, ...], *, d
     """The inference forward of ``model`` on ``example_inputs`` (its positional arguments) as an ``ExportedProgram``.
 
     - Traced non-strict, in eval mode and without autograd; ``model``'s training flag is restored.
-    - The input checks of every ``CompressedEmbeddingBagCollection`` are off while tracing (they branch on
-      id values, which a graph cannot): the program does not range-check ids, so validate them upstream.
+    - The input checks of every ``CompressedEmbeddingBagCollection`` whose ``validate_inputs`` is on are traced
+      as asserts: the program refuses ids outside a table, negative lengths and non-finite weights with a
+      ``RuntimeError`` naming the table and feature. Turn ``validate_inputs`` off before exporting for a
+      program without them.
     - Every ``KeyedJaggedTensor`` in ``example_inputs`` is traced as a KJT of keys, values, lengths (and
       weights): call the program with KJTs that carry lengths (TorchRec's batches do; for one built from
       offsets only pass ``lengths=kjt.lengths()`` as well). The KJTs must have one batch size for every key:
@@ -45,7 +45,7 @@ def export_for_inference(model: nn.Module, example_inputs: tuple[Any, ...], *, d
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), _inputs_unchecked(model), fx_config.patch(backed_size_oblivious=True):
+        with torch.no_grad(), fx_config.patch(backed_size_oblivious=True):
             return torch.export.export(
                 model, inputs, dynamic_shapes=None if shapes is None else shapes.dynamic_shapes(model, inputs),
                 strict=False,
@@ -97,17 +97,3 @@ def _dynamic_shapes(inputs: tuple[Any, ...]) -> ShapesCollection:
         elif isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
             shapes[leaf] = (batch,) + (Dim.STATIC,) * (leaf.dim() - 1)
     return shapes
-
-
-@contextlib.contextmanager
-def _inputs_unchecked(model: nn.Module) -> Iterator[None]:
-    """``validate_inputs`` off on every compressed module of ``model`` inside the block."""
-    modules = [m for m in model.modules() if isinstance(m, CompressedEmbeddingBagCollection)]
-    saved = [m.validate_inputs for m in modules]
-    for module in modules:
-        module.validate_inputs = False
-    try:
-        yield
-    finally:
-        for module, flag in zip(modules, saved):
-            module.validate_inputs = flag

@@ -4,7 +4,8 @@ Cheap enough to stay on: the structural checks use only Python integers; the val
 reduction per feature (min / max of the ids; one of all lengths; the sum of the weights, which is finite only
 when every weight is) folded into one flag tensor, so a good batch costs a single device
 synchronisation. Only when that flag is set are the features scanned one by one to name the first bad
-feature, position and value.
+feature, position and value. Inside a traced graph (``torch.compile``, ``torch.export``) the checks on values
+become asserts that run with the graph (``torch._assert_async``), so tracing needs no graph break.
 """
 
 from __future__ import annotations
@@ -62,6 +63,10 @@ def check_structure(features: KeyedJaggedTensor, feature_names: Sequence[str], i
         raise TypeError(f"KJT of features {keys}: weights must be floating point, got {weights.dtype}")
     if is_weighted and weights.numel() != values.numel():
         raise ValueError(f"KJT of features {keys}: {weights.numel()} weights for {values.numel()} ids")
+    if torch.compiler.is_compiling():  # a graph cannot branch on the lengths' sum: asserted when it runs
+        torch._assert_async(lengths.sum() == values.numel(),
+                            f"KJT of features {keys}: the lengths do not sum to the number of ids")
+        return
     total = sum(features.length_per_key())
     if total != values.numel():
         raise ValueError(f"KJT of features {keys}: lengths sum to {total} but there are {values.numel()} ids")
@@ -74,6 +79,9 @@ def check_values(
     """Ids in ``[0, num_embeddings)``, lengths ``>= 0`` and finite weights, or an error naming table, feature,
     position and value. ``jagged``: the KJT's ``to_dict()``. Meta tensors hold no values: nothing is checked."""
     if features.values().is_meta or features.lengths().is_meta:
+        return
+    if torch.compiler.is_compiling():
+        _assert_values(features, jagged, tables, is_weighted)
         return
     flags = [features.lengths().min() < 0] if features.lengths().numel() else []
     for table in tables:
@@ -89,6 +97,22 @@ def check_values(
     for table in tables:
         for name in table.feature_names:
             _explain(table, name, jagged[name], is_weighted)
+
+
+def _assert_values(features: KeyedJaggedTensor, jagged: dict[str, JaggedTensor], tables: Sequence[EmbeddingBagConfig],
+                   is_weighted: bool) -> None:
+    """:func:`check_values` inside a traced graph (``torch.compile``, ``torch.export``): asserts that run with the
+    graph, without a branch on values or a host synchronisation; a failure raises ``RuntimeError`` naming the
+    table and feature (not the position or value)."""
+    torch._assert_async((features.lengths() >= 0).all(), f"KJT of features {features.keys()}: a negative length")
+    for table in tables:
+        for name in table.feature_names:
+            where = f"table {table.name!r}, feature {name!r}"
+            ids = jagged[name].values()
+            torch._assert_async((~_bad_ids(ids, table.num_embeddings)).all(),
+                                f"{where}: an id is outside [0, {table.num_embeddings})")
+            if is_weighted:
+                torch._assert_async(torch.isfinite(jagged[name].weights()).all(), f"{where}: a weight is not finite")
 
 
 def _bad_ids(ids: torch.Tensor, num_embeddings: int) -> torch.Tensor:
