@@ -67,11 +67,15 @@ class RobeConfig(MethodConfig):
 
     @classmethod
     def for_memory(cls, table: EmbeddingBagConfig, elements: int) -> RobeConfig:
-        """ROBE memory of ``elements`` elements for ``table`` alone (its own share group; Z = min(32, d)).
+        """ROBE memory of ``elements`` elements for ``table`` alone (its own share group).
 
-        The ``make_config`` of :func:`torchrec_pss.distributed.compression_for_budget`.
+        Z is the largest divisor of ``d`` that is at most 32 (32 when ``d`` is a multiple of 32, ``d`` when
+        ``d <= 32``, 24 for ``d = 48``, 1 for a prime ``d > 32``), so that ``Z | d``. The ``make_config`` of
+        :func:`torchrec_pss.distributed.compression_for_budget`.
         """
-        return cls(memory_size=elements, share_group=table.name, chunk_size=min(32, table.embedding_dim))
+        d = table.embedding_dim
+        chunk_size = max(z for z in range(1, min(32, d) + 1) if d % z == 0)
+        return cls(memory_size=elements, share_group=table.name, chunk_size=chunk_size)
 
     def group_key(self, table_name: str) -> str:
         return f"robe_{self.share_group}"

@@ -31,10 +31,14 @@ CONSTANT_BYTES_ALLOWANCE = 1024
 """Bytes set aside per compressed table for what it stores besides its memory (hash constants)."""
 
 
-def parse_bytes(budget: int | str) -> int:
-    """``10_000_000``, ``"10 MB"`` (decimal) or ``"10MiB"`` (binary) -> bytes."""
+def parse_bytes(budget: int | float | str) -> int:
+    """``10_000_000``, ``2e6`` (a whole number of bytes), ``"10 MB"`` (decimal) or ``"10MiB"`` (binary) -> bytes."""
     if isinstance(budget, int):
         value = budget
+    elif isinstance(budget, float):
+        if not budget.is_integer():
+            raise ValueError(f"the embedding budget must be a whole number of bytes, got {budget!r}")
+        value = int(budget)
     else:
         match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", budget)
         if not match or match.group(2).lower() not in _UNITS:
@@ -51,7 +55,7 @@ def _bytes(table: EmbeddingBagConfig) -> int:
 
 def compression_for_budget(
     tables: Sequence[EmbeddingBagConfig],
-    budget: int | str,
+    budget: int | float | str,
     make_config: Callable[[EmbeddingBagConfig, int], MethodConfig],
     plain_share: float = 0.5,
     exponent: float = 0.5,

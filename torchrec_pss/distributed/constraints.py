@@ -9,6 +9,8 @@ from torch import nn
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.distributed.types import ShardingType
+from torchrec.modules.embedding_configs import BaseEmbeddingConfig
+from torchrec.modules.embedding_modules import EmbeddingBagCollectionInterface, EmbeddingCollectionInterface
 
 from torchrec_pss.modules.compressed_embedding_bag_collection import CompressedEmbeddingBagCollection
 
@@ -21,22 +23,41 @@ def pss_constraints(model: nn.Module) -> dict[str, ParameterConstraints]:
 
     For teams that keep their own planner: merge the result into their constraints. Plain tables are
     left alone (TorchRec's planner shards them as usual). Constraints are keyed by table name, so a
-    compressed table name used twice in the model is refused.
+    compressed table name that also names another table anywhere in ``model`` (in any embedding bag or
+    embedding collection, compressed or not) is refused: its constraint would replicate that table too.
     """
-    constraints: dict[str, ParameterConstraints] = {}
+    places: dict[str, list[tuple[str, bool]]] = {}  # table name -> (module path, compressed) of every table
     for path, module in model.named_modules():
-        if not isinstance(module, CompressedEmbeddingBagCollection):
+        if isinstance(module, EmbeddingBagCollectionInterface):
+            configs: list[BaseEmbeddingConfig] = list(module.embedding_bag_configs())
+        elif isinstance(module, EmbeddingCollectionInterface):
+            configs = list(module.embedding_configs())
+        else:
             continue
-        for table in module.compression:
-            if table in constraints:
-                raise ValueError(
-                    f"compressed table name {table!r} appears in more than one module (again in {path!r}); "
-                    "planner constraints are keyed by table name, so names must be unique"
-                )
-            constraints[table] = ParameterConstraints(
-                sharding_types=[ShardingType.DATA_PARALLEL.value], compute_kernels=[REPLICATED_KERNEL]
+        compressed = module.compression if isinstance(module, CompressedEmbeddingBagCollection) else {}
+        for table in configs:
+            places.setdefault(table.name, []).append((path, table.name in compressed))
+    constraints: dict[str, ParameterConstraints] = {}
+    for table, owners in places.items():
+        first = next((i for i, (_, compressed) in enumerate(owners) if compressed), None)
+        if first is None:
+            continue
+        if len(owners) > 1:
+            other_path, other_compressed = owners[1 if first == 0 else 0]
+            raise ValueError(
+                f"compressed table {table!r} in module {_where(owners[first][0])} shares its name with a "
+                f"{'compressed' if other_compressed else 'plain'} table in module {_where(other_path)}; planner "
+                "constraints are keyed by table name, so both would be held data_parallel: rename one of them"
             )
+        constraints[table] = ParameterConstraints(
+            sharding_types=[ShardingType.DATA_PARALLEL.value], compute_kernels=[REPLICATED_KERNEL]
+        )
     return constraints
+
+
+def _where(path: str) -> str:
+    """A module path for messages (the model itself has the empty path)."""
+    return repr(path) if path else "'' (the model itself)"
 
 
 def make_planner(

@@ -11,7 +11,6 @@ the plan. The sharded module keeps the unsharded module's state_dict keys (``emb
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import torch
@@ -33,12 +32,12 @@ from torchrec.distributed.types import (
     ShardingEnv,
     ShardingType,
 )
-from torchrec.optim import RowWiseAdagrad
 from torchrec.optim.fused import FusedOptimizerModule
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from torchrec.streamable import Multistreamable
 
+from torchrec_pss.contract import PSSMemory
 from torchrec_pss.distributed.constraints import REPLICATED_KERNEL
 from torchrec_pss.distributed.gradient_sync import ReplicatedGradientSync
 from torchrec_pss.modules.compressed_embedding_bag_collection import (
@@ -46,9 +45,11 @@ from torchrec_pss.modules.compressed_embedding_bag_collection import (
     _check_state_dict_before_load,
 )
 from torchrec_pss.modules.input_checks import check_structure, check_values
-from torchrec_pss.optim import BlockwiseAdagrad, FusedUpdate, PSSFusedOptimizer
+from torchrec_pss.optim import FusedUpdate, PSSFusedOptimizer
 
 _PLAIN = "_plain"
+_STAND_IN_DTYPE = torch.float32
+"""The dtype of the planner's stand-ins for compressed tables (their rows hold the bytes really stored)."""
 
 
 @dataclasses.dataclass
@@ -281,12 +282,15 @@ class CompressedEmbeddingBagCollectionSharder(ModuleSharder[CompressedEmbeddingB
     def shardable_parameters(self, module: CompressedEmbeddingBagCollection) -> dict[str, nn.Parameter]:
         """Plain tables' weights, and for each compressed table a meta stand-in of its share of the memory.
 
-        The stand-in has shape ``(ceil(share / d), d)``, where the share splits the group's stored
-        elements over its tables in proportion to their logical sizes, so the planner charges what is
-        really stored (the hash constants' few bytes are left out). It carries the memory's in-backward
-        optimizer class, from which the planner adds optimizer state (BlockwiseAdagrad is charged as
-        TorchRec's RowWiseAdagrad: one accumulator per d elements).
+        The planner charges ``numel × element_size`` of each stand-in (plus optimizer state for an
+        ``_optimizer_classes`` tag, which the stand-ins do not carry). A stand-in is float32 of shape
+        ``(rows, d)``, its ``rows × d × 4`` bytes the table's share of what its memory group really holds:
+        the memory and its recovery constants (``num_bytes()``) plus the state of the in-backward optimizer
+        the group's parameters carry, as the fused update keeps it (e.g. BlockwiseAdagrad: one accumulator
+        per ``optimizer_block_size`` elements). The group's bytes are split over its tables in proportion to
+        their logical sizes, each share rounded up to whole rows (less than ``4·d`` bytes over).
         """
+        stored = {id(m): m.num_bytes() + _optimizer_state_bytes(g, m) for g, m in module.pss_memories.items()}
         params: dict[str, nn.Parameter] = {}
         for table in module.embedding_bag_configs():
             memory = module.memory_for(table.name)
@@ -294,14 +298,10 @@ class CompressedEmbeddingBagCollectionSharder(ModuleSharder[CompressedEmbeddingB
                 params[table.name] = module.embedding_bags[table.name].weight
                 continue
             logical = {t.name: t.num_embeddings * t.embedding_dim for t in memory.tables.values()}
-            stored = sum(p.numel() for p in memory.parameters())
-            share = stored * logical[table.name] / sum(logical.values())
-            rows = max(1, math.ceil(share / table.embedding_dim))
-            stand_in = nn.Parameter(torch.empty(rows, table.embedding_dim, device="meta"))
-            classes = next((p._optimizer_classes for p in memory.parameters() if hasattr(p, "_optimizer_classes")), None)
-            if classes:  # the planner charges optimizer state from this attribute
-                stand_in._optimizer_classes = [RowWiseAdagrad if c is BlockwiseAdagrad else c for c in classes]
-            params[table.name] = stand_in
+            row_bytes = table.embedding_dim * _STAND_IN_DTYPE.itemsize
+            share = stored[id(memory)] * logical[table.name]
+            rows = -(-share // (sum(logical.values()) * row_bytes))
+            params[table.name] = nn.Parameter(torch.empty(rows, table.embedding_dim, dtype=_STAND_IN_DTYPE, device="meta"))
         return params
 
     def sharding_types(self, compute_device_type: str) -> list[str]:
@@ -324,6 +324,20 @@ class CompressedEmbeddingBagCollectionSharder(ModuleSharder[CompressedEmbeddingB
         return ShardedCompressedEmbeddingBagCollection(
             module, params, env, device or torch.device("cpu"), module_fqn or "", self._ebc_sharder
         )
+
+
+def _optimizer_state_bytes(group: str, memory: PSSMemory) -> int:
+    """Bytes of the state that the in-backward optimizers of memory group ``group``'s parameters keep, fused
+    as the module and its sharded form run them (the state is built on meta: nothing is allocated)."""
+    total = 0
+    for name, param in memory.named_parameters(prefix=f"pss_memories.{group}"):
+        if not getattr(param, "_optimizer_classes", None):
+            continue
+        stand_in = torch.empty_like(param, device="meta")
+        stand_in._optimizer_classes, stand_in._optimizer_kwargs = param._optimizer_classes, param._optimizer_kwargs
+        update = FusedUpdate.from_tags(name, stand_in, memory.optimizer_block_size(param))
+        total += sum(t.numel() * t.element_size() for t in update.state.values())
+    return total
 
 
 def get_pss_sharders(fused_params: dict[str, Any] | None = None) -> list[ModuleSharder[nn.Module]]:
