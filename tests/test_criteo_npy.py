@@ -34,7 +34,7 @@ def tsv_rows(name: str, count: int) -> list[list[str]]:
 
 def test_batches_carry_the_rows_of_the_days(npy_root: Path) -> None:
     sizes = PRESETS["small"].num_embeddings
-    assert npy_days(str(npy_root)) == [0, 1]
+    assert npy_days(str(npy_root)) == {0: 7200, 1: 391}  # the rows of the two files
     first = next(criteo_npy_batches(str(npy_root), [0], 100, sizes, rank=0, world_size=1))
     rows = tsv_rows("kaggle_8k_train.tsv", 100)
     assert torch.equal(first.labels, torch.tensor([float(r[0]) for r in rows]))
@@ -62,6 +62,48 @@ def test_a_missing_part_names_the_file(tmp_path: Path, npy_root: Path) -> None:
         npy_days(str(tmp_path))
     with pytest.raises(ValueError, match="no such directory"):
         npy_days(str(tmp_path / "absent"))
+
+
+@pytest.mark.parametrize("present", [("sparse", "labels"), ("dense",)], ids=["no_dense", "dense_only"])
+def test_a_day_missing_any_part_is_named_not_skipped(tmp_path: Path, npy_root: Path, present: tuple[str, ...]) -> None:
+    """Days are found from every part: a day lacking its dense file is refused, not left out."""
+    for day in (0, 1):
+        for part in ("dense", "sparse", "labels"):
+            np.save(tmp_path / f"day_{day}_{part}.npy", np.load(npy_root / f"day_{day}_{part}.npy"))
+    for part in present:
+        np.save(tmp_path / f"day_2_{part}.npy", np.load(npy_root / f"day_1_{part}.npy"))
+    missing = ({"dense", "sparse", "labels"} - set(present)).pop() if len(present) == 2 else "sparse"
+    with pytest.raises(ValueError, match=f"day 2 has no day_2_{missing}.npy"):
+        npy_days(str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "arrays, message",
+    [
+        ({"labels": np.zeros((100, 1), np.int32)}, r"the parts of day 0 have different row counts: "
+                                                   r"\{'dense': 128, 'sparse': 128, 'labels': 100\}"),
+        ({"dense": np.zeros((128, 12), np.float32)}, r"day_0_dense.npy: shape \[128, 12\], expected \['rows', 13\]"),
+        ({"sparse": np.zeros((128,), np.int64)}, r"day_0_sparse.npy: shape \[128\], expected \['rows', 26\]"),
+        ({"labels": np.zeros((128, 2), np.int32)}, r"day_0_labels.npy: shape \[128, 2\], expected \['rows'\] or "
+                                                   r"\['rows', 1\]"),
+    ],
+)
+def test_parts_of_a_day_must_agree(tmp_path: Path, arrays: dict[str, np.ndarray], message: str) -> None:
+    """TorchRec's reader counts rows from the dense file, the job from the labels: a mismatch is refused first."""
+    parts = {"dense": np.zeros((128, 13), np.float32), "sparse": np.zeros((128, 26), np.int64),
+             "labels": np.zeros((128,), np.int32), **arrays}
+    for part, array in parts.items():
+        np.save(tmp_path / f"day_0_{part}.npy", array)
+    with pytest.raises(ValueError, match=message):
+        npy_days(str(tmp_path))
+
+
+def test_a_file_that_is_not_npy_is_named(tmp_path: Path, npy_root: Path) -> None:
+    for part in ("dense", "sparse", "labels"):
+        np.save(tmp_path / f"day_0_{part}.npy", np.load(npy_root / f"day_1_{part}.npy"))
+    (tmp_path / "day_0_sparse.npy").write_text("not an array")
+    with pytest.raises(ValueError, match=r"day_0_sparse.npy: not a .npy array"):
+        npy_days(str(tmp_path))
 
 
 def test_job_trains_on_npy_days(npy_root: Path) -> None:

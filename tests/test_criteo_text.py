@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import gzip
 import math
 from pathlib import Path
 
 import pytest
 import torch
+from iopath.common.file_io import PathHandler, g_pathmgr
 from torchrec.datasets.criteo import DEFAULT_CAT_NAMES
 from torchrec.models.dlrm import DLRM
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
@@ -51,6 +53,10 @@ def test_csv_with_header_and_float_integers() -> None:
         ("1" + "\t1" * 12 + "\tx" + "\tab" * 26, "I13 is not a number: 'x'"),
         ("1" + "\t1.5" + "\t1" * 12 + "\tab" * 26, "I1 must be an integer count"),
         ("1" + "\t1" * 13 + "\tzz" + "\tab" * 25, "C1 is not a hexadecimal id: 'zz'"),
+        ("1" + "\t1" * 13 + "\t-1" + "\tab" * 25, "C1 is not a hexadecimal id: '-1'"),  # DeepCTR's fill value
+        ("1" + "\t1" * 13 + "\tab" * 25 + "\t0x1f", "C26 is not a hexadecimal id: '0x1f'"),
+        ("1" + "\t1" * 13 + "\t+ff" + "\tab" * 25, "C1 is not a hexadecimal id: '\\+ff'"),
+        ("1" + "\t1" * 13 + "\t6_8" + "\tab" * 25, "C1 is not a hexadecimal id: '6_8'"),
     ],
 )
 def test_malformed_lines_name_file_line_and_field(tmp_path: Path, line: str, message: str) -> None:
@@ -59,6 +65,38 @@ def test_malformed_lines_name_file_line_and_field(tmp_path: Path, line: str, mes
     path.write_text(f"{good}\n{good}\n{line}\n")
     with pytest.raises(ValueError, match=rf"day_0.tsv:3: {message}"):
         list(read_criteo_rows(str(path), [N] * 26))
+
+
+def test_gzip_files_read_as_the_text_they_hold(tmp_path: Path) -> None:
+    """Criteo 1TB ships ``day_<i>.gz``: read as they are, the same rows as the plain file."""
+    path = DATA / "kaggle_train_head999.tsv"
+    packed = tmp_path / "day_0.gz"
+    packed.write_bytes(gzip.compress(path.read_bytes()))
+    rows = list(read_criteo_rows(str(packed), [N] * 26))
+    assert len(rows) > 900 and rows == list(read_criteo_rows(str(path), [N] * 26))
+
+
+def test_text_that_is_not_utf8_names_file_and_line(tmp_path: Path) -> None:
+    good = "0" + "\t1" * 13 + "\tab" * 26
+    path = tmp_path / "day_0.tsv"
+    path.write_bytes(f"{good}\n{good}\n".encode() + b"1\t\xe9\n")
+    with pytest.raises(ValueError, match=r"day_0.tsv:3: not UTF-8 text"):
+        list(read_criteo_rows(str(path), [N] * 26))
+
+
+def test_files_are_read_through_iopaths_global_path_manager(tmp_path: Path) -> None:
+    """A handler registered on ``g_pathmgr`` (S3, HTTP, ...) serves text files as it serves NumPy days."""
+
+    class Prefixed(PathHandler):
+        def _get_supported_prefixes(self) -> list[str]:
+            return ["criteo-test://"]
+
+        def _open(self, path: str, mode: str = "r", **kwargs: object) -> object:
+            return open(DATA / path[len("criteo-test://"):], mode)
+
+    g_pathmgr.register_handler(Prefixed(), allow_override=True)
+    rows = list(read_criteo_rows("criteo-test://kaggle_train_head999.tsv", [N] * 26))
+    assert rows == list(read_criteo_rows(str(DATA / "kaggle_train_head999.tsv"), [N] * 26))
 
 
 def test_batches_are_torchrec_batches() -> None:

@@ -18,17 +18,14 @@ import argparse
 import itertools
 import json
 import os
-import posixpath
 import resource
 import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from iopath.common.file_io import g_pathmgr
 from torchmetrics.classification import BinaryAUROC
 from torchrec.datasets.utils import Batch
 from torchrec.distributed.model_parallel import DistributedModelParallel
@@ -109,15 +106,6 @@ def deal(batches: Iterable[Batch], rank: int, world: int) -> Iterator[Batch]:
             yield mine
 
 
-def npy_rows(path: str) -> int:
-    """The number of rows of the ``.npy`` array at iopath location ``path`` (read from its header only)."""
-    with g_pathmgr.open(path, "rb") as stream:
-        version = np.lib.format.read_magic(stream)
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, _, _ = read_header(stream)
-    return shape[0]
-
-
 def require_a_batch_per_rank(what: str, rows: int, batch_size: int, world: int) -> None:
     """ValueError unless ``rows`` make at least one full batch of ``batch_size`` for each of ``world`` ranks."""
     if rows // batch_size < world:
@@ -147,12 +135,13 @@ def data_streams(args: argparse.Namespace, num_embeddings: Sequence[int], batch_
             num_embeddings, seed=args.seed, stream=EVAL_STREAM + rank).batches(batch_size, args.eval_batches)
     if args.data.startswith("npy:"):
         root = args.data[len("npy:"):]
-        days = npy_days(root)
+        day_rows = npy_days(root)
+        days = list(day_rows)
         if len(days) < 2:
             raise ValueError(f"--data {args.data}: needs at least two days (training, then one held out), got {days}")
-        train_rows = sum(npy_rows(posixpath.join(root, f"day_{day}_labels.npy")) for day in days[:-1])
+        train_rows = sum(day_rows[day] for day in days[:-1])
         require_a_batch_per_rank(f"training data (days {days[:-1]} of {root})", train_rows, batch_size, world)
-        held_out = npy_rows(posixpath.join(root, f"day_{days[-1]}_labels.npy"))
+        held_out = day_rows[days[-1]]
         require_a_batch_per_rank(f"held-out data (the first half of day {days[-1]} of {root})", (held_out + 1) // 2,
                                  batch_size, world)
 

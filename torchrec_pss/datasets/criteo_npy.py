@@ -4,6 +4,9 @@
 The files are what ``torchrec.datasets.criteo.BinaryCriteoUtils.tsv_to_npys`` (and TorchRec's
 ``npy_preproc_criteo.py``) write: dense ``[rows, 13]`` float32 (already log-transformed), sparse
 ``[rows, 26]`` ids (taken mod each table's ``num_embeddings`` here), labels ``[rows, 1]`` int32.
+Their dense transform is ``tsv_to_npys``'s, ``log(x - min + 2)`` with ``min`` the file's smallest value (missing
+-> 0 first), not the text reader's ``log(max(x, 0) + 1)``
+(:mod:`~torchrec_pss.datasets.criteo_text`): the same rows give different dense inputs by the two paths.
 """
 
 from __future__ import annotations
@@ -12,27 +15,60 @@ import posixpath
 import re
 from typing import Iterator, Sequence
 
+import numpy as np
 from iopath.common.file_io import g_pathmgr
-from torchrec.datasets.criteo import InMemoryBinaryCriteoIterDataPipe
+from torchrec.datasets.criteo import DEFAULT_CAT_NAMES, DEFAULT_INT_NAMES, InMemoryBinaryCriteoIterDataPipe
 from torchrec.datasets.utils import Batch
 
-_DAY_FILE = re.compile(r"^day_(\d+)_dense\.npy$")
+NUM_DENSE, NUM_SPARSE = len(DEFAULT_INT_NAMES), len(DEFAULT_CAT_NAMES)
+_DAY_FILE = re.compile(r"^day_(\d+)_(dense|sparse|labels)\.npy$")
 _PARTS = ("dense", "sparse", "labels")
+_COLUMNS = {"dense": (NUM_DENSE,), "sparse": (NUM_SPARSE,), "labels": ((), (1,))}
+"""The trailing shape of each part: ``[rows, 13]``, ``[rows, 26]``, ``[rows]`` or ``[rows, 1]``."""
 
 
-def npy_days(root: str) -> list[int]:
-    """The day numbers under ``root`` that have all three files, ascending; ValueError if a part is missing."""
+def npy_shape(path: str) -> tuple[int, ...]:
+    """The shape of the ``.npy`` array at iopath location ``path``, read from its header only."""
+    with g_pathmgr.open(path, "rb") as stream:
+        try:
+            version = np.lib.format.read_magic(stream)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, _, _ = read_header(stream)
+        except ValueError as error:
+            raise ValueError(f"{path}: not a .npy array ({error})") from None
+    return shape
+
+
+def npy_days(root: str) -> dict[int, int]:
+    """The rows of each day under ``root``, by day number ascending.
+
+    Every day needs all three parts with the same number of rows and their columns (``[rows, 13]``,
+    ``[rows, 26]``, ``[rows]`` or ``[rows, 1]``); anything else raises ``ValueError`` naming the file.
+    """
     names = set(g_pathmgr.ls(root)) if g_pathmgr.isdir(root) else set()
     if not names:
         raise ValueError(f"{root!r}: no such directory, or it is empty (expected day_<i>_dense/sparse/labels.npy)")
-    days = sorted(int(m.group(1)) for m in map(_DAY_FILE.match, names) if m)
-    for day in days:
-        for part in _PARTS:
-            if f"day_{day}_{part}.npy" not in names:
-                raise ValueError(f"{root!r}: day {day} has no day_{day}_{part}.npy")
+    days = sorted({int(m.group(1)) for m in map(_DAY_FILE.match, names) if m})
     if not days:
-        raise ValueError(f"{root!r}: no day_<i>_dense.npy files")
-    return days
+        raise ValueError(f"{root!r}: no day_<i>_dense/sparse/labels.npy files")
+    rows = {}
+    for day in days:
+        shapes = {}
+        for part in _PARTS:
+            name = f"day_{day}_{part}.npy"
+            if name not in names:
+                raise ValueError(f"{root!r}: day {day} has no {name}")
+            shape = npy_shape(posixpath.join(root, name))
+            allowed = _COLUMNS[part] if part == "labels" else (_COLUMNS[part],)
+            if len(shape) < 1 or tuple(shape[1:]) not in allowed:
+                expected = " or ".join(str(["rows", *columns]) for columns in allowed)
+                raise ValueError(f"{posixpath.join(root, name)}: shape {list(shape)}, expected {expected}")
+            shapes[part] = shape[0]
+        if len(set(shapes.values())) != 1:
+            raise ValueError(f"{root!r}: the parts of day {day} have different row counts: {shapes}")
+        rows[day] = shapes["dense"]
+    return rows
 
 
 def npy_batches(root: str, days: Sequence[int], batch_size: int, num_embeddings: Sequence[int], rank: int,

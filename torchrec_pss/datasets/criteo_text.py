@@ -3,17 +3,26 @@
 Two layouts: the Kaggle / 1TB day format (tab-separated ``label, I1..I13, C1..C26``, no header; rows
 that lost trailing empty fields are padded) and the comma-separated layout with a header row
 ``label,I1..I13,C1..C26`` (integers may be written as floats, ``260.0``). Standard preprocessing:
-dense ``log(max(x, 0) + 1)`` (missing -> 0), sparse ``int(hex, 16) mod num_embeddings[f]`` (missing
--> 0). Anything malformed raises ``ValueError`` naming the file, the line and the field.
+dense ``log(max(x, 0) + 1)`` (missing -> 0; the facebookresearch DLRM convention), sparse
+``int(hex, 16) mod num_embeddings[f]`` (hex digits only; missing -> 0). Gzip-compressed files (Criteo 1TB's
+``day_<i>.gz``) are read as they are. Anything malformed raises ``ValueError`` naming the file, the line and
+the field.
+
+TorchRec's NumPy days (:mod:`~torchrec_pss.datasets.criteo_npy`, written by ``BinaryCriteoUtils.tsv_to_npys``)
+hold another dense transform, ``log(x - min + 2)`` with ``min`` the file's smallest value (missing -> 0 first),
+so the same rows read as text and as NumPy days give different dense inputs: train and serve from one of them.
 """
 
 from __future__ import annotations
 
+import gzip
+import io
 import math
-from typing import Iterator, Sequence
+import re
+from typing import IO, Iterator, Sequence
 
 import torch
-from iopath.common.file_io import PathManager
+from iopath.common.file_io import g_pathmgr
 from torchrec.datasets.criteo import DEFAULT_CAT_NAMES, DEFAULT_INT_NAMES
 from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -22,7 +31,8 @@ NUM_DENSE, NUM_SPARSE = len(DEFAULT_INT_NAMES), len(DEFAULT_CAT_NAMES)
 NUM_FIELDS = 1 + NUM_DENSE + NUM_SPARSE
 _HEADER = ["label", *(f"I{i}" for i in range(1, NUM_DENSE + 1)), *(f"C{i}" for i in range(1, NUM_SPARSE + 1))]
 
-_path_manager = PathManager()
+_HEX = re.compile(r"[0-9a-fA-F]+")
+_GZIP_MAGIC = b"\x1f\x8b"
 
 
 def parse_row(fields: list[str], num_embeddings: Sequence[int], where: str) -> tuple[int, list[float], list[int]]:
@@ -44,10 +54,10 @@ def parse_row(fields: list[str], num_embeddings: Sequence[int], where: str) -> t
         dense.append(math.log(max(value, 0.0) + 1.0))
     sparse = []
     for name, text, n in zip(_HEADER[1 + NUM_DENSE :], fields[1 + NUM_DENSE :], num_embeddings):
-        try:
-            sparse.append(int(text, 16) % n if text.strip() else 0)
-        except ValueError:
-            raise ValueError(f"{where}: {name} is not a hexadecimal id: {text!r}") from None
+        digits = text.strip()
+        if digits and not _HEX.fullmatch(digits):
+            raise ValueError(f"{where}: {name} is not a hexadecimal id: {text!r}")
+        sparse.append(int(digits, 16) % n if digits else 0)
     return int(float(label_text)), dense, sparse
 
 
@@ -55,10 +65,13 @@ def read_rows(path: str, num_embeddings: Sequence[int]) -> Iterator[tuple[int, l
     """Parsed rows of one file; the layout (tab day format or CSV with header) is detected from line 1."""
     if len(num_embeddings) != NUM_SPARSE:
         raise ValueError(f"num_embeddings needs {NUM_SPARSE} values, got {len(num_embeddings)}")
-    with _path_manager.open(path, "r") as handle:
+    with g_pathmgr.open(path, "rb") as raw, _decompressed(raw) as handle:
         delimiter = "\t"
-        for number, line in enumerate(handle, start=1):
-            line = line.rstrip("\r\n")
+        for number, data in enumerate(handle, start=1):
+            try:
+                line = data.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as error:
+                raise ValueError(f"{path}:{number}: not UTF-8 text ({error.reason} at byte {error.start})") from None
             if number == 1 and line.startswith("label,"):
                 if line.split(",") != _HEADER:
                     raise ValueError(f"{path}:1: header must be {','.join(_HEADER)}")
@@ -67,6 +80,12 @@ def read_rows(path: str, num_embeddings: Sequence[int]) -> Iterator[tuple[int, l
             if not line:
                 continue
             yield parse_row(line.split(delimiter), num_embeddings, f"{path}:{number}")
+
+
+def _decompressed(raw: IO[bytes]) -> IO[bytes]:
+    """``raw`` itself, or a gzip reader over it when it starts with gzip's magic bytes."""
+    stream = io.BufferedReader(raw) if not hasattr(raw, "peek") else raw
+    return gzip.GzipFile(fileobj=stream) if stream.peek(2)[:2] == _GZIP_MAGIC else stream
 
 
 def batches(paths: Sequence[str], batch_size: int, num_embeddings: Sequence[int], drop_last: bool = False
