@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ import torch
 from torchrec.datasets.criteo import BinaryCriteoUtils
 
 from torchrec_pss.app.dlrm_main import main
-from torchrec_pss.datasets import criteo_npy_batches, npy_days
+from torchrec_pss.datasets import criteo_npy_batches, npy_days, read_criteo_rows
 from torchrec_pss.models import PRESETS
 
 CRITEO = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "criteo"
@@ -43,6 +44,22 @@ def test_batches_carry_the_rows_of_the_days(npy_root: Path) -> None:
     for f, n in enumerate(sizes):
         expected = [int(r[14 + f] or "0", 16) % n for r in rows]
         assert features[f"cat_{f}"].values().tolist() == expected
+
+
+def test_dense_inputs_differ_from_the_text_readers(npy_root: Path) -> None:
+    """``tsv_to_npys`` writes ``log(x - m + 2)`` (``m`` the day file's smallest integer feature), the text reader
+    ``log(max(x, 0) + 1)``: the same rows give different dense inputs by the two paths (module docstrings)."""
+    rows = tsv_rows("kaggle_8k_train.tsv", 7200)
+    raw = torch.tensor([[float(x or 0) for x in r[1:14]] for r in rows], dtype=torch.float64)
+    m = raw.min()
+    assert m == -2  # I2 of the Kaggle rows
+    dense = torch.from_numpy(np.load(npy_root / "day_0_dense.npy"))
+    assert torch.allclose(dense.double(), torch.log(raw - m + 2), atol=1e-6)
+    text = torch.tensor([r[1] for r in read_criteo_rows(str(CRITEO / "kaggle_8k_train.tsv"), [1] * 26)],
+                        dtype=torch.float64)
+    assert torch.allclose(text, torch.log(raw.clamp(min=0) + 1))
+    zero = raw == 0
+    assert (text[zero] == 0).all() and (dense[zero].double() - math.log(4.0)).abs().max() < 1e-6  # log(2 - m)
 
 
 def test_ranks_take_alternate_batches(npy_root: Path) -> None:

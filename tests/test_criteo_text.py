@@ -84,6 +84,17 @@ def test_text_that_is_not_utf8_names_file_and_line(tmp_path: Path) -> None:
         list(read_criteo_rows(str(path), [N] * 26))
 
 
+def test_a_truncated_gzip_file_names_file_and_line(tmp_path: Path) -> None:
+    """A day cut short in download fails at the line where the data ends, not with a bare ``EOFError``."""
+    packed = gzip.compress((DATA / "kaggle_8k_dev.tsv").read_bytes())
+    path = tmp_path / "day_0.gz"
+    path.write_bytes(packed[: len(packed) // 2])
+    rows: list[tuple[int, list[float], list[int]]] = []
+    with pytest.raises(ValueError, match=r"day_0.gz:\d+: damaged gzip data \(Compressed file ended") as caught:
+        rows.extend(read_criteo_rows(str(path), [N] * 26))
+    assert 100 < len(rows) < 409 and f"day_0.gz:{len(rows) + 1}: " in str(caught.value)
+
+
 def test_files_are_read_through_iopaths_global_path_manager(tmp_path: Path) -> None:
     """A handler registered on ``g_pathmgr`` (S3, HTTP, ...) serves text files as it serves NumPy days."""
 

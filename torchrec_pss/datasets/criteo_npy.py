@@ -4,9 +4,11 @@
 The files are what ``torchrec.datasets.criteo.BinaryCriteoUtils.tsv_to_npys`` (and TorchRec's
 ``npy_preproc_criteo.py``) write: dense ``[rows, 13]`` float32 (already log-transformed), sparse
 ``[rows, 26]`` ids (taken mod each table's ``num_embeddings`` here), labels ``[rows, 1]`` int32.
-Their dense transform is ``tsv_to_npys``'s, ``log(x - min + 2)`` with ``min`` the file's smallest value (missing
--> 0 first), not the text reader's ``log(max(x, 0) + 1)``
-(:mod:`~torchrec_pss.datasets.criteo_text`): the same rows give different dense inputs by the two paths.
+The dense transform is ``tsv_to_npys``'s: ``log(x - m + 2)``, with missing -> 0 first and ``m`` the smallest of
+all 13 integer features over every row of the one file it converts (one shift per day file, not per column).
+The text reader (:mod:`~torchrec_pss.datasets.criteo_text`) instead maps each value to ``log(max(x, 0) + 1)``
+on its own. The two paths are not interchangeable: the same rows give different dense inputs (a raw 0 is
+``log(2 - m)`` here and 0.0 there), so train, evaluate and serve a model from one of them.
 """
 
 from __future__ import annotations

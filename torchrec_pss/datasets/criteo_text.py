@@ -2,23 +2,27 @@
 
 Two layouts: the Kaggle / 1TB day format (tab-separated ``label, I1..I13, C1..C26``, no header; rows
 that lost trailing empty fields are padded) and the comma-separated layout with a header row
-``label,I1..I13,C1..C26`` (integers may be written as floats, ``260.0``). Standard preprocessing:
-dense ``log(max(x, 0) + 1)`` (missing -> 0; the facebookresearch DLRM convention), sparse
-``int(hex, 16) mod num_embeddings[f]`` (hex digits only; missing -> 0). Gzip-compressed files (Criteo 1TB's
-``day_<i>.gz``) are read as they are. Anything malformed raises ``ValueError`` naming the file, the line and
-the field.
+``label,I1..I13,C1..C26`` (integers may be written as floats, ``260.0``). Preprocessing: each dense value
+``x`` becomes ``log(max(x, 0) + 1)`` on its own (missing -> 0, so missing and negative counts give 0.0; the
+facebookresearch DLRM convention), each sparse id ``int(hex, 16) mod num_embeddings[f]`` (hex digits only;
+missing -> 0). Gzip-compressed files (Criteo 1TB's ``day_<i>.gz``) are read as they are. Anything malformed
+raises ``ValueError`` naming the file, the line and the field.
 
-TorchRec's NumPy days (:mod:`~torchrec_pss.datasets.criteo_npy`, written by ``BinaryCriteoUtils.tsv_to_npys``)
-hold another dense transform, ``log(x - min + 2)`` with ``min`` the file's smallest value (missing -> 0 first),
-so the same rows read as text and as NumPy days give different dense inputs: train and serve from one of them.
+This is not the dense transform of TorchRec's NumPy days (:mod:`~torchrec_pss.datasets.criteo_npy`):
+``BinaryCriteoUtils.tsv_to_npys`` writes ``log(x - m + 2)``, with missing -> 0 first and ``m`` the smallest of
+all 13 integer features over every row of the one file it converts (one shift per day file, not per column).
+The two paths are not interchangeable: the same rows give different dense inputs (a raw 0 is 0.0 here and
+``log(2 - m)`` there), so train, evaluate and serve a model from one of them.
 """
 
 from __future__ import annotations
 
 import gzip
 import io
+import itertools
 import math
 import re
+import zlib
 from typing import IO, Iterator, Sequence
 
 import torch
@@ -67,11 +71,7 @@ def read_rows(path: str, num_embeddings: Sequence[int]) -> Iterator[tuple[int, l
         raise ValueError(f"num_embeddings needs {NUM_SPARSE} values, got {len(num_embeddings)}")
     with g_pathmgr.open(path, "rb") as raw, _decompressed(raw) as handle:
         delimiter = "\t"
-        for number, data in enumerate(handle, start=1):
-            try:
-                line = data.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as error:
-                raise ValueError(f"{path}:{number}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+        for number, line in _lines(handle, path):
             if number == 1 and line.startswith("label,"):
                 if line.split(",") != _HEADER:
                     raise ValueError(f"{path}:1: header must be {','.join(_HEADER)}")
@@ -80,6 +80,23 @@ def read_rows(path: str, num_embeddings: Sequence[int]) -> Iterator[tuple[int, l
             if not line:
                 continue
             yield parse_row(line.split(delimiter), num_embeddings, f"{path}:{number}")
+
+
+def _lines(handle: IO[bytes], path: str) -> Iterator[tuple[int, str]]:
+    """``(number, text)`` of each line of ``handle``, without its line end; bytes that are not UTF-8 or a damaged
+    gzip stream raise ``ValueError`` naming ``path`` and the line."""
+    for number in itertools.count(1):
+        try:
+            data = handle.readline()
+        except (EOFError, gzip.BadGzipFile, zlib.error) as error:
+            raise ValueError(f"{path}:{number}: damaged gzip data ({error})") from None
+        if not data:
+            return
+        try:
+            line = data.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise ValueError(f"{path}:{number}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+        yield number, line.rstrip("\r\n")
 
 
 def _decompressed(raw: IO[bytes]) -> IO[bytes]:
