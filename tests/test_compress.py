@@ -217,8 +217,8 @@ def test_flag_parses_defaults_overrides_and_min_rows() -> None:
         ("robe:compression=10,min_rows=abc", "min_rows must be a non-negative int, got 'abc'"),
         ("robe:compression=10,min_rows=True", "min_rows must be a non-negative int, got 'True'"),
         ("robe:compression=10;t_1=qr:collisions=4,min_rows=5", "'min_rows' belongs in the default clause"),
-        ("compression=100,chunk_size=8", "reads as an override of table 'compression', but '100,chunk_size=8' is not a"
-                                         " compression method"),
+        ("compression=100,chunk_size=8", r"unknown compression method '100,chunk_size=8' in '100,chunk_size=8' \(the "
+                                         "clause reads as an override of table 'compression'"),
         ("robe:compression=10,use_sign=yes", "RobeConfig.use_sign must be True or False, got 'yes'"),
     ],
 )

@@ -76,7 +76,8 @@ def _min_rows(text: str) -> int:
     return rows
 
 
-def _clause(text: str, allow_min_rows: bool) -> tuple[MethodConfig | None, int | None]:
+def _clause(text: str, allow_min_rows: bool, table: str | None = None) -> tuple[MethodConfig | None, int | None]:
+    """The config (None for plain) and ``min_rows`` of one clause; ``table``: the table it overrides, if any."""
     method, _, fields = text.strip().partition(":")
     method = method.strip()
     if method in PLAIN_NAMES:
@@ -84,8 +85,11 @@ def _clause(text: str, allow_min_rows: bool) -> tuple[MethodConfig | None, int |
             raise ValueError(f"'{method}' takes no fields, got {fields!r}")
         return None, None
     if method not in registered_methods():
-        raise ValueError(f"unknown compression method {method!r} in {text!r}; known: {sorted(registered_methods())} "
-                         f"or {list(PLAIN_NAMES)}")
+        read_as = "" if table is None else (
+            f" (the clause reads as an override of table {table!r}; a default clause is <method>:<field>=<value>,..., "
+            "an override <table>=<method>:...)")
+        raise ValueError(f"unknown compression method {method!r} in {text!r}{read_as}; known: "
+                         f"{sorted(registered_methods())} or {list(PLAIN_NAMES)}")
     config_cls = method_by_name(method).config_cls
     known = {f.name for f in dataclasses.fields(config_cls)}
     kwargs: dict[str, Any] = {}
@@ -125,14 +129,7 @@ def parse_compression_flag(flag: str) -> CompressionFlag:
                 raise ValueError(f"per-table clause {clause!r} in {flag!r} names no table")
             if table in overrides:
                 raise ValueError(f"table {table!r} is overridden twice in {flag!r}")
-            method = rest.partition(":")[0].strip()
-            if method not in PLAIN_NAMES and method not in registered_methods():
-                raise ValueError(
-                    f"clause {clause!r} in {flag!r} reads as an override of table {table!r}, but {method!r} is not "
-                    f"a compression method (known: {sorted(registered_methods())} or {list(PLAIN_NAMES)}); a default "
-                    "clause is <method>:<field>=<value>,..., an override <table>=<method>:..."
-                )
-            overrides[table], _ = _clause(rest, allow_min_rows=False)
+            overrides[table], _ = _clause(rest, allow_min_rows=False, table=table)
             continue
         if seen_default:
             raise ValueError(f"more than one default clause in {flag!r}; per-table clauses are <table>=<method>:...")
