@@ -25,8 +25,8 @@ from torchrec.datasets.utils import Batch
 NUM_DENSE, NUM_SPARSE = len(DEFAULT_INT_NAMES), len(DEFAULT_CAT_NAMES)
 _DAY_FILE = re.compile(r"^day_(\d+)_(dense|sparse|labels)\.npy$")
 _PARTS = ("dense", "sparse", "labels")
-_COLUMNS = {"dense": (NUM_DENSE,), "sparse": (NUM_SPARSE,), "labels": ((), (1,))}
-"""The trailing shape of each part: ``[rows, 13]``, ``[rows, 26]``, ``[rows]`` or ``[rows, 1]``."""
+_COLUMNS = {"dense": ((NUM_DENSE,),), "sparse": ((NUM_SPARSE,),), "labels": ((), (1,))}
+"""The trailing shapes each part may have: ``[rows, 13]``, ``[rows, 26]``, ``[rows]`` or ``[rows, 1]``."""
 
 
 def npy_shape(path: str) -> tuple[int, ...]:
@@ -62,9 +62,8 @@ def npy_days(root: str) -> dict[int, int]:
             if name not in names:
                 raise ValueError(f"{root!r}: day {day} has no {name}")
             shape = npy_shape(posixpath.join(root, name))
-            allowed = _COLUMNS[part] if part == "labels" else (_COLUMNS[part],)
-            if len(shape) < 1 or tuple(shape[1:]) not in allowed:
-                expected = " or ".join(str(["rows", *columns]) for columns in allowed)
+            if len(shape) < 1 or tuple(shape[1:]) not in _COLUMNS[part]:
+                expected = " or ".join(str(["rows", *columns]) for columns in _COLUMNS[part])
                 raise ValueError(f"{posixpath.join(root, name)}: shape {list(shape)}, expected {expected}")
             shapes[part] = shape[0]
         if len(set(shapes.values())) != 1:
