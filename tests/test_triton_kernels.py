@@ -376,6 +376,67 @@ def test_tt_rows_backward_matches_autograd(n: int, d: int, config: TTConfig) -> 
     assert all(bool((grad == 0).all()) and grad.shape == core.shape for grad, core in zip(empty, cores, strict=True))
 
 
+ON_CPU = pytest.mark.skipif(DEVICE != "cpu", reason="a failed device assert would end the CUDA context")
+
+
+@ON_CPU
+@pytest.mark.parametrize("bad, message", [
+    (-1, r"qr_pooled: an id is outside \[0, 1050\)"),
+    (1050, r"qr_pooled: an id is outside \[0, 1050\)"),
+])
+def test_qr_kernels_refuse_ids_outside_the_parts(bad: int, message: str) -> None:
+    """Direct calls (the module checks first): an id past the parts would read and write past them."""
+    parts = [torch.randn(rows, 4) for rows in (7, 150)]
+    ids, _, offsets, _ = bags(1050, seed=1)
+    out = qr_pooled_forward(parts, ids, offsets, None, 7, "mult", False)
+    torch.testing.assert_close(out, qr_reference.pooled_forward(parts, ids, offsets, None, 7, "mult", False), **TOL)
+    ids[3] = bad
+    grad_out = torch.ones(out.shape)
+    with pytest.raises(RuntimeError, match=message):
+        qr_pooled_forward(parts, ids, offsets, None, 7, "mult", False)
+    with pytest.raises(RuntimeError, match=message.replace("qr_pooled", "qr_pooled_backward")):
+        qr_pooled_backward(grad_out, parts, ids, offsets, None, 7, "mult", False)
+    with pytest.raises(RuntimeError, match=message.replace("qr_pooled", "qr_weights_grad")):
+        qr_weights_grad(grad_out, parts, ids, offsets, 7, "mult", False)
+
+
+@ON_CPU
+def test_qr_kernels_check_each_digit_of_parts_shorter_than_the_collisions() -> None:
+    """A middle part with fewer rows than the collisions: ids are checked digit by digit, not by one bound."""
+    parts = [torch.randn(rows, 4) for rows in (5, 3, 2)]
+    offsets = torch.tensor([0, 1])
+    good = torch.tensor([1 * 36 + 2 * 6 + 4])
+    expected = qr_reference.pooled_forward(parts, good, offsets, None, 6, "add", False)
+    torch.testing.assert_close(qr_pooled_forward(parts, good, offsets, None, 6, "add", False), expected, **TOL)
+    with pytest.raises(RuntimeError, match=r"qr_pooled: an id has a row outside its part \(rows \[5, 3, 2\]"):
+        qr_pooled_forward(parts, torch.tensor([1 * 36 + 3 * 6 + 4]), offsets, None, 6, "add", False)
+
+
+@ON_CPU
+@pytest.mark.parametrize("offsets", [[1, 3, 5], [0, 3, 4], [0, 4, 3, 5], [0, 3, 6]])
+def test_qr_kernels_refuse_offsets_that_do_not_cover_the_ids(offsets: list[int]) -> None:
+    parts = [torch.randn(rows, 4) for rows in (7, 150)]
+    ids = torch.arange(5)
+    with pytest.raises(RuntimeError, match=r"qr_pooled: offsets must run from 0 to the number of ids \(5\)"):
+        qr_pooled_forward(parts, ids, torch.tensor(offsets), None, 7, "add", True)
+
+
+@ON_CPU
+@pytest.mark.parametrize("bad", [-1, 1000])
+def test_tt_kernels_refuse_ids_outside_the_cores(bad: int) -> None:
+    table = EmbeddingBagConfig(name="t", embedding_dim=12, num_embeddings=1000, feature_names=["f"])
+    memory = CompressedEmbeddingBagCollection([table], {"t": TTConfig(ranks=3, num_cores=2, seed=0)}).memory_for("t")
+    cores = [core.detach() for core in memory.cores]
+    limit = memory.cores[0].shape[0] * memory.cores[1].shape[0]
+    ids = torch.tensor([0, limit - 1])
+    torch.testing.assert_close(tt_rows(cores, ids), tt_reference.rows(cores, ids), **TOL)
+    ids = torch.tensor([0, limit if bad > 0 else bad])
+    with pytest.raises(RuntimeError, match=rf"tt_rows: an id is outside \[0, {limit}\)"):
+        tt_rows(cores, ids)
+    with pytest.raises(RuntimeError, match=rf"tt_rows_backward: an id is outside \[0, {limit}\)"):
+        tt_rows_backward(torch.ones(2, 12), cores, ids)
+
+
 @pytest.mark.parametrize("scaled", [False, True])
 def test_tt_pooled_cuda_kernels_match_reference(scaled: bool) -> None:
     """``tt_pooled`` / ``tt_pooled_backward`` on CUDA (the Triton rows pooled by torch ops) against the reference,

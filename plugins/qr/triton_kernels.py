@@ -14,12 +14,14 @@ Run on CUDA tensors, or on CPU tensors under the Triton interpreter (``TRITON_IN
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
+from torchrec_pss.device_checks import assert_ids_below, assert_offsets
 from torchrec_pss_plugins.qr.reference import digits
 
 BLOCK_N = 8
@@ -160,9 +162,10 @@ def _weights_grad_kernel(
 
 def _prepare(
     parts: Sequence[torch.Tensor], ids: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor | None,
-    operation: str,
+    collisions: int, operation: str, op: str,
 ) -> tuple[int, int, int]:
-    """Checks the arguments; returns ``(num_bags, dim, width)``."""
+    """Checks the arguments (ids and offsets by device asserts, :mod:`torchrec_pss.device_checks`); returns
+    ``(num_bags, dim, width)``."""
     if operation not in OPERATIONS:
         raise ValueError(f"operation must be one of {sorted(OPERATIONS)}, got {operation!r}")
     if len(parts) < 2 or any(p.dim() != 2 or p.shape[1] != parts[0].shape[1] for p in parts):
@@ -170,11 +173,29 @@ def _prepare(
         raise ValueError(f"parts must be >= 2 tables [rows_j, width] of one width, got {shapes}")
     if ids.dtype != torch.int64 or offsets.dtype != torch.int64 or ids.dim() != 1 or offsets.dim() != 1:
         raise ValueError("ids [N] and offsets [B + 1] must be 1-D int64 tensors")
+    if offsets.numel() < 1:
+        raise ValueError("offsets must be [B + 1], got an empty tensor")
     if weights is not None and weights.shape != ids.shape:
         raise ValueError(f"weights must be [N] = {tuple(ids.shape)}, got {tuple(weights.shape)}")
+    if collisions < 1:
+        raise ValueError(f"collisions must be positive, got {collisions}")
+    assert_offsets(ids, offsets, op)
+    _assert_ids_in_parts(parts, ids, collisions, op)
     width = parts[0].shape[1]
     dim = width * len(parts) if operation == "concat" else width
     return offsets.numel() - 1, dim, width
+
+
+def _assert_ids_in_parts(parts: Sequence[torch.Tensor], ids: torch.Tensor, collisions: int, op: str) -> None:
+    """Asserts that every id's digits are rows of their parts: ``0 <= id < c^(k-1) · rows_(k-1)`` when every other
+    part holds ``c`` rows or more (the modules' parts hold ``c``), each digit against its part otherwise."""
+    rows = [part.shape[0] for part in parts]
+    if min(rows[:-1]) >= collisions:
+        assert_ids_below(ids, collisions ** (len(parts) - 1) * rows[-1], op)
+    elif ids.numel():
+        bad = functools.reduce(torch.logical_or, [digit >= count for digit, count in
+                                                  zip(digits(ids, collisions, len(parts)), rows, strict=True)], ids < 0)
+        torch._assert_async(~bad.any(), f"{op}: an id has a row outside its part (rows {rows}, collisions = {collisions})")
 
 
 def _launch_args(num_bags: int, dim: int) -> tuple[tuple[int, int], int]:
@@ -197,7 +218,7 @@ def qr_pooled_forward(
     mult / add, ``k · width`` for concat); ``ids`` ``[N]`` int64 (``>= 0``); ``offsets`` ``[B + 1]``
     int64; ``weights`` ``[N]`` or None. Equals ``QRMemory.pooled``.
     """
-    num_bags, dim, width = _prepare(parts, ids, offsets, weights, operation)
+    num_bags, dim, width = _prepare(parts, ids, offsets, weights, collisions, operation, "qr_pooled")
     out = torch.empty(num_bags, dim, dtype=torch.float32, device=ids.device)
     if num_bags == 0:
         return out
@@ -227,7 +248,7 @@ def qr_pooled_backward(
     ``mult``, whose gradient of part ``j`` is ``g`` times the product of the other parts' rows). Rows
     are accumulated with ``tl.atomic_add`` into zeroed buffers (non-deterministic summation order).
     """
-    num_bags, dim, width = _prepare(parts, ids, offsets, weights, operation)
+    num_bags, dim, width = _prepare(parts, ids, offsets, weights, collisions, operation, "qr_pooled_backward")
     if grad_out.shape != (num_bags, dim):
         raise ValueError(f"grad_out must be [B, d] = {(num_bags, dim)}, got {tuple(grad_out.shape)}")
     grads = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in parts]
@@ -272,7 +293,7 @@ def qr_weights_grad(
 ) -> torch.Tensor:
     """The gradient ``[N]`` (float32) of the per-sample weights: each id's composed row dotted with its bag's
     ``grad_out`` row (``/`` the bag length for MEAN); one program per bag, no atomics."""
-    num_bags, dim, width = _prepare(parts, ids, offsets, None, operation)
+    num_bags, dim, width = _prepare(parts, ids, offsets, None, collisions, operation, "qr_weights_grad")
     if grad_out.shape != (num_bags, dim):
         raise ValueError(f"grad_out must be [B, d] = {(num_bags, dim)}, got {tuple(grad_out.shape)}")
     out = torch.empty(ids.numel(), dtype=torch.float32, device=ids.device)

@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from torchrec_pss.device_checks import assert_ids_below
+
 TILE_ELEMENTS = 8192
 """Elements of a program's 3-D tile (``BLOCK_P · R_PAD · max(R_PAD, q_N)``, ``BLOCK_O · R_PAD²``) at most, unless
 one row of it alone is larger."""
@@ -114,9 +116,9 @@ def _strides(factors: Sequence[int]) -> tuple[int, ...]:
     return tuple(math.prod(factors[k + 1:]) for k in range(len(factors)))
 
 
-def _layout(cores: Sequence[torch.Tensor], ids: torch.Tensor) -> dict[str, object]:
+def _layout(cores: Sequence[torch.Tensor], ids: torch.Tensor, op: str) -> dict[str, object]:
     """The kernels' shape constants (checked): ``P``, ``Q``, their strides, ``RANKS``, ``NUM_CORES``, ``DIM``,
-    ``R_PAD``."""
+    ``R_PAD``. Asserts ``0 <= ids < ∏ p_k`` on the device (:mod:`torchrec_pss.device_checks`)."""
     if len(cores) < 2 or any(core.dim() != 4 for core in cores):
         raise ValueError(f"cores must be >= 2 tensors [p, R_in, q, R_out], got {[tuple(c.shape) for c in cores]}")
     ranks = (cores[0].shape[1], *(core.shape[3] for core in cores))
@@ -126,6 +128,7 @@ def _layout(cores: Sequence[torch.Tensor], ids: torch.Tensor) -> dict[str, objec
         raise ValueError(f"ids must be a 1-D int64 tensor, got {ids.dtype} {tuple(ids.shape)}")
     p = tuple(core.shape[0] for core in cores)
     q = tuple(core.shape[2] for core in cores)
+    assert_ids_below(ids, math.prod(p), op)
     dim = math.prod(q)
     return {"P": p, "P_STRIDES": _strides(p), "Q": q, "Q_STRIDES": _strides(q), "RANKS": ranks,
             "NUM_CORES": len(cores), "DIM": dim, "R_PAD": triton.next_power_of_2(max(ranks))}
@@ -143,7 +146,7 @@ def tt_rows(cores: Sequence[torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
     ``cores`` are ``TTMemory.cores``: core ``k`` ``[p_k, R_{k-1}, q_k, R_k]`` float32 with ``R_0 = R_N = 1``
     and ``d = ∏ q_k``. Equals ``TTMemory.rows(ids)``.
     """
-    layout = _layout(cores, ids)
+    layout = _layout(cores, ids, "tt_rows")
     out = torch.empty(ids.numel(), layout["DIM"], dtype=torch.float32, device=ids.device)
     if ids.numel() == 0:
         return out
@@ -161,7 +164,7 @@ def tt_rows(cores: Sequence[torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
 def tt_rows_backward(grad: torch.Tensor, cores: Sequence[torch.Tensor], ids: torch.Tensor) -> list[torch.Tensor]:
     """The dense gradients of ``cores`` (float32, their shapes) for the gradient ``grad`` ``[U, d]`` of
     ``tt_rows(cores, ids)``; equals ``reference.rows_backward``. Repeated ids add up."""
-    layout = _layout(cores, ids)
+    layout = _layout(cores, ids, "tt_rows_backward")
     if grad.shape != (ids.numel(), layout["DIM"]):
         raise ValueError(f"grad must be [U, d] = [{ids.numel()}, {layout['DIM']}], got {tuple(grad.shape)}")
     grads = [torch.zeros(core.shape, dtype=torch.float32, device=core.device) for core in cores]
