@@ -209,6 +209,63 @@ def test_refused_checkpoint_leaves_an_unsharded_module_unchanged(tmp_path: Path,
     assert unchanged(before, module_snapshot(target))
 
 
+def build_shared(order: tuple[str, ...], device: str = "cpu") -> CompressedEmbeddingBagCollection:
+    """Plain table ``p`` and ROBE tables sharing one memory, listed in ``order`` (fused Adagrad)."""
+    torch.manual_seed(0)
+    configs = [EmbeddingBagConfig(name=t, embedding_dim=8, num_embeddings=500, feature_names=[f"f_{t}"])
+               for t in ("p", *order)]
+    module = CompressedEmbeddingBagCollection(configs, {t: BASE for t in order}, device)
+    apply_optimizer_in_backward(torch.optim.Adagrad, module.parameters(), {"lr": LR})
+    return module
+
+
+def features_of(output: Any) -> dict[str, torch.Tensor]:
+    return {key: value.detach().clone() for key, value in output.to_dict().items()}
+
+
+def test_dcp_resume_puts_a_robe_groups_tables_in_this_modules_order(tmp_path: Path) -> None:
+    """A checkpoint listing a memory's tables in another order resumes: DCP reads the per-table constants into
+    copies, the module's load puts them in its own order (DCP had read them into the buffer in the checkpoint's
+    order, and the load was then refused, after the weights had been read)."""
+    source = trained(build_shared(("big", "small")))
+    path = save_training_state(str(tmp_path), 1, source, {"fused": source.fused_optimizer})
+    target = build_shared(("small", "big"))
+    own_keys = target.pss_memories["robe_default"].table_keys.clone()
+    load_training_state(path, target, {"fused": target.fused_optimizer})
+    assert torch.equal(target.pss_memories["robe_default"].table_keys, own_keys)
+    kjt = make_kjt({f"f_{t}": random_bags(random.Random(1), 500, 6, 3) for t in ("p", "big", "small")})
+    assert unchanged(features_of(source(kjt)), features_of(target(kjt)))
+    source_state, target_state = module_snapshot(source), module_snapshot(target)
+    assert source_state.keys() == target_state.keys()
+    assert all(torch.equal(source_state[k], target_state[k]) for k in source_state if not k.endswith("table_keys"))
+
+
+def _order_worker(rank: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    source = make_dmp(build_shared(("big", "small")), WORLD)
+    kjt = make_kjt({f"f_{t}": random_bags(random.Random(rank), 500, 6, 3) for t in ("p", "big", "small")})
+    source(kjt).values().pow(2).sum().backward()
+    path = save_training_state(os.path.join(out_dir, "ckpt"), 1, source, {"fused": source.fused_optimizer})
+    target = make_dmp(build_shared(("small", "big")), WORLD)
+    keys = target.module.pss_memories["robe_default"].table_keys.clone()
+    load_training_state(path, target, {"fused": target.fused_optimizer})
+    torch.save({"keys_kept": torch.equal(target.module.pss_memories["robe_default"].table_keys, keys),
+                "source": features_of(source(kjt)), "target": features_of(target(kjt)),
+                "states": (snapshot(source), snapshot(target))}, os.path.join(out_dir, f"order{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_dmp_dcp_resume_puts_a_robe_groups_tables_in_this_modules_order() -> None:
+    """The same under DMP (the ROBE memory replicated, ``p`` sharded table-wise), on 2 ranks."""
+    for results in spawn_ranks(_order_worker, WORLD, "order"):
+        assert results["keys_kept"]
+        assert unchanged(results["source"], results["target"])
+        assert {k.replace("big", "*").replace("small", "*") for k in results["states"][0]} == {
+            k.replace("big", "*").replace("small", "*") for k in results["states"][1]}
+        source, target = results["states"]
+        assert all(torch.equal(source[k], target[k]) for k in source.keys() & target.keys() if "table_keys" not in k)
+
+
 def test_dlrm_app_refuses_to_resume_with_another_chunk_size(tmp_path: Path) -> None:
     def app(steps: int, chunk_size: int) -> subprocess.CompletedProcess:
         return subprocess.run(

@@ -267,6 +267,10 @@ def load_training_state(path: str, model: torch.nn.Module, optimizers: Mapping[s
     created = materialize_lazy_states(optimizers, saved)
     try:
         state = _training_state(model, optimizers, Progress(-1, -1))
+        guards = [key for key, value in model.state_dict(keep_vars=True).items() if _is_guard_entry(key, value)]
+        for key in guards:  # read into copies: the model's load_state_dict checks (and may reorder) them first
+            if isinstance(state["model"][key], torch.Tensor):
+                state["model"][key] = state["model"][key].clone()
         flat, paths = _flatten(state)
         check_optimizer_states(path, flat, saved, optimizers)
         dcp.load(flat, storage_reader=IopathReader(path, path_manager))

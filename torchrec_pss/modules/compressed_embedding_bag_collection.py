@@ -313,15 +313,20 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOpt
         """Nothing to restore: the pre-load check already refused a state with other signatures."""
 
     def _table_signatures(self) -> dict[str, dict[str, Any]]:
+        """Every table's method; a compressed table's memory group, its position among the group's tables (the
+        row of its per-table constants: a checkpoint's order survives flattening by name, as DCP stores it) and
+        the config's recovery signature."""
         signatures: dict[str, dict[str, Any]] = {}
         for table in self._embedding_bag_configs:
             config = self._compression.get(table.name)
             if config is None:
                 signatures[table.name] = {"method": PLAIN}
             else:
+                group = self._group_of[table.name]
                 signatures[table.name] = {
                     "method": method_for_config(config).name,
-                    "group": self._group_of[table.name],
+                    "group": group,
+                    "position": list(self.pss_memories[group].tables).index(table.name),
                     "signature": config.signature(),
                 }
         return signatures
@@ -442,12 +447,14 @@ def _checked_state(module: CompressedEmbeddingBagCollection, state_dict: Mapping
 
 def _in_module_table_order(module: CompressedEmbeddingBagCollection, state_dict: Mapping[str, Any], prefix: str,
                            theirs: Mapping[str, Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-    """The checkpoint's per-table constants of each memory group whose tables its signatures (``theirs``, in the
-    checkpoint's table order) list in another order than this module, permuted into this module's order."""
+    """The checkpoint's per-table constants of each memory group whose tables its signatures (``theirs``: each
+    table's ``position`` in its group; their order where a signature has none) list in another order than this
+    module, permuted into this module's order."""
     out: dict[str, torch.Tensor] = {}
     for group, memory in module.pss_memories.items():
         mine = list(memory.tables)
-        saved_order = [table for table, sig in theirs.items() if sig.get("group") == group]
+        in_group = [table for table, sig in theirs.items() if sig.get("group") == group]
+        saved_order = sorted(in_group, key=lambda table: theirs[table].get("position", in_group.index(table)))
         if saved_order == mine or sorted(saved_order) != sorted(mine):
             continue
         permutation = [saved_order.index(table) for table in mine]
