@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
 import torch
 from torchrec import EmbeddingBagCollection
 from torchrec.models.dlrm import DLRM, DLRM_DCN
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from helpers import make_kjt, random_bags, random_weights
@@ -44,12 +45,56 @@ def test_keys_order_and_dims_equal_ebc() -> None:
 
 
 def test_plain_tables_equal_ebc_outputs() -> None:
-    """With no compression the module is numerically an EBC (same state_dict keys, same outputs)."""
+    """With no compression the module is numerically an EBC (same state_dict keys, same outputs), and an EBC's
+    state_dict loads strictly, also nested in a model (the module's own table signatures stand in for the ones
+    the EBC has none of)."""
     ebc = EmbeddingBagCollection(tables(), is_weighted=False)
     module = CompressedEmbeddingBagCollection(tables())
-    module.load_state_dict(ebc.state_dict(), strict=False)
-    assert set(ebc.state_dict()) <= set(module.state_dict())
+    module.load_state_dict(ebc.state_dict())
+    assert set(module.state_dict()) - set(ebc.state_dict()) == {"_extra_state"}
     torch.testing.assert_close(module(batch()).values(), ebc(batch()).values())
+    nested = torch.nn.Sequential(CompressedEmbeddingBagCollection(tables()))
+    nested.load_state_dict(torch.nn.Sequential(ebc).state_dict())
+    torch.testing.assert_close(nested[0](batch()).values(), ebc(batch()).values())
+    compressed = CompressedEmbeddingBagCollection(tables(), {"t3": RobeConfig(compression=2, chunk_size=4)})
+    with pytest.raises(ValueError, match=r"missing \['_extra_state', 'pss_memories.robe_default"):
+        compressed.load_state_dict(ebc.state_dict())
+
+
+def test_plain_tables_keep_the_configs_data_type() -> None:
+    """An FP16 plain table is stored in float16, as torchrec's EBC stores it (it was float32: twice the bytes),
+    and pools into float32 like the EBC; weighted (which torchrec's EBC fails on for FP16 tables) like an FP32
+    EBC holding the same values, to half precision."""
+    configs = [EmbeddingBagConfig(name="h", embedding_dim=8, num_embeddings=20, feature_names=["f1"],
+                                  data_type=DataType.FP16),
+               EmbeddingBagConfig(name="s", embedding_dim=8, num_embeddings=20, feature_names=["f2"])]
+    ebc = EmbeddingBagCollection(configs)
+    module = CompressedEmbeddingBagCollection(configs)
+    module.load_state_dict(ebc.state_dict())
+    assert module.embedding_bags["h"].weight.dtype == ebc.embedding_bags["h"].weight.dtype == torch.float16
+    assert module.num_bytes()["h"] == 20 * 8 * 2
+    rng = random.Random(1)
+    bags = {f: random_bags(rng, 20, batch=5, max_len=3) for f in ("f1", "f2")}
+    got, want = module(make_kjt(bags)).values(), ebc(make_kjt(bags)).values()
+    assert got.dtype == want.dtype == torch.float32
+    torch.testing.assert_close(got, want)
+
+    weighted = CompressedEmbeddingBagCollection(configs, is_weighted=True)
+    weighted.load_state_dict(ebc.state_dict())
+    fp32 = EmbeddingBagCollection([dataclasses.replace(c, data_type=DataType.FP32) for c in configs], is_weighted=True)
+    fp32.load_state_dict({k: v.float() for k, v in ebc.state_dict().items()})
+    kjt = make_kjt(bags, {f: random_weights(rng, b) for f, b in bags.items()})
+    torch.testing.assert_close(weighted(kjt).values(), fp32(kjt).values(), rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("compressed", [None, RobeConfig(memory_size=64, chunk_size=4), QRConfig(collisions=4),
+                                        TTConfig(ranks=2), MLETConfig(inner_dim=4), HashingConfig(num_buckets=8)])
+def test_pooling_none_is_refused(compressed) -> None:
+    """``PoolingType.NONE`` is refused as torchrec's EBC refuses it; compressed tables had pooled it as SUM."""
+    configs = [EmbeddingBagConfig(name="n", embedding_dim=8, num_embeddings=40, feature_names=["f"],
+                                  pooling=PoolingType.NONE)]
+    with pytest.raises(ValueError, match="table 'n': pooling PoolingType.NONE is not supported"):
+        CompressedEmbeddingBagCollection(configs, {} if compressed is None else {"n": compressed})
 
 
 def test_mixed_module_keeps_plain_table_outputs() -> None:

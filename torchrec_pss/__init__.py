@@ -13,7 +13,13 @@ from torchrec_pss.decompress import decompress
 from torchrec_pss.flags import CompressionFlag, parse_compression_flag
 from torchrec_pss.modules import CompressedEmbeddingBagCollection
 from torchrec_pss.quantize import quantize_memories_
-from torchrec_pss.registry import method_by_name, method_for_config, register_method, registered_methods
+from torchrec_pss.registry import (
+    failed_entry_points,
+    method_by_name,
+    method_for_config,
+    register_method,
+    registered_methods,
+)
 from torchrec_pss.sketch import sketch_from_pretrained
 
 __all__ = [
@@ -24,6 +30,7 @@ __all__ = [
     "collapse",
     "compress_",
     "decompress",
+    "failed_entry_points",
     "method_by_name",
     "method_for_config",
     "parse_compression_flag",
@@ -38,4 +45,6 @@ def __getattr__(name: str) -> Any:
     for method in registered_methods().values():
         if method.config_cls.__name__ == name:
             return method.config_cls
-    raise AttributeError(f"module 'torchrec_pss' has no attribute {name!r}")
+    failed = failed_entry_points()
+    hint = f" (method entry points that failed to load: {sorted(failed.values())})" if failed else ""
+    raise AttributeError(f"module 'torchrec_pss' has no attribute {name!r}{hint}")

@@ -9,6 +9,7 @@ the core.
 
 from __future__ import annotations
 
+import warnings
 from importlib.metadata import entry_points
 from typing import Callable, TypeVar
 
@@ -18,6 +19,7 @@ ENTRY_POINT_GROUP = "torchrec_pss.methods"
 
 _BY_CONFIG: dict[type[MethodConfig], type[PSSMemory]] = {}
 _BY_NAME: dict[str, type[PSSMemory]] = {}
+_FAILED: dict[str, str] = {}
 _entry_points_loaded = False
 
 M = TypeVar("M", bound=type[PSSMemory])
@@ -31,7 +33,10 @@ def register_method(config_cls: type[MethodConfig]) -> Callable[[M], M]:
             raise TypeError(f"{memory_cls!r} is not a PSSMemory subclass")
         if not issubclass(config_cls, MethodConfig):
             raise TypeError(f"{config_cls!r} is not a MethodConfig subclass")
-        name = memory_cls.name
+        name = getattr(memory_cls, "name", None)
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"{memory_cls.__qualname__} must set the class attribute `name`, the method's name in "
+                            f"flags and checkpoints (e.g. name = \"my_method\"), got {name!r}")
         other = _BY_NAME.get(name)
         if other is not None and other is not memory_cls:
             raise ValueError(f"method name {name!r} is registered twice: {other!r} and {memory_cls!r}")
@@ -44,17 +49,26 @@ def register_method(config_cls: type[MethodConfig]) -> Callable[[M], M]:
 
 
 def _load_entry_points() -> None:
+    """Import every advertised method once. One that fails to load is reported (a warning, and in
+    :func:`failed_entry_points`) and left out; the others still load."""
     global _entry_points_loaded
     if _entry_points_loaded:
         return
     _entry_points_loaded = True
     for ep in entry_points(group=ENTRY_POINT_GROUP):
-        loaded = ep.load()
-        if loaded not in _BY_NAME.values():
-            raise TypeError(
-                f"entry point {ep.name!r} = {ep.value!r} of group {ENTRY_POINT_GROUP!r} does not name a "
-                "PSSMemory subclass decorated with @register_method"
-            )
+        try:
+            loaded = ep.load()
+            if loaded not in _BY_NAME.values():
+                raise TypeError("it does not name a PSSMemory subclass decorated with @register_method")
+        except Exception as error:  # a third party's import can fail in any way
+            _FAILED[ep.name] = f"{ep.name} = {ep.value}: {type(error).__name__}: {error}"
+            warnings.warn(f"torchrec_pss: method entry point {_FAILED[ep.name]} (left out)", stacklevel=3)
+
+
+def failed_entry_points() -> dict[str, str]:
+    """Entry points of group ``torchrec_pss.methods`` that failed to load, by name: what failed and why."""
+    _load_entry_points()
+    return dict(_FAILED)
 
 
 def method_for_config(config: MethodConfig) -> type[PSSMemory]:
@@ -75,7 +89,8 @@ def method_by_name(name: str) -> type[PSSMemory]:
     try:
         return _BY_NAME[name]
     except KeyError:
-        raise ValueError(f"unknown compression method {name!r}; registered: {sorted(_BY_NAME)}") from None
+        failed = f"; failed to load: {sorted(_FAILED.values())}" if _FAILED else ""
+        raise ValueError(f"unknown compression method {name!r}; registered: {sorted(_BY_NAME)}{failed}") from None
 
 
 def registered_methods() -> dict[str, type[PSSMemory]]:

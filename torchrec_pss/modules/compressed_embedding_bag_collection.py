@@ -6,7 +6,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType, pooling_type_to_str
+from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType, pooling_type_to_str
 from torchrec.modules.embedding_modules import (
     EmbeddingBagCollectionInterface,
     get_embedding_names_by_table,
@@ -91,6 +91,7 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOpt
                     mode=pooling_type_to_str(table.pooling),
                     include_last_offset=True,
                     device=self._device,
+                    dtype=torch.float32 if table.data_type == DataType.FP32 else torch.float16,  # as torchrec's EBC
                 )
                 continue
             group = config.group_key(table.name).replace(".", "_")
@@ -295,6 +296,7 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOpt
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
         """``nn.Module.load_state_dict`` that, when ``strict``, refuses missing or unexpected keys before copying."""
+        state_dict = {**state_dict, **_own_extra_state(self, state_dict, "")}
         _checked_state(self, state_dict, "")
         if strict:
             mine, theirs = set(self.state_dict(keep_vars=True)), set(state_dict)
@@ -369,6 +371,10 @@ def _validate_tables(tables: Sequence[EmbeddingBagConfig], compression: Mapping[
     unknown = sorted(set(compression) - seen)
     if unknown:
         raise ValueError(f"compression names tables that are not in `tables`: {unknown}; tables are {names}")
+    for table in tables:
+        if table.pooling not in (PoolingType.SUM, PoolingType.MEAN):
+            raise ValueError(f"table {table.name!r}: pooling {table.pooling} is not supported; an "
+                             "EmbeddingBagCollection pools SUM or MEAN")
     for name, config in compression.items():
         if not isinstance(config, MethodConfig):
             raise TypeError(f"compression[{name!r}] must be a registered method config, got {config!r}")
@@ -388,7 +394,17 @@ def _check_state_dict_before_load(
     ``state_dict`` (torch's own copy of the caller's). Also drops the module's cached parameter list
     (``assign=True`` swaps parameters)."""
     module._named_parameters = None
+    state_dict.update(_own_extra_state(module, state_dict, prefix))
     state_dict.update(_checked_state(module, state_dict, prefix))
+
+
+def _own_extra_state(module: CompressedEmbeddingBagCollection, state_dict: Mapping[str, Any], prefix: str
+                     ) -> dict[str, Any]:
+    """This module's signatures, to stand in for the ones ``state_dict`` lacks where the module compresses no
+    table (an ``EmbeddingBagCollection``'s state_dict then loads strictly: there is nothing to check); else ``{}``."""
+    if module.pss_memories or prefix + _EXTRA_STATE in state_dict:
+        return {}
+    return {prefix + _EXTRA_STATE: module.get_extra_state()}
 
 
 def _checked_state(module: CompressedEmbeddingBagCollection, state_dict: Mapping[str, Any], prefix: str
