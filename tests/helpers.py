@@ -51,6 +51,18 @@ def random_weights(rng: random.Random, bags: list[list[int]]) -> list[list[float
     return [[rng.uniform(-2.0, 2.0) for _ in bag] for bag in bags]
 
 
+def assert_coalesced_rows_of(grad: torch.Tensor, dense: torch.Tensor) -> None:
+    """``grad`` is a sparse COO gradient flagged coalesced, over strictly increasing rows (of dim 0), whose values
+    are ``dense``'s rows there; ``dense`` is zero on every other row."""
+    assert grad.is_sparse and grad.is_coalesced()
+    rows = grad.indices()[0]
+    assert rows.numel() and bool((rows[1:] > rows[:-1]).all())
+    torch.testing.assert_close(grad.values(), dense.index_select(0, rows))
+    untouched = torch.ones(dense.shape[0], dtype=torch.bool)
+    untouched[rows] = False
+    assert untouched.any() and not dense[untouched].any()
+
+
 def train_dlrm_and_auc(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train: Iterable[Batch],
                        test: Iterable[Batch]) -> float:
     """Train a torchrec ``DLRM`` on ``train`` (BCE on the logit, one optimizer step per batch); its AUC on ``test``."""

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
-from helpers import make_kjt
+from helpers import assert_coalesced_rows_of, make_kjt
 import reference
 from torchrec_pss import CompressedEmbeddingBagCollection, QRConfig
 from torchrec_pss_plugins.qr.qr import stored_elements
@@ -86,3 +86,23 @@ def test_bad_configs(kwargs: dict, message: str) -> None:
 def test_collisions_not_below_table_size() -> None:
     with pytest.raises(ValueError, match=r"table 't': QRConfig.collisions=10 must be < num_embeddings=10"):
         qr_module(10, QRConfig(collisions=10))
+
+
+@pytest.mark.parametrize("kernels", ["fast", "reference"])
+@pytest.mark.parametrize("operation, num_partitions", [("mult", 2), ("add", 3), ("concat", 2)])
+def test_sparse_part_gradients_are_coalesced_and_equal_the_dense_ones(kernels: str, operation: str,
+                                                                      num_partitions: int,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """float32 (the C++ kernels, or the reference): each part's ``.grad`` keeps the coalesced flag that
+    ``qr_pooled``'s backward set (torch's AccumulateGrad drops it) and holds the dense gradient's rows."""
+    monkeypatch.setenv("TORCHREC_PSS_KERNELS", kernels)
+    kjt = make_kjt({"f": [[3, 3, 17, 250], [], [17, 999, 4], [3]]})
+    grads = {}
+    for gradient in ("dense", "sparse"):
+        torch.manual_seed(0)
+        config = QRConfig(collisions=7, operation=operation, num_partitions=num_partitions, gradient=gradient)
+        module = qr_module(1000, config)
+        module(kjt).values().pow(2).sum().backward()
+        grads[gradient] = [part.grad for part in module.memory_for("t").parts]
+    for sparse, dense in zip(grads["sparse"], grads["dense"], strict=True):
+        assert_coalesced_rows_of(sparse, dense)

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 import random
 
 import pytest
 import torch
+from torch import nn
 from torch.func import functional_call
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 
-from helpers import make_kjt, random_bags, random_weights
+from helpers import assert_coalesced_rows_of, make_kjt, random_bags, random_weights
 from torchrec_pss import CompressedEmbeddingBagCollection, RobeConfig
+from torchrec_pss.gradient_layout import keep_coalesced_flag
 
 KEY = "pss_memories.robe_default.weight"
 
@@ -120,6 +123,55 @@ def test_dense_and_sparse_sgd_steps_agree(z: int, use_sign: bool) -> None:
         sparse.pss_memories["robe_default"].weight, dense.pss_memories["robe_default"].weight, rtol=1e-12, atol=1e-12
     )
     assert not torch.equal(dense.pss_memories["robe_default"].weight, initial), "the steps must move the memory"
+
+
+@pytest.mark.parametrize("kernels", ["fast", "reference"])
+@pytest.mark.parametrize("z", [1, 4, 16])
+@pytest.mark.parametrize("use_sign", [False, True])
+def test_sparse_gradient_is_coalesced_and_equals_the_dense_one(kernels: str, z: int, use_sign: bool,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """float32 (the C++ kernels, or the reference): the memory's ``.grad`` keeps the coalesced flag that
+    ``robe_pooled``'s backward set (torch's AccumulateGrad drops it) and holds the dense gradient's touched positions."""
+    monkeypatch.setenv("TORCHREC_PSS_KERNELS", kernels)
+    dense, sparse = build(z, use_sign, "dense", memory_size=1000), build(z, use_sign, "sparse", memory_size=1000)
+    sparse.load_state_dict(dense.state_dict())
+    kjt = batch(z + 40)
+    for module in (dense, sparse):
+        module(kjt).values().pow(2).sum().backward()
+    assert_coalesced_rows_of(sparse.pss_memories["robe_default"].weight.grad,
+                             dense.pss_memories["robe_default"].weight.grad)
+    copied = copy.deepcopy(sparse)  # the copy's parameter has none of the original's hooks
+    copied(kjt).values().pow(2).sum().backward()
+    assert_coalesced_rows_of(copied.pss_memories["robe_default"].weight.grad,
+                             dense.pss_memories["robe_default"].weight.grad)
+
+
+class _SparseGrad(torch.autograd.Function):
+    """``weight.sum()`` whose backward gives ``weight`` ones at ``rows`` (duplicates allowed), flagged ``coalesced``."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, rows: torch.Tensor, coalesced: bool) -> torch.Tensor:
+        ctx.rows, ctx.coalesced, ctx.shape = rows, coalesced, weight.shape
+        return weight.sum()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple:
+        values = grad.expand(ctx.rows.numel()).clone()
+        return torch.sparse_coo_tensor(ctx.rows.unsqueeze(0), values, ctx.shape, is_coalesced=ctx.coalesced,
+                                       check_invariants=False), None, None
+
+
+def test_keep_coalesced_flag_restores_only_a_coalesced_incoming_gradient() -> None:
+    weight = nn.Parameter(torch.zeros(6))
+    keep_coalesced_flag(weight)
+    _SparseGrad.apply(weight, torch.tensor([4, 1, 4]), False).backward()
+    assert not weight.grad.is_coalesced()
+    weight.grad = None
+    _SparseGrad.apply(weight, torch.tensor([1, 4]), True).backward()
+    assert weight.grad.is_coalesced() and weight.grad.indices()[0].tolist() == [1, 4]
+    _SparseGrad.apply(weight, torch.tensor([1, 1, 5]), False).backward()  # torch sums it into .grad
+    assert not weight.grad.is_coalesced()
+    assert weight.grad.coalesce().to_dense().tolist() == [0.0, 3.0, 0.0, 0.0, 1.0, 1.0]
 
 
 def test_auto_gradient_layout_rule() -> None:

@@ -95,6 +95,7 @@ def assert_sparse_grad_matches(grad_out: torch.Tensor, ids: torch.Tensor, offset
     positions, values = robe_sparse_grad(*on_device(grad_out, ids, offsets, weights), memory_size=memory_size,
                                          **args)
     assert torch.equal(positions.cpu(), expected[0])
+    assert bool((positions[1:] > positions[:-1]).all()), "robe_pooled flags the sparse gradient coalesced"
     torch.testing.assert_close(values.cpu(), expected[1], **TOL)
 
 
@@ -317,6 +318,7 @@ def test_qr_matches_reference(num_partitions: int, operation: str, weighted: boo
     for part_rows, part_values, ref_rows, ref_values in zip(rows, values, *qr_reference.grad_rows(grad_out, cpu_parts,
                                                                                                    *args), strict=True):
         assert torch.equal(part_rows.cpu(), ref_rows)
+        assert bool((part_rows[1:] > part_rows[:-1]).all()), "qr_pooled flags the sparse gradients coalesced"
         torch.testing.assert_close(part_values.cpu(), ref_values, **TOL)
 
 

@@ -17,12 +17,19 @@ A memory whose in-backward optimizer is a fused update that gives the same step 
 Adagrad, row-/blockwise Adagrad; not deferred to an all-reduce) follows the ``"auto"`` rule whatever its
 ``gradient`` says (:func:`gradient_mode`, :func:`use_sparse_rows`): the layout then changes the speed only, as
 in FBGEMM's TBE, which never forms a dense gradient.
+
+A method whose sparse gradient is coalesced by construction (ROBE, QR) calls :func:`keep_coalesced_flag` on the
+memory: torch's ``AccumulateGrad`` drops the flag when it stores the gradient in an empty ``.grad`` without a copy
+(pytorch/pytorch#105916), so ``grad.values()`` would raise and every torch optimizer would sort it again.
 """
 
 from __future__ import annotations
 
 import torch
+from torch import nn
 from torch.fx.experimental.symbolic_shapes import guard_or_false
+from torch.utils.hooks import unserializable_hook
+from torch.utils.weak import WeakIdKeyDictionary
 
 GRADIENT_MODES = ("dense", "sparse", "auto")
 DEFAULT_AUTO_DENSE_RATIO = 50.0
@@ -56,3 +63,50 @@ def use_sparse_gradient(mode: str, memory_elements: int, touched_elements: int,
     if mode == "auto":
         return guard_or_false(memory_elements > auto_dense_ratio * touched_elements)
     return mode == "sparse"
+
+
+class _CoalescedFlag:
+    """The hooks of :func:`keep_coalesced_flag` on one parameter: :meth:`note` (a tensor hook) sees the gradient
+    ``AccumulateGrad`` gets, :meth:`restore` (a post-accumulate-grad hook) the ``.grad`` it leaves."""
+
+    def __init__(self) -> None:
+        self.incoming: tuple[int, torch.Size] | None = None
+
+    @staticmethod
+    def _indices(grad: torch.Tensor) -> tuple[int, torch.Size]:
+        """Where ``grad``'s indices ``[sparse_dim, nnz]`` lie, and their shape."""
+        indices = grad._indices()
+        return indices.data_ptr(), indices.shape
+
+    @unserializable_hook
+    def note(self, grad: torch.Tensor) -> None:
+        """Remember where the incoming gradient's indices lie when it is sparse and flagged coalesced."""
+        self.incoming = self._indices(grad) if grad.is_sparse and grad.is_coalesced() else None
+
+    def restore(self, param: torch.Tensor) -> None:
+        """Flag ``param.grad`` coalesced when it holds the very indices of the coalesced incoming gradient (stored
+        without a copy into an empty ``.grad``, flag lost); a sum with an earlier ``.grad`` has new indices and
+        its own flag."""
+        incoming, self.incoming = self.incoming, None
+        grad = param.grad
+        if (incoming is not None and grad is not None and grad.is_sparse and not grad.is_coalesced()
+                and self._indices(grad) == incoming):
+            grad._coalesced_(True)
+
+
+_COALESCED_FLAGS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def keep_coalesced_flag(param: torch.Tensor) -> None:
+    """Make a coalesced sparse gradient of ``param`` stay flagged coalesced in ``param.grad`` (no sort, no copy).
+
+    Idempotent and cheap, so a memory calls it in every forward that picks a sparse gradient (hooks registered in
+    ``__init__`` would not survive ``copy.deepcopy`` or pickling of the parameter). Does nothing for a tensor that is
+    not an ``nn.Parameter`` requiring grad (e.g. one passed to ``torch.func.functional_call``) or while compiling.
+    """
+    if (torch.compiler.is_compiling() or not isinstance(param, nn.Parameter) or not param.requires_grad
+            or param in _COALESCED_FLAGS):
+        return
+    flag = _COALESCED_FLAGS[param] = _CoalescedFlag()
+    param.register_hook(flag.note)
+    param.register_post_accumulate_grad_hook(flag.restore)

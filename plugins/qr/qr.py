@@ -14,7 +14,7 @@ from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
 from torchrec_pss.contract import PSSMemory
-from torchrec_pss.gradient_layout import use_sparse_rows
+from torchrec_pss.gradient_layout import keep_coalesced_flag, use_sparse_rows
 from torchrec_pss.pooling import lengths_to_offsets
 from torchrec_pss.registry import register_method
 from torchrec_pss_plugins.qr import ops, reference
@@ -108,6 +108,9 @@ class QRMemory(PSSMemory):
 
     def _bags(self, ids: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor | None, mean: bool) -> torch.Tensor:
         sparse = [use_sparse_rows(self.config.gradient, part, ids.numel()) for part in self.parts]
+        for part, part_sparse in zip(self.parts, sparse):
+            if part_sparse:
+                keep_coalesced_flag(part)
         return ops.qr_pooled(list(self.parts), ids, offsets, weights, self.collisions, self.config.operation, mean,
                              sparse)
 

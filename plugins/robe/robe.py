@@ -29,7 +29,7 @@ from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
 from torchrec_pss.contract import BagRequest, PSSMemory
-from torchrec_pss.gradient_layout import use_sparse_gradient
+from torchrec_pss.gradient_layout import keep_coalesced_flag, use_sparse_gradient
 from torchrec_pss.hashing import PRIME, hash_coefficients, table_key
 from torchrec_pss.kernels import reference_only
 from torchrec_pss.optim import FusedUpdate
@@ -205,6 +205,8 @@ class RobeMemory(PSSMemory):
             return FusedRobeStep.apply(self.weight, pending, ids, offsets, weights, self.hash_coefficients, keys, dim,
                                        z, sign, mean)
         sparse = self.use_sparse_gradient(ids.numel() * dim)
+        if sparse:
+            keep_coalesced_flag(self.weight)
         return ops.robe_pooled(self.weight, ids, offsets, weights, self.hash_coefficients, keys, dim, z, sign, mean,
                                sparse)
 
