@@ -111,7 +111,7 @@ def test_state_the_optimizer_would_not_read_is_refused_and_nothing_changes(tmp_p
     other = Tower()
     fresh = plain_adam(other)
     before = snapshot(other, fresh)
-    with pytest.raises(ValueError, match=r"optimizer 'dense' does not match.*unexpected.*max_exp_avg_sq"):
+    with pytest.raises(ValueError, match=r"optimizer 'dense' do not match.*unexpected.*max_exp_avg_sq"):
         load_training_state(path, other, {"dense": fresh})
     assert_same(snapshot(other, fresh), before)  # the states made for the load were dropped again
     assert not fresh.state
@@ -122,7 +122,8 @@ def test_state_the_checkpoint_lacks_is_refused(tmp_path: Path) -> None:
     path = save_training_state(str(tmp_path), 1, model, {"dense": torch.optim.SGD(model.dense.parameters(), lr=0.1)})
     other = Tower()
     optimizer = torch.optim.Adagrad(other.dense.parameters(), lr=0.1)  # its state exists from construction on
-    with pytest.raises(ValueError, match=r"optimizer 'dense' does not match; missing \['optimizers.dense.state.0.step"):
+    with pytest.raises(ValueError,
+                       match=r"the state entries of optimizer 'dense' do not match; missing \['optimizers.dense.state.0.step"):
         load_training_state(path, other, {"dense": optimizer})
 
 
@@ -138,3 +139,54 @@ def test_a_lazy_state_that_cannot_be_made_is_refused(tmp_path: Path) -> None:
     stateless = KeyedOptimizer(params, {}, [{"params": list(params.values()), "lr": 0.05}])  # no step to make it
     with pytest.raises(ValueError, match=r"optimizer 'dense' has no state yet for \['dense.dense.bias'"):
         load_training_state(path, other, {"dense": stateless})
+
+
+def two_group_adam(model: Tower, rates: tuple[float, float] = (0.05, 0.02)) -> KeyedOptimizer:
+    """Keyed Adam over the dense layer and the head: two param groups, or one when both rates are equal."""
+    params = {f"{prefix}.{name}": p for prefix in ("dense", "head")
+              for name, p in getattr(model, prefix).named_parameters()}
+
+    def adam(ps: list[nn.Parameter]) -> torch.optim.Optimizer:
+        if rates[0] == rates[1]:
+            return torch.optim.Adam(ps, lr=rates[0])
+        return torch.optim.Adam([{"params": ps[:2], "lr": rates[0]}, {"params": ps[2:], "lr": rates[1]}])
+
+    return KeyedOptimizerWrapper(params, adam)
+
+
+def with_saved_groups(optimizer: KeyedOptimizer) -> KeyedOptimizer:
+    optimizer.save_param_groups(True)
+    return optimizer
+
+
+def test_saved_param_groups_resume_their_learning_rates(tmp_path: Path) -> None:
+    """``save_param_groups(True)`` (TorchRec's switch): learning rates a schedule changed come back on resume,
+    for the dense groups and the fused optimizer's, and training goes on identically."""
+    trained = Tower()
+    optimizer = with_saved_groups(two_group_adam(trained))
+    fused = with_saved_groups(trained.ebc.fused_optimizer)
+    train(trained, optimizer, range(2))
+    for group, rate in zip([*optimizer.param_groups, *fused.param_groups], (0.007, 0.003, 0.05)):
+        group["lr"] = rate
+    path = save_training_state(str(tmp_path), 2, trained, {"dense": optimizer, "fused": fused})
+
+    restored = Tower()
+    fresh, fresh_fused = with_saved_groups(two_group_adam(restored)), with_saved_groups(restored.ebc.fused_optimizer)
+    load_training_state(path, restored, {"dense": fresh, "fused": fresh_fused})
+    assert [g["lr"] for g in [*fresh.param_groups, *fresh_fused.param_groups]] == [0.007, 0.003, 0.05]
+    assert torch.equal(torch.stack(train(restored, fresh, range(2, 5))), torch.stack(train(trained, optimizer, range(2, 5))))
+
+
+def test_param_groups_saved_apart_do_not_load_into_one_group(tmp_path: Path) -> None:
+    trained = Tower()
+    optimizer = with_saved_groups(two_group_adam(trained))
+    train(trained, optimizer, range(2))
+    path = save_training_state(str(tmp_path), 2, trained, {"dense": optimizer})
+
+    other = Tower()
+    merged = with_saved_groups(two_group_adam(other, (0.05, 0.05)))
+    train(other, merged, range(1))
+    before = snapshot(other, merged)
+    with pytest.raises(ValueError, match=r"optimizer 'dense': parameters 'dense.bias' and 'head.bias' share a param group here"):
+        load_training_state(path, other, {"dense": merged})
+    assert_same(snapshot(other, merged), before)

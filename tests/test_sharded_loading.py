@@ -20,7 +20,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.optim import apply_optimizer_in_backward
-from torchrec.optim.keyed import KeyedOptimizerWrapper
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from helpers import make_dmp, make_kjt, random_bags, spawn_ranks
@@ -264,6 +264,42 @@ def test_dmp_dcp_resume_puts_a_robe_groups_tables_in_this_modules_order() -> Non
             k.replace("big", "*").replace("small", "*") for k in results["states"][1]}
         source, target = results["states"]
         assert all(torch.equal(source[k], target[k]) for k in source.keys() & target.keys() if "table_keys" not in k)
+
+
+def combined(dmp: DistributedModelParallel) -> CombinedOptimizer:
+    """The fused and dense optimizers as one, saving their param groups (``save_param_groups(True)``)."""
+    optimizer = CombinedOptimizer([("fused", dmp.fused_optimizer), ("dense", dense_optimizer(dmp))])
+    optimizer.save_param_groups(True)
+    return optimizer
+
+
+def _rates_worker(rank: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    source = make_dmp(Net(BASE), WORLD)
+    optimizer = combined(source)
+    train_step(source, optimizer, rank)
+    for group in optimizer.param_groups:
+        group["lr"] = LR / 7
+    path = save_training_state(os.path.join(out_dir, "ckpt"), 1, source, {"all": optimizer})
+    target = make_dmp(Net(BASE), WORLD)
+    fresh = combined(target)
+    load_training_state(path, target, {"all": fresh})
+    mine, theirs = ({k: v for k, v in snapshot(dmp).items() if "_features_order" not in k} for dmp in (source, target))
+    torch.save({"groups": [group["params"] for group in optimizer.state_dict()["param_groups"]],
+                "rates": [group["lr"] for group in fresh.param_groups],
+                "states": unchanged(mine, theirs)}, os.path.join(out_dir, f"rates{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_dmp_resume_restores_saved_param_groups_of_every_rank() -> None:
+    """``save_param_groups(True)`` under DMP: the ranks hold different groups (the plain table lives on one rank,
+    so the dense group is the second on one rank and the third on the other), and each gets its own learning rates
+    back (the groups were saved by position, so DCP kept one rank's group ``i``: a group of no rank, and the load
+    failed). TorchRec's ``_features_order_tensor``, set at the first forward, is left out of the comparison."""
+    ranks = spawn_ranks(_rates_worker, WORLD, "rates")
+    assert ranks[0]["groups"][1] != ranks[1]["groups"][1]
+    for results in ranks:
+        assert results["rates"] == [LR / 7] * len(results["groups"]) and results["states"]
 
 
 def test_dlrm_app_refuses_to_resume_with_another_chunk_size(tmp_path: Path) -> None:

@@ -116,19 +116,20 @@ def check_optimizer_states(path: str, mine: Mapping[str, Any], saved: Collection
     """Refuse a checkpoint whose optimizer states are not the optimizers' (``mine``: their flattened state,
     ``saved``: the checkpoint's keys; an empty container saves no key).
 
-    Every state entry of an optimizer must be in the checkpoint. A torch optimizer's entries must also all be
-    loaded: an entry it would not read (e.g. AMSGrad's) is refused. A KeyedOptimizer may hold a subset (a
-    TorchRec fused optimizer lists only the tables its rank holds).
+    Every state and param-group entry of an optimizer must be in the checkpoint. A torch optimizer's entries
+    must also all be loaded: an entry it would not read (e.g. AMSGrad's) is refused. A KeyedOptimizer may hold a
+    subset (a TorchRec fused optimizer lists only the tables its rank holds).
     """
     for name, optimizer in optimizers.items():
-        prefix = f"optimizers.{name}.state"
-        ours = {key for key, value in mine.items() if (key == prefix or key.startswith(f"{prefix}."))
-                and not (isinstance(value, (Mapping, list)) and not value)}
-        theirs = {key for key in saved if key == prefix or key.startswith(f"{prefix}.")}
-        missing = ours - theirs
-        unexpected = set() if isinstance(optimizer, KeyedOptimizer) else theirs - ours
-        if missing or unexpected:
-            raise ValueError(
-                f"checkpoint {path}: the state of optimizer {name!r} does not match; missing {sorted(missing)}, "
-                f"unexpected {sorted(unexpected)}; nothing was loaded"
-            )
+        for section in ("state", "param_groups"):
+            prefix = f"optimizers.{name}.{section}"
+            ours = {key for key, value in mine.items() if (key == prefix or key.startswith(f"{prefix}."))
+                    and not (isinstance(value, (Mapping, list)) and not value)}
+            theirs = {key for key in saved if key == prefix or key.startswith(f"{prefix}.")}
+            missing = ours - theirs
+            unexpected = set() if isinstance(optimizer, KeyedOptimizer) else theirs - ours
+            if missing or unexpected:
+                raise ValueError(
+                    f"checkpoint {path}: the {section} entries of optimizer {name!r} do not match; missing {sorted(missing)}, "
+                    f"unexpected {sorted(unexpected)}; nothing was loaded"
+                )

@@ -27,9 +27,11 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from iopath.common.file_io import PathManager, g_pathmgr
 from torch.optim import Optimizer
+from torchrec.optim.keyed import KeyedOptimizer
 
 from torchrec_pss.checkpoint.iopath_storage import IopathReader, IopathWriter
 from torchrec_pss.checkpoint.optimizer_state import check_optimizer_states, drop_states, materialize_lazy_states
+from torchrec_pss.checkpoint.param_groups import GROUPS, groups_by_parameter, groups_of_optimizer
 
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
 MANIFEST = "MANIFEST.json"
@@ -144,7 +146,7 @@ def _barrier() -> None:
 def _training_state(model: torch.nn.Module, optimizers: Mapping[str, Optimizer], progress: Progress) -> dict[str, Any]:
     return {
         "model": model.state_dict(),
-        "optimizers": {name: optimizer.state_dict() for name, optimizer in optimizers.items()},
+        "optimizers": {name: groups_by_parameter(optimizer, optimizer.state_dict()) for name, optimizer in optimizers.items()},
         "progress": progress._asdict(),
     }
 
@@ -249,6 +251,22 @@ def _check_model_state(path: str, saved: set[str], model: torch.nn.Module,
         )
 
 
+def _check_param_groups(path: str, state: dict[str, Any], flat: dict[str, Any], paths: dict[str, Path],
+                        optimizers: Mapping[str, Optimizer], path_manager: PathManager | None) -> None:
+    """Read the checkpoint's param-group entries into copies and refuse, before DCP writes anything, groups this
+    rank cannot rebuild (:func:`~torchrec_pss.checkpoint.param_groups.groups_of_optimizer`)."""
+    staged = {key: copy.deepcopy(value) for key, value in flat.items() if paths[key][0] == "optimizers"
+              and paths[key][2:3] == (GROUPS,) and isinstance(optimizers[paths[key][1]], KeyedOptimizer)}
+    if not staged:
+        return
+    dcp.load(staged, storage_reader=IopathReader(path, path_manager))
+    trial = {name: {GROUPS: copy.deepcopy(state["optimizers"][name][GROUPS])} for name in {paths[k][1] for k in staged}}
+    for key, value in staged.items():
+        _assign(trial, paths[key][1:], value)
+    for name in trial:
+        groups_of_optimizer(optimizers[name], name, trial[name])
+
+
 def load_training_state(path: str, model: torch.nn.Module, optimizers: Mapping[str, Optimizer],
                         path_manager: PathManager | None = None) -> Progress:
     """Load the checkpoint at ``path`` into ``model`` and ``optimizers`` in place; returns its progress.
@@ -273,6 +291,7 @@ def load_training_state(path: str, model: torch.nn.Module, optimizers: Mapping[s
                 state["model"][key] = state["model"][key].clone()
         flat, paths = _flatten(state)
         check_optimizer_states(path, flat, saved, optimizers)
+        _check_param_groups(path, state, flat, paths, optimizers, path_manager)
         dcp.load(flat, storage_reader=IopathReader(path, path_manager))
     except BaseException:  # DCP's CheckpointException is not an Exception
         drop_states(created)
@@ -281,5 +300,5 @@ def load_training_state(path: str, model: torch.nn.Module, optimizers: Mapping[s
         _assign(state, paths[key], value)
     model.load_state_dict(state["model"])
     for name, optimizer in optimizers.items():
-        optimizer.load_state_dict(state["optimizers"][name])
+        optimizer.load_state_dict(groups_of_optimizer(optimizer, name, state["optimizers"][name]))
     return Progress(**{field: int(state["progress"][field]) for field in Progress._fields})
