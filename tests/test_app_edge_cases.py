@@ -11,6 +11,7 @@ import random
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -157,6 +158,20 @@ def test_resuming_a_checkpoint_past_steps_is_refused_and_changes_nothing(tmp_pat
     at_the_end = main([*job, "--steps", "3"])
     assert at_the_end["resumed_from_step"] == 3 and [e["step"] for e in at_the_end["evaluations"]] == [3]
     assert at_the_end["examples_per_second"] == 0 and tree_digest(checkpoints) == before
+
+
+def test_a_resume_with_another_global_batch_warns_which_examples_move(tmp_path: Path) -> None:
+    """The data position is kept in batches per rank; read with another global batch it starts elsewhere in the
+    data, which the resume now says (it said nothing: examples were trained twice, or skipped)."""
+    job = [*SMALL, "--eval-batches", "1", "--checkpoint-dir", str(tmp_path / "ckpt")]
+    main([*job, "--steps", "2"])
+    with pytest.warns(UserWarning, match=r"it took 16 examples per step, this job 8 \(--nproc_per_node × --batch-size\); "
+                      r"the data position \(2 batches per rank\) starts this job at example 16 where the checkpoint "
+                      r"had reached 32: examples 16–31 are trained again"):
+        main([*job, "--steps", "3", "--batch-size", "8"])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="resuming")
+        main([*job, "--steps", "4", "--batch-size", "8"])
 
 
 def test_component_refuses_checkpoint_every_without_checkpoint_dir() -> None:

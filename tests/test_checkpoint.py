@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from iopath.common.file_io import NativePathHandler, PathManager
+from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.optim import apply_optimizer_in_backward
@@ -29,6 +30,7 @@ from torchrec_pss.checkpoint import (
     latest_checkpoint,
     load_training_state,
     save_training_state,
+    training_state,
     verify_checkpoint,
 )
 
@@ -153,6 +155,25 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_good_one(tmp_path:
         assert latest_checkpoint(root) == (5, checkpoint_path(root, 5))
     restored = build(seed=0)
     assert load_training_state(checkpoint_path(root, 5), restored, {}).step == 5
+
+
+def test_the_global_batch_is_saved_and_older_checkpoints_without_it_load(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    module = build(seed=0)
+    path = save_training_state(str(tmp_path / "new"), 4, module, {}, global_batch=96)
+    assert load_training_state(path, build(seed=0), {}) == Progress(4, 4, 96)
+    saving = training_state._training_state
+
+    def without_global_batch(*args: object) -> dict:
+        state = saving(*args)
+        del state["progress"]["global_batch"]
+        return state
+
+    monkeypatch.setattr(training_state, "_training_state", without_global_batch)
+    older = save_training_state(str(tmp_path / "old"), 4, module, {}, global_batch=96)
+    monkeypatch.setattr(training_state, "_training_state", saving)
+    assert "progress.global_batch" not in FileSystemReader(older).read_metadata().state_dict_metadata
+    assert load_training_state(older, build(seed=0), {}) == Progress(4, 4, 0)
 
 
 def test_saving_a_step_again_replaces_it_whole(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ import os
 import resource
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -172,6 +173,20 @@ def data_streams(args: argparse.Namespace, num_embeddings: Sequence[int], batch_
         args.eval_batches)
 
 
+def warn_if_the_data_position_moves(path: str, data_position: int, saved_batch: int, global_batch: int) -> None:
+    """Warn when a resume reads its data from another example than the checkpoint had reached: the position is
+    kept in batches per rank, which mean the same examples only for the same global batch (``--nproc_per_node`` ×
+    ``--batch-size``; any split of it into ranks and batches reads the same rows)."""
+    if not saved_batch or saved_batch == global_batch:
+        return
+    reached, start = data_position * saved_batch, data_position * global_batch
+    what = f"examples {reached}–{start - 1} are skipped" if start > reached else f"examples {start}–{reached - 1} " \
+        "are trained again"
+    warnings.warn(f"resuming {path}: it took {saved_batch} examples per step, this job {global_batch} "
+                  f"(--nproc_per_node × --batch-size); the data position ({data_position} batches per rank) starts "
+                  f"this job at example {start} where the checkpoint had reached {reached}: {what}", stacklevel=2)
+
+
 def evaluate(model: torch.nn.Module, batches: Iterable[Batch], device: torch.device) -> tuple[float, float]:
     """Test AUC and mean log-loss of ``model`` (a DMP-wrapped ``DLRMTrain``) over every rank's ``batches``."""
     auroc = BinaryAUROC().to(device)
@@ -244,10 +259,12 @@ def train(args: argparse.Namespace) -> dict:
 
     optimizers = {"fused": dmp.fused_optimizer, "dense": dense}
     first_step = data_position = 0
+    global_batch = world * batch_size
     if found is not None:
-        first_step, data_position = load_training_state(found[1], dmp, optimizers)
+        first_step, data_position, saved_batch = load_training_state(found[1], dmp, optimizers)
         if rank == 0:
             print(f"resumed from {found[1]} (step {first_step}, data position {data_position})")
+            warn_if_the_data_position_moves(found[1], data_position, saved_batch, global_batch)
 
     train_batches = train_from(data_position)
     start = time.perf_counter()
@@ -261,11 +278,11 @@ def train(args: argparse.Namespace) -> dict:
             auc, log_loss = evaluate(dmp, eval_batches(), device)
             history.append({"step": step, "seconds": time.perf_counter() - start, "auc": auc, "log_loss": log_loss})
         if args.checkpoint_every and step % args.checkpoint_every == 0 and step < args.steps:
-            save_training_state(args.checkpoint_dir, step, dmp, optimizers)
+            save_training_state(args.checkpoint_dir, step, dmp, optimizers, global_batch=global_batch)
     seconds = time.perf_counter() - start
     pipeline.detach()
     if args.checkpoint_dir and args.steps > first_step:
-        save_training_state(args.checkpoint_dir, args.steps, dmp, optimizers)
+        save_training_state(args.checkpoint_dir, args.steps, dmp, optimizers, global_batch=global_batch)
 
     auc, log_loss = evaluate(dmp, eval_batches(), device)
     history.append({"step": args.steps, "seconds": seconds, "auc": auc, "log_loss": log_loss})

@@ -39,10 +39,13 @@ _CHUNK_BYTES = 1 << 22
 
 
 class Progress(NamedTuple):
-    """Where a checkpoint was taken: the optimizer ``step`` and the ``data_position`` (batches per rank)."""
+    """Where a checkpoint was taken: the optimizer ``step``, the ``data_position`` (batches per rank) and the
+    ``global_batch`` those batches had (examples per step over all ranks; 0 where it was not recorded, as in
+    checkpoints written before it was)."""
 
     step: int
     data_position: int
+    global_batch: int = 0
 
 
 def checkpoint_path(root: str, step: int) -> str:
@@ -186,9 +189,11 @@ def _assign(tree: Any, path: Path, value: Any) -> None:
 
 
 def save_training_state(root: str, step: int, model: torch.nn.Module, optimizers: Mapping[str, Optimizer],
-                        path_manager: PathManager | None = None, data_position: int | None = None) -> str:
+                        path_manager: PathManager | None = None, data_position: int | None = None,
+                        global_batch: int = 0) -> str:
     """Save ``model``, ``optimizers`` (keyed, e.g. TorchRec's fused and dense ones) and the progress as step
-    ``step`` (``data_position``: batches each rank has consumed, default ``step``), atomically.
+    ``step`` (``data_position``: batches each rank has consumed, default ``step``; ``global_batch``: examples
+    per step over all ranks, so that a resume can tell whether that position means the same data), atomically.
 
     Collective: every rank of the default process group calls it. Returns the checkpoint directory. A
     checkpoint of the same step already there is moved aside (``step_<s>.replaced-<token>``), not mixed.
@@ -197,7 +202,7 @@ def save_training_state(root: str, step: int, model: torch.nn.Module, optimizers
     final = checkpoint_path(root, step)
     token = _shared_token()
     staging = f"{final}.partial-{token}"
-    progress = Progress(step, step if data_position is None else data_position)
+    progress = Progress(step, step if data_position is None else data_position, global_batch)
     flat, _ = _flatten(_training_state(model, optimizers, progress))
     dcp.save(flat, storage_writer=IopathWriter(staging, pm))
     if _first_rank():
@@ -290,6 +295,9 @@ def load_training_state(path: str, model: torch.nn.Module, optimizers: Mapping[s
             if isinstance(state["model"][key], torch.Tensor):
                 state["model"][key] = state["model"][key].clone()
         flat, paths = _flatten(state)
+        for field, default in Progress._field_defaults.items():  # progress fields an older checkpoint lacks
+            if f"progress.{field}" not in saved:
+                state["progress"][field] = flat.pop(f"progress.{field}", default)
         check_optimizer_states(path, flat, saved, optimizers)
         _check_param_groups(path, state, flat, paths, optimizers, path_manager)
         dcp.load(flat, storage_reader=IopathReader(path, path_manager))
