@@ -45,8 +45,21 @@ def test_compression_picks_the_smallest_collisions_reaching_it(operation: str) -
 
 
 def test_unreachable_compression_names_table_and_field() -> None:
-    with pytest.raises(ValueError, match=r"table 't': QRConfig.compression=1000 is out of reach"):
+    with pytest.raises(ValueError, match=r"table 't': QRConfig.compression=1000 is out of reach with 2 partitions "
+                                         r"\(at most 50.0x for n=10000\); lower it or add partitions"):
         qr_module(10_000, QRConfig(compression=1000))
+
+
+@pytest.mark.parametrize("n, config, message", [
+    (3, QRConfig(compression=1), r"is out of reach with 2 partitions \(at most 0.8x for n=3\); keep this table plain"),
+    (2, QRConfig(compression=1), r"QR needs num_embeddings >= 3 \(collisions from 2 to num_embeddings - 1\), got 2"),
+    (2, QRConfig(collisions=2), r"QR needs num_embeddings >= 3"),
+])
+def test_tables_qr_cannot_compress_are_told_to_stay_plain(n: int, config: QRConfig, message: str) -> None:
+    """No QR setting stores fewer elements than such a table: the error no longer advises a lower compression
+    (which is refused below 1) or more partitions (which store more)."""
+    with pytest.raises(ValueError, match=rf"table 't': .*{message}"):
+        qr_module(n, config)
 
 
 def test_concat_parts_have_half_width() -> None:

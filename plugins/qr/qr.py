@@ -6,6 +6,7 @@ initialisation. Each table has its own part tables ``parts.<j>`` (``[rows_j, d_j
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Sequence
 
@@ -42,9 +43,13 @@ def collisions_for(table: EmbeddingBagConfig, config: QRConfig) -> int:
         if stored_elements(n, d, c, config) <= budget:
             return c
     reachable = n * d / stored_elements(n, d, best, config)
+    more = dataclasses.replace(config, num_partitions=config.num_partitions + 1)
+    deeper = n * d / stored_elements(n, d, max(2, math.ceil(n ** (1 / more.num_partitions))), more)
+    hints = [hint for hint, useful in (("lower it", reachable >= 1), ("add partitions", deeper > reachable)) if useful]
+    advice = " or ".join(hints) if hints else "keep this table plain (e.g. min_rows in a compression flag)"
     raise ValueError(
         f"table {table.name!r}: QRConfig.compression={config.compression:g} is out of reach with "
-        f"{config.num_partitions} partitions (at most {reachable:.1f}x for n={n}); lower it or add partitions"
+        f"{config.num_partitions} partitions (at most {reachable:.1f}x for n={n}); {advice}"
     )
 
 
@@ -62,6 +67,11 @@ class QRMemory(PSSMemory):
         if config.operation == "concat" and d % k:
             raise ValueError(
                 f"table {table.name!r}: QRConfig.operation='concat' needs embedding_dim={d} divisible by num_partitions={k}"
+            )
+        if table.num_embeddings < 3:
+            raise ValueError(
+                f"table {table.name!r}: QR needs num_embeddings >= 3 (collisions from 2 to num_embeddings - 1), got "
+                f"{table.num_embeddings}; keep this table plain (e.g. min_rows in a compression flag)"
             )
         self.collisions = collisions_for(table, config)
         if self.collisions >= table.num_embeddings:
