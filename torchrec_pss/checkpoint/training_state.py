@@ -295,9 +295,10 @@ def load_training_state(path: str, model: torch.nn.Module, optimizers: Mapping[s
             if isinstance(state["model"][key], torch.Tensor):
                 state["model"][key] = state["model"][key].clone()
         flat, paths = _flatten(state)
-        for field, default in Progress._field_defaults.items():  # progress fields an older checkpoint lacks
+        for field, default in Progress._field_defaults.items():  # an older checkpoint lacks them: keep the default
             if f"progress.{field}" not in saved:
-                state["progress"][field] = flat.pop(f"progress.{field}", default)
+                del flat[f"progress.{field}"]
+                state["progress"][field] = default
         check_optimizer_states(path, flat, saved, optimizers)
         _check_param_groups(path, state, flat, paths, optimizers, path_manager)
         dcp.load(flat, storage_reader=IopathReader(path, path_manager))
