@@ -4,7 +4,7 @@ A bad id or offset would make a Triton kernel read or write outside its tensors.
 their bags with ``torch._assert_async``: on CUDA a failed check is a device-side assert, as for an out-of-range
 index of ``torch.nn.functional.embedding``; on CPU tensors (the Triton interpreter) it raises ``RuntimeError``
 with the message at once. The modules check their inputs before they call the ops (naming the table, feature,
-bag and value); these checks guard direct calls of the ops.
+bag and value; inside a traced graph with :func:`assert_ids_below` too); these checks guard direct calls of the ops.
 """
 
 from __future__ import annotations
@@ -15,9 +15,8 @@ INT64_MAX = torch.iinfo(torch.int64).max
 
 
 def assert_ids_below(ids: torch.Tensor, limit: int, op: str) -> None:
-    """Asserts ``0 <= ids < limit`` (``ids`` int64 ``[N]``; a ``limit`` above the int64 range checks ``>= 0``)."""
-    if ids.numel() == 0:
-        return
+    """Asserts ``0 <= ids < limit`` (``ids`` integer ``[N]``; a ``limit`` above the int64 range checks ``>= 0``).
+    Also inside a traced graph (``torch.compile``, ``torch.export``): no branch on ``ids``' values or size."""
     bad = ids < 0 if limit > INT64_MAX else (ids < 0) | (ids >= limit)
     torch._assert_async(~bad.any(), f"{op}: an id is outside [0, {limit})")
 

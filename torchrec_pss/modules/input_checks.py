@@ -17,6 +17,8 @@ import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
+from torchrec_pss.device_checks import assert_ids_below
+
 _ID_DTYPES = (torch.int32, torch.int64)
 SWITCH = "TORCHREC_PSS_VALIDATE"
 """Environment variable: ``0`` makes new modules skip the input checks by default."""
@@ -108,9 +110,7 @@ def _assert_values(features: KeyedJaggedTensor, jagged: dict[str, JaggedTensor],
     for table in tables:
         for name in table.feature_names:
             where = f"table {table.name!r}, feature {name!r}"
-            ids = jagged[name].values()
-            torch._assert_async((~_bad_ids(ids, table.num_embeddings)).all(),
-                                f"{where}: an id is outside [0, {table.num_embeddings})")
+            assert_ids_below(jagged[name].values(), table.num_embeddings, where)
             if is_weighted:
                 torch._assert_async(torch.isfinite(jagged[name].weights()).all(), f"{where}: a weight is not finite")
 
