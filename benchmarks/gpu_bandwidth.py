@@ -156,8 +156,8 @@ def markdown(result: dict[str, Any]) -> str:
 def write_result(result: dict[str, Any], stem: Path, table: str) -> None:
     """``STEM.json`` (``result``) and ``STEM.md`` (``table``, also printed)."""
     stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    stem.with_suffix(".md").write_text(table)
+    Path(f"{stem}.json").write_text(json.dumps(result, indent=2))
+    Path(f"{stem}.md").write_text(table)
     print(table)
 
 

@@ -410,9 +410,9 @@ def plot(results: list[dict[str, Any]], meta: dict[str, Any], stem: Path) -> lis
 def write_outputs(results: list[dict[str, Any]], meta: dict[str, Any], stem: Path) -> str:
     """Write ``STEM.json``, ``STEM.md`` and the plots; return the markdown."""
     stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    Path(f"{stem}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     table = markdown(results, meta)
-    stem.with_suffix(".md").write_text(table)
+    Path(f"{stem}.md").write_text(table)
     plot(results, meta, stem)
     return table
 

@@ -248,9 +248,9 @@ def main() -> None:
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "baseline": baseline,
     }
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    Path(f"{out}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     table = markdown(results, baseline, meta)
-    out.with_suffix(".md").write_text(table)
+    Path(f"{out}.md").write_text(table)
     print(table)
 
 

@@ -316,8 +316,8 @@ def run_header(argv: list[str] | None, device: torch.device) -> dict[str, Any]:
 def write_result(stem: Path, result: dict[str, Any], table: str) -> None:
     """``STEM.json`` (``result``) and ``STEM.md`` (``table``)."""
     stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    stem.with_suffix(".md").write_text(table)
+    Path(f"{stem}.json").write_text(json.dumps(result, indent=2))
+    Path(f"{stem}.md").write_text(table)
 
 
 if __name__ == "__main__":

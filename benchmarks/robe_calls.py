@@ -99,8 +99,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "torch": torch.__version__, "threads": torch.get_num_threads(), "max_rows": args.max_rows,
               "compression": args.compression, "warmup": args.warmup, "iters": args.iters, "cells": cells}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    args.out.with_suffix(".md").write_text(markdown(result))
+    Path(f"{args.out}.json").write_text(json.dumps(result, indent=2))
+    Path(f"{args.out}.md").write_text(markdown(result))
     return result
 
 

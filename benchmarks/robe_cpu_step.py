@@ -171,8 +171,8 @@ def main() -> None:
     table = markdown(results, meta)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
-        args.out.with_suffix(".md").write_text(table)
+        Path(f"{args.out}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+        Path(f"{args.out}.md").write_text(table)
     print(table)
 
 

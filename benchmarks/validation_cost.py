@@ -89,12 +89,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = {"argv": argv, "batch": args.batch, "dim": args.dim, "features": len(rows),
               "threads": torch.get_num_threads(), "torch": torch.__version__, "cells": cells}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    Path(f"{args.out}.json").write_text(json.dumps(result, indent=2))
     lines = [f"# Cost of the input checks (26 Criteo features, B = {args.batch}, d = {args.dim}, CPU)", "",
              "| L | what | checked ms | unchecked ms | overhead |", "|---:|---|---:|---:|---:|"]
     lines += [f"| {c['pooling']} | {c['what']} | {c['checked_ms']:.2f} | {c['unchecked_ms']:.2f} | "
               f"{c['overhead_percent']:+.1f}% |" for c in cells]
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    Path(f"{args.out}.md").write_text("\n".join(lines) + "\n")
     return result
 
 
