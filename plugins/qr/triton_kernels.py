@@ -192,7 +192,7 @@ def _assert_ids_in_parts(parts: Sequence[torch.Tensor], ids: torch.Tensor, colli
     rows = [part.shape[0] for part in parts]
     if min(rows[:-1]) >= collisions:
         assert_ids_below(ids, collisions ** (len(parts) - 1) * rows[-1], op)
-    elif ids.numel():
+    else:
         bad = functools.reduce(torch.logical_or, [digit >= count for digit, count in
                                                   zip(digits(ids, collisions, len(parts)), rows, strict=True)], ids < 0)
         torch._assert_async(~bad.any(), f"{op}: an id has a row outside its part (rows {rows}, collisions = {collisions})")

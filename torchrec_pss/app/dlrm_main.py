@@ -293,7 +293,7 @@ def train(args: argparse.Namespace) -> dict:
         "auc": auc, "log_loss": log_loss, "evaluations": history,
         "first_train_loss": losses[0] if losses else None, "last_train_loss": losses[-1] if losses else None,
         "embedding_bytes": stored, "logical_embedding_bytes": logical, "compression_ratio": logical / stored,
-        "examples_per_second": trained * batch_size * world / seconds if seconds > 0 else None,
+        "examples_per_second": trained * global_batch / seconds if seconds > 0 else None,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     if rank == 0:
