@@ -5,7 +5,9 @@ One step = forward + backward with the optimizer update fused into backward
 tables of 4M–256M rows at 10x–10000x. Each ROBE configuration runs with ``gradient="dense"``,
 ``"sparse"`` and ``"auto"`` under SGD and BlockwiseAdagrad (one accumulator per Z-chunk); the baseline
 is FBGEMM's CPU TBE with EXACT_SGD / EXACT_ROWWISE_ADAGRAD on the same logical table, where its
-``n x d`` table fits the memory budget.
+``n x d`` table fits the memory budget. Each compression's three ROBE steps are timed in rounds interleaved with
+the TBE step (one call of each per round) and divided by the TBE's median of those rounds. The ROBE modules run
+with their input checks off, as the TBE checks nothing (``--check-inputs`` turns them on).
 
     python benchmarks/fused_step.py --rows 4000000 16000000 64000000 256000000
 
@@ -16,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 from pathlib import Path
 from typing import Callable
 
@@ -26,11 +27,13 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.optim import apply_optimizer_in_backward
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from lookup import LR, tbe_step, time_steps
+from lookup import LR, interleaved_medians, tbe_step
+from run_info import run_header
 from torchrec_pss import CompressedEmbeddingBagCollection, RobeConfig
 from torchrec_pss.optim import BlockwiseAdagrad
 
 AUTO_DENSE_RATIO = RobeConfig.__dataclass_fields__["auto_dense_ratio"].default
+GRADIENTS = ("dense", "sparse", "auto")
 OPTIMIZERS = {
     "sgd": (torch.optim.SGD, {"lr": LR}, EmbOptimType.EXACT_SGD),
     "rowwise_adagrad": (BlockwiseAdagrad, {"lr": LR}, EmbOptimType.EXACT_ROWWISE_ADAGRAD),
@@ -38,16 +41,16 @@ OPTIMIZERS = {
 
 
 def robe_step(table: EmbeddingBagConfig, ratio: float, gradient: str, optimizer: str,
-              kjt: KeyedJaggedTensor, chunk: int) -> Callable[[], None]:
+              kjt: KeyedJaggedTensor, chunk: int, check_inputs: bool) -> Callable[[], None]:
     config = RobeConfig(compression=ratio, chunk_size=chunk, gradient=gradient)
-    module = CompressedEmbeddingBagCollection([table], {"t": config})
+    module = CompressedEmbeddingBagCollection([table], {"t": config}, validate_inputs=check_inputs)
     cls, kwargs, _ = OPTIMIZERS[optimizer]
     apply_optimizer_in_backward(cls, module.parameters(), kwargs)
     return lambda: module(kjt).values().sum().backward()
 
 
 def run(rows: list[int], ratios: list[float], pooling: int, batch: int, dim: int, chunk: int, budget_gb: float,
-        warmup: int, iters: int) -> list[dict]:
+        warmup: int, iters: int, check_inputs: bool = False) -> list[dict]:
     cpu = torch.device("cpu")
     results = []
     for n in rows:
@@ -60,18 +63,21 @@ def run(rows: list[int], ratios: list[float], pooling: int, batch: int, dim: int
         touched = batch * pooling * dim
         for optimizer, (_, _, tbe_optimizer) in OPTIMIZERS.items():
             common = {"rows": n, "pooling": pooling, "batch": batch, "dim": dim, "optimizer": optimizer}
-            if n * dim * 4 <= budget_gb * 2**30:
-                ms = time_steps(tbe_step(n, dim, kjt, tbe_optimizer), warmup, iters, cpu)
+            tbe = tbe_step(n, dim, kjt, tbe_optimizer) if n * dim * 4 <= budget_gb * 2**30 else None
+            if tbe is not None:
+                (ms,) = interleaved_medians([tbe], warmup, iters, cpu)
                 results.append({**common, "method": "tbe", "compression": 1, "ms": ms})
                 print(f"n={n} {optimizer} tbe {ms:.2f} ms", flush=True)
             for ratio in ratios:
                 memory = n * dim / ratio
                 if 3 * memory * 4 > budget_gb * 2**30:  # memory, its dense gradient, the optimizer's work
                     continue
-                for gradient in ("dense", "sparse", "auto"):
-                    ms = time_steps(robe_step(table, ratio, gradient, optimizer, kjt, chunk), warmup, iters, cpu)
+                steps = [robe_step(table, ratio, gradient, optimizer, kjt, chunk, check_inputs) for gradient in GRADIENTS]
+                times = interleaved_medians(steps + ([] if tbe is None else [tbe]), warmup, iters, cpu)
+                paired_tbe = None if tbe is None else times[-1]
+                for gradient, ms in zip(GRADIENTS, times):
                     results.append({**common, "method": f"robe {gradient}", "compression": ratio, "ms": ms,
-                                    "memory_over_touched": memory / touched})
+                                    "memory_over_touched": memory / touched, "tbe_ms": paired_tbe})
                     print(f"n={n} {optimizer} robe {ratio:g}x {gradient} {ms:.2f} ms", flush=True)
     return results
 
@@ -79,23 +85,25 @@ def run(rows: list[int], ratios: list[float], pooling: int, batch: int, dim: int
 def markdown(results: list[dict], meta: dict) -> str:
     first = results[0]
     lines = [
-        f"Fused training step (forward + backward with the update inside backward), ms; batch {first['batch']} "
-        f"bags of L = {first['pooling']}, d = {first['dim']}; median of timed steps; {meta}. `/ TBE`: ratio to "
-        "FBGEMM's CPU TBE with the same optimizer on the same logical table (blank where its table exceeds the "
+        f"Generated by `{meta['command']}` on {meta['date']}. Fused training step (forward + backward with the "
+        f"update inside backward), ms; batch {first['batch']} bags of L = {first['pooling']}, d = {first['dim']}; "
+        f"median of timed steps; ROBE input checks {'on' if meta['check_inputs'] else 'off'}; torch {meta['torch']}, "
+        f"{meta['threads']} threads, {meta['machine']}. `/ TBE`: ratio to FBGEMM's CPU TBE with the same optimizer "
+        "on the same logical table, timed in the same interleaved rounds (blank where its table exceeds the "
         "memory budget). `|M| / touched`: memory elements over the elements one batch touches — the quantity "
         f"the `auto` rule compares with `RobeConfig.auto_dense_ratio` (default {AUTO_DENSE_RATIO:g}).",
         "",
-        "| rows | optimizer | compression | |M| / touched | dense ms | sparse ms | auto ms | auto picks | dense / TBE | sparse / TBE |",
+        "| rows | optimizer | compression | |M| / touched | dense ms | sparse ms | auto ms | auto picks | dense / TBE "
+        "| sparse / TBE |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    tbe = {(r["rows"], r["optimizer"]): r["ms"] for r in results if r["method"] == "tbe"}
     by_config: dict[tuple, dict[str, dict]] = {}
     for r in results:
         if r["method"] != "tbe":
             by_config.setdefault((r["rows"], r["optimizer"], r["compression"]), {})[r["method"]] = r
     for (n, optimizer, ratio), runs in by_config.items():
         dense, sparse, auto = (runs[f"robe {g}"] for g in ("dense", "sparse", "auto"))
-        base = tbe.get((n, optimizer))
+        base = dense["tbe_ms"]
         ratio_cells = [f"{dense['ms'] / base:.2f}", f"{sparse['ms'] / base:.2f}"] if base else ["", ""]
         picks = "sparse" if dense["memory_over_touched"] > AUTO_DENSE_RATIO else "dense"
         lines.append(
@@ -116,11 +124,12 @@ def main() -> None:
     parser.add_argument("--budget-gb", type=float, default=8.0, help="skip tables (TBE) / memories (ROBE) above it")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--check-inputs", action="store_true", help="run the ROBE modules with their input checks")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "fused_step")
     args = parser.parse_args()
     results = run(args.rows, args.compression, args.pooling, args.batch, args.dim, args.chunk_size, args.budget_gb,
-                  args.warmup, args.iters)
-    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine()}
+                  args.warmup, args.iters, args.check_inputs)
+    meta = {**run_header(__file__, None), "check_inputs": args.check_inputs}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{args.out}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     table = markdown(results, meta)

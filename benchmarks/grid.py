@@ -208,13 +208,14 @@ def baseline_forward(n: int, d: int, kjt: KeyedJaggedTensor, device: torch.devic
     return (lambda: tbe(indices, offsets)), None
 
 
-def ebc_cell(table: EmbeddingBagConfig, kjt: KeyedJaggedTensor, warmup: int, iters: int,
-             device: torch.device) -> dict[str, float]:
-    """``torchrec.EmbeddingBagCollection`` (dense table gradient) with SGD fused into backward."""
+def ebc_cell(table: EmbeddingBagConfig, kjt: KeyedJaggedTensor, warmup: int, iters: int, device: torch.device,
+             baseline: Forward | None) -> tuple[dict[str, float], dict[str, float] | None]:
+    """Median times of ``torchrec.EmbeddingBagCollection`` (dense table gradient) with SGD fused into backward, and
+    the baseline's medians from the same rounds (None: timed alone)."""
     ebc = fused_sgd(EmbeddingBagCollection([table], device=device))
-    (times,) = measure([lambda: ebc(kjt).values()], warmup, iters, device)
+    times = measure([lambda: ebc(kjt).values(), *([] if baseline is None else [baseline])], warmup, iters, device)
     release_in_backward_optimizers(ebc)
-    return times
+    return times[0], times[1] if baseline is not None else None
 
 
 def compressed_cell(table: EmbeddingBagConfig, config: MethodConfig, kjt: KeyedJaggedTensor, warmup: int,
@@ -238,12 +239,25 @@ def with_ratios(row: dict[str, Any], base: dict[str, float] | None) -> dict[str,
     return {**row, "forward_ratio": row["forward_ms"] / base["forward_ms"], "step_ratio": row["step_ms"] / base["step_ms"]}
 
 
+def with_paired_ratios(row: dict[str, Any], paired: dict[str, float] | None,
+                       alone: dict[str, float] | None) -> dict[str, Any]:
+    """``row`` with its ratios over the baseline's medians from its own rounds (``paired``, recorded as
+    ``baseline_forward_ms`` / ``baseline_step_ms``), or over the baseline timed alone where the two could not be
+    interleaved (``paired`` None: ``"paired": False``); no ratio without a baseline."""
+    if paired is None:
+        return {**with_ratios(row, alone), "paired": False}
+    return {**with_ratios(row, paired), "paired": True, "baseline_forward_ms": paired["forward_ms"],
+            "baseline_step_ms": paired["step_ms"]}
+
+
 def run_setting(n: int, pooling: int, grid: list[Variant], ratios: list[float], batch: int, dim: int,
                 warmup: int, iters: int, device: torch.device, check_inputs: bool,
                 cap_gib: float | None = None) -> list[dict[str, Any]]:
     """Every cell of one (rows, L) setting: EBC, baseline, then every variant at every ratio, each timed in rounds
     interleaved with the baseline (kept for the whole setting) and divided by the baseline's medians of those rounds;
-    without a baseline (its table does not fit) the variants whose own memory fits are timed alone."""
+    without a baseline (its table does not fit) the variants whose own memory fits are timed alone. The EBC is timed
+    alone, before the baseline is allocated, where its table and dense gradient fit beside no other copy of the
+    table, and divided by the baseline timed alone (``"paired": False``)."""
     table = EmbeddingBagConfig(name="t", embedding_dim=dim, num_embeddings=n, feature_names=["f"])
     common: dict[str, Any] = {"rows": n, "pooling": pooling, "batch": batch, "dim": dim}
     logical = n * dim * FLOAT_BYTES
@@ -258,15 +272,20 @@ def run_setting(n: int, pooling: int, grid: list[Variant], ratios: list[float], 
         report(rows[0])
     else:
         reason = does_not_fit("the EBC's table and dense gradient", 2 * logical, device, cap_gib)
-        ebc_times = None if reason else ebc_cell(table, kjt, warmup, iters, device)
+        beside_baseline = not reason and not does_not_fit("the EBC beside the baseline", 3 * logical, device, cap_gib)
+        ebc_alone = None if reason or beside_baseline else ebc_cell(table, kjt, warmup, iters, device, None)[0]
         release(device)
         baseline, baseline_module = baseline_forward(n, dim, kjt, device)
         (base,) = measure([baseline], warmup, iters, device)
         rows = [with_ratios({**common, "method": "baseline", "label": "baseline", "asked": 1.0, "compression": 1.0,
                              "status": "ok", **base}, base)]
         report(rows[0])
-        rows.append({**ebc, "status": "skipped", "reason": reason} if reason else
-                    with_ratios({**ebc, "compression": 1.0, "status": "ok", **ebc_times}, base))
+        if reason:
+            rows.append({**ebc, "status": "skipped", "reason": reason})
+        else:
+            times, paired = (ebc_alone, None) if ebc_alone else ebc_cell(table, kjt, warmup, iters, device, baseline)
+            rows.append(with_paired_ratios({**ebc, "compression": 1.0, "status": "ok", **times}, paired, base))
+            release(device)
         report(rows[-1])
     resident = 0 if baseline is None else logical  # the baseline's table stays allocated beside every cell
     for ratio in ratios:
@@ -283,9 +302,7 @@ def run_setting(n: int, pooling: int, grid: list[Variant], ratios: list[float], 
                     row.update(status="skipped", reason=too_big)
                 else:
                     times, paired = compressed_cell(table, config, kjt, warmup, iters, device, check_inputs, baseline)
-                    row = with_ratios({**row, "status": "ok", **times}, paired)
-                    if paired is not None:
-                        row.update(baseline_forward_ms=paired["forward_ms"], baseline_step_ms=paired["step_ms"])
+                    row = with_paired_ratios({**row, "status": "ok", **times}, paired, None)
             except ValueError as error:
                 row.update(status="unreachable", reason=str(error))
             except torch.OutOfMemoryError as error:
@@ -337,19 +354,28 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "",
         "## Baselines",
         "",
-        "| rows | L | baseline fwd ms | baseline step ms | EBC fwd ms | EBC step ms | EBC step / baseline |",
-        "|---|---|---|---|---|---|---|",
+        "The baseline timed alone, and the range of its step medians in the rounds of the cells it was paired with "
+        "(the ratios below divide by those); the EBC's ratio is over the baseline in its own rounds, or over the "
+        "baseline alone where its table and gradient did not fit beside the baseline's (marked alone).",
+        "",
+        "| rows | L | baseline fwd ms | baseline step ms | baseline step ms in the cells' rounds | EBC fwd ms | "
+        "EBC step ms | EBC step / baseline |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     settings = list(dict.fromkeys((r["rows"], r["pooling"]) for r in results))
     by_setting = {s: [r for r in results if (r["rows"], r["pooling"]) == s] for s in settings}
     for (n, pooling), rows in by_setting.items():
         base, ebc = (next(r for r in rows if r["method"] == m) for m in ("baseline", "ebc"))
         if base["status"] != "ok":
-            lines.append(f"| {n:,} | {pooling} | skipped: {base['reason']} | | | | |")
+            lines.append(f"| {n:,} | {pooling} | skipped: {base['reason']} | | | | | |")
             continue
+        paired = [r["baseline_step_ms"] for r in rows if r["status"] == "ok" and r.get("paired")]
+        paired_range = f"{min(paired):.2f}–{max(paired):.2f}" if paired else ""
         ebc_cells = (f"{ebc['forward_ms']:.2f} | {ebc['step_ms']:.2f} | {ebc['step_ratio']:.2f}"
+                     f"{'' if ebc.get('paired') else ' (alone)'}"
                      if ebc["status"] == "ok" else f"skipped: {ebc['reason']} | | ")
-        lines.append(f"| {n:,} | {pooling} | {base['forward_ms']:.2f} | {base['step_ms']:.2f} | {ebc_cells} |")
+        lines.append(f"| {n:,} | {pooling} | {base['forward_ms']:.2f} | {base['step_ms']:.2f} | {paired_range} | "
+                     f"{ebc_cells} |")
     for kind, title in (("step", "Training step (forward + backward + fused SGD)"), ("forward", "Forward only")):
         lines += [
             "",
@@ -374,15 +400,18 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
 
 
 def plot(results: list[dict[str, Any]], meta: dict[str, Any], stem: Path) -> list[Path]:
-    """One PNG per measured (rows, L): forward and training-step ms vs asked compression, log-log."""
+    """One PNG per measured (rows, L): forward and training-step ms vs asked compression (log-log; the baselines as
+    lines at their times alone, the band: the baseline's medians in the cells' own rounds), and, with a baseline,
+    the step's ratio to the baseline of its rounds (the tables' ratios)."""
     paths = []
     settings = dict.fromkeys((r["rows"], r["pooling"]) for r in results if r["status"] == "ok")
     for n, pooling in settings:
         rows = [r for r in results if (r["rows"], r["pooling"]) == (n, pooling) and r["status"] == "ok"]
         labels = list(dict.fromkeys(r["label"] for r in rows if r["method"] not in ("baseline", "ebc")))
         colors = matplotlib.colormaps["tab20"]
-        figure = Figure(figsize=(15, 5.5))
-        axes = figure.subplots(1, 2)
+        has_ratios = any(r["step_ratio"] is not None for r in rows if r["method"] not in ("baseline", "ebc"))
+        figure = Figure(figsize=(22 if has_ratios else 15, 5.5))
+        axes = figure.subplots(1, 3 if has_ratios else 2)
         for ax, kind, title in zip(axes, ("forward", "step"), ("forward only", "training step (fwd + bwd + SGD)")):
             for i, label in enumerate(labels):
                 points = sorted((r["asked"], r[f"{kind}_ms"]) for r in rows if r["label"] == label)
@@ -391,8 +420,21 @@ def plot(results: list[dict[str, Any]], meta: dict[str, Any], stem: Path) -> lis
             for method, color in (("baseline", "black"), ("ebc", "grey")):
                 for r in rows:
                     if r["method"] == method:
-                        ax.axhline(r[f"{kind}_ms"], color=color, linewidth=2, label=method)
+                        ax.axhline(r[f"{kind}_ms"], color=color, linewidth=2, label=f"{method} (alone)"
+                                   if method == "baseline" or not r.get("paired") else method)
+            paired = [r[f"baseline_{kind}_ms"] for r in rows if r.get("paired")]
+            if paired:
+                ax.axhspan(min(paired), max(paired), color="black", alpha=0.12, label="baseline in the cells' rounds")
             ax.set(xscale="log", yscale="log", xlabel="compression (asked)", ylabel="ms (median)", title=title)
+            ax.grid(True, which="both", alpha=0.3)
+        if has_ratios:
+            ax = axes[2]
+            for i, label in enumerate(labels):
+                points = sorted((r["asked"], r["step_ratio"]) for r in rows if r["label"] == label)
+                ax.plot([x for x, _ in points], [y for _, y in points], "-", marker="o", color=colors(i % 20))
+            ax.axhline(1.0, color="black", linewidth=2)
+            ax.set(xscale="log", yscale="log", xlabel="compression (asked)", ylabel="step / baseline (same rounds)",
+                   title="training step over the baseline")
             ax.grid(True, which="both", alpha=0.3)
         handles, names = axes[1].get_legend_handles_labels()
         figure.legend(handles, names, loc="center right", fontsize=8)
@@ -400,7 +442,7 @@ def plot(results: list[dict[str, Any]], meta: dict[str, Any], stem: Path) -> lis
                     else "no baseline: its table does not fit")
         figure.suptitle(f"{meta['device']}: n = {n:,}, L = {pooling}, B = {meta['batch']}, d = {meta['dim']}; "
                         f"{baseline}", fontsize=10)
-        figure.tight_layout(rect=(0, 0, 0.84, 1))
+        figure.tight_layout(rect=(0, 0, 0.88 if has_ratios else 0.84, 1))
         path = stem.parent / f"{stem.name}_n{n}_L{pooling}.png"
         figure.savefig(path, dpi=100)
         paths.append(path)

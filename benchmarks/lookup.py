@@ -8,6 +8,13 @@ with ``torch.optim.SGD`` at each asked ratio where they can reach it: ROBE once 
 (dense, sparse, auto), the hashing trick, QR (mult), TT (the largest rank <= 32 reaching the ratio) and
 MLET as a low-rank table (the widest inner dim reaching it).
 
+The methods and the EBC step a plain ``torch.optim.SGD`` after backward — the step of a user who does not fuse
+the optimizer, where the gradient layout (dense or sparse) matters — while the TBE fuses its SGD into backward,
+so their ratios to it include the unfused optimizer's cost; ``benchmarks/grid.py`` compares fused steps like
+for like. Each cell is timed in rounds interleaved with the baseline (one step of each per round) and divided
+by the baseline's median of those rounds. The compressed modules run with their input checks off, as the
+baselines check nothing (``--check-inputs`` turns them on).
+
     python benchmarks/lookup.py --rows 1000000 4000000 --pooling 1 20
 
 writes ``benchmarks/results/lookup.json`` and ``benchmarks/results/lookup.md`` (ratios ROBE / TBE).
@@ -19,9 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -34,6 +39,7 @@ from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
     SplitTableBatchedEmbeddingBagsCodegen,
 )
 from torchrec import EmbeddingBagCollection
+from run_info import run_header
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
@@ -162,7 +168,9 @@ def method_configs(table: EmbeddingBagConfig, ratio: float, chunk: int) -> list[
 
 
 def run(rows: list[int], poolings: list[int], ratios: list[float], batch: int, dim: int, chunk: int,
-        warmup: int, iters: int, device: torch.device, methods: tuple[str, ...] = METHODS) -> list[dict]:
+        warmup: int, iters: int, device: torch.device, methods: tuple[str, ...] = METHODS,
+        check_inputs: bool = False) -> list[dict]:
+    """One row per cell: ``ms`` (median step) and ``baseline_ms`` (the baseline's median in the same rounds)."""
     results = []
     for n in rows:
         table = EmbeddingBagConfig(name="t", embedding_dim=dim, num_embeddings=n, feature_names=["f"])
@@ -176,25 +184,31 @@ def run(rows: list[int], poolings: list[int], ratios: list[float], batch: int, d
                 lengths=lengths,
                 offsets=torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)]),
             ).to(device)
-            base = time_steps(baseline_step(n, dim, kjt, device), warmup, iters, device)
+            baseline = baseline_step(n, dim, kjt, device)
+            base = time_steps(baseline, warmup, iters, device)
             common = {"rows": n, "pooling": pooling, "batch": batch, "dim": dim}
             ebc = EmbeddingBagCollection([table], device=device)
-            ebc_ms = time_steps(collection_step(ebc, kjt), warmup, iters, device)
-            results.append({**common, "method": "baseline", "asked": 1, "compression": 1.0, "ms": base})
-            results.append({**common, "method": "ebc", "asked": 1, "compression": 1.0, "ms": ebc_ms})
+            ebc_ms, ebc_base = interleaved_medians([collection_step(ebc, kjt), baseline], warmup, iters, device)
+            del ebc
+            results.append({**common, "method": "baseline", "asked": 1, "compression": 1.0, "ms": base,
+                            "baseline_ms": base})
+            results.append({**common, "method": "ebc", "asked": 1, "compression": 1.0, "ms": ebc_ms,
+                            "baseline_ms": ebc_base})
             for ratio in ratios:
                 for label, config in method_configs(table, ratio, chunk):
                     if label.split()[0] not in methods:
                         continue
                     row = {**common, "method": label, "asked": ratio, "config": repr(config)}
                     if config is not None:
-                        module = CompressedEmbeddingBagCollection([table], {"t": config}, device)
+                        module = CompressedEmbeddingBagCollection([table], {"t": config}, device,
+                                                                  validate_inputs=check_inputs)
                         row["compression"] = logical / module.memory_for("t").num_bytes()
-                        row["ms"] = time_steps(collection_step(module, kjt), warmup, iters, device)
+                        row["ms"], row["baseline_ms"] = interleaved_medians(
+                            [collection_step(module, kjt), baseline], warmup, iters, device)
                         del module
                     results.append(row)
                     print(f"n={n} L={pooling} {label} {ratio:g}x: {row.get('ms', float('nan')):.2f} ms "
-                          f"(baseline {base:.2f})", flush=True)
+                          f"(baseline {row.get('baseline_ms', float('nan')):.2f})", flush=True)
     return results
 
 
@@ -202,19 +216,22 @@ def markdown(results: list[dict], baseline: str, meta: dict) -> str:
     first = results[0]
     lines = [
         f"Training step (forward + backward + SGD) in ms and as a ratio to the baseline, {baseline}; lower is "
-        f"better. Batch {first['batch']} bags of L ids, d = {first['dim']}, median of timed steps; {meta}. "
+        f"better. Generated by `{meta['command']}` on {meta['date']}. Batch {first['batch']} bags of L ids, "
+        f"d = {first['dim']}, median of timed steps, each cell in rounds interleaved with the baseline and divided "
+        "by the baseline's median of those rounds; the methods and the EBC step a plain `torch.optim.SGD` after "
+        f"backward (not fused); compressed modules' input checks {'on' if meta['check_inputs'] else 'off'}; "
+        f"torch {meta['torch']}, {meta['threads']} threads, {meta['device_name']}. "
         "`compression` is the logical table bytes over the bytes the method stores; a dash: the method cannot "
         "reach the asked ratio.",
         "",
         "| rows | L | method | asked | compression | ms | / baseline |",
         "|---|---|---|---|---|---|---|",
     ]
-    base = {(r["rows"], r["pooling"]): r["ms"] for r in results if r["method"] == "baseline"}
     for r in results:
         if "ms" not in r:
             cells = ["-", "-", "-"]
         else:
-            cells = [f"{r['compression']:.0f}x", f"{r['ms']:.2f}", f"{r['ms'] / base[(r['rows'], r['pooling'])]:.2f}"]
+            cells = [f"{r['compression']:.0f}x", f"{r['ms']:.2f}", f"{r['ms'] / r['baseline_ms']:.2f}"]
         asked = "-" if r["method"] in ("baseline", "ebc") else f"{r['asked']:g}x"
         lines.append(f"| {r['rows']:,} | {r['pooling']} | {r['method']} | {asked} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -232,22 +249,16 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=7)
     parser.add_argument("--device", type=torch.device, default=torch.device("cpu"))
+    parser.add_argument("--check-inputs", action="store_true", help="run the compressed modules with their input checks")
     parser.add_argument("--out", type=Path, default=None, help="path stem; default benchmarks/results/lookup[_cuda]")
     args = parser.parse_args()
     cuda = args.device.type == "cuda"
     out = args.out or Path(__file__).parent / "results" / ("lookup_cuda" if cuda else "lookup")
     baseline = "nn.EmbeddingBag (sparse grad) + SGD on CUDA" if cuda else "FBGEMM CPU TBE (EXACT_SGD)"
     results = run(args.rows, args.pooling, args.compression, args.batch, args.dim, args.chunk_size,
-                  args.warmup, args.iters, args.device, tuple(args.methods))
+                  args.warmup, args.iters, args.device, tuple(args.methods), args.check_inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "command": "python benchmarks/lookup.py " + " ".join(sys.argv[1:]),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "machine": platform.machine(),
-        "device": torch.cuda.get_device_name() if cuda else "cpu",
-        "baseline": baseline,
-    }
+    meta = {**run_header(__file__, None, args.device), "baseline": baseline, "check_inputs": args.check_inputs}
     Path(f"{out}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     table = markdown(results, baseline, meta)
     Path(f"{out}.md").write_text(table)

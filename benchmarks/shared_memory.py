@@ -3,13 +3,16 @@
 The 26 Criteo features with the MLPerf cardinalities capped at ``--max-rows``, ``d`` = 128, batch ``B`` bags
 of ``L`` uniform ids per feature, in-backward optimizer (SGD, or row-wise Adagrad as in the MLPerf DLRM:
 ``BlockwiseAdagrad`` with one accumulator per Z memory elements for ROBE).
-Measured in one process, median of ``--iters`` steps after ``--warmup``:
+Measured in one process, median of ``--iters`` steps after ``--warmup``, the three timed in rounds interleaved
+(one step of each per round, so that a drift of the machine's speed hits them alike):
 
 - ``tbe``: FBGEMM's CPU ``SplitTableBatchedEmbeddingBagsCodegen`` holding the 26 tables uncompressed
   (``EXACT_SGD`` / ``EXACT_ROWWISE_ADAGRAD`` fused into backward), the baseline;
 - ``robe shared``: ``CompressedEmbeddingBagCollection`` with every table in one ROBE-Z memory
   (``share_group="all"``) at ``--compression``;
 - ``robe per table``: the same compression with one memory per table (26 memories).
+
+The ROBE modules run with their input checks off, as the TBE checks nothing (``--check-inputs`` turns them on).
 
     python benchmarks/shared_memory.py --out benchmarks/results/shared_memory
 
@@ -19,9 +22,7 @@ writes ``STEM.json`` and ``STEM.md`` (ms per step and the ratio to the TBE of th
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 from pathlib import Path
 from typing import Any, Callable
 
@@ -37,7 +38,8 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.optim import apply_optimizer_in_backward
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from lookup import LR, time_steps
+from lookup import LR, interleaved_medians
+from run_info import run_header
 from torchrec_pss import CompressedEmbeddingBagCollection, RobeConfig
 from torchrec_pss.models.presets import MLPERF_NUM_EMBEDDINGS
 from torchrec_pss.optim import BlockwiseAdagrad, release_in_backward_optimizers
@@ -72,10 +74,10 @@ def tbe_step(configs: list[EmbeddingBagConfig], kjt: KeyedJaggedTensor, optimize
 
 
 def robe_module(configs: list[EmbeddingBagConfig], compression: float, share: bool,
-                optimizer: type[torch.optim.Optimizer]) -> CompressedEmbeddingBagCollection:
+                optimizer: type[torch.optim.Optimizer], check_inputs: bool) -> CompressedEmbeddingBagCollection:
     compressed = {t.name: RobeConfig(compression=compression, chunk_size=32, share_group="all" if share else t.name)
                   for t in configs}
-    module = CompressedEmbeddingBagCollection(configs, compressed)
+    module = CompressedEmbeddingBagCollection(configs, compressed, validate_inputs=check_inputs)
     apply_optimizer_in_backward(optimizer, module.parameters(), {"lr": LR})
     return module
 
@@ -90,6 +92,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--optimizers", nargs="+", choices=list(OPTIMIZERS), default=list(OPTIMIZERS))
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=7)
+    parser.add_argument("--check-inputs", action="store_true", help="run the ROBE modules with their input checks")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/shared_memory"))
     args = parser.parse_args(argv)
     configs = tables(args.max_rows, args.dim)
@@ -98,28 +101,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         kjt = batch(configs, args.batch, pooling)
         for name in args.optimizers:
             optimizer, tbe_optimizer = OPTIMIZERS[name]
-            cell: dict[str, Any] = {"pooling": pooling, "optimizer": name,
-                                    "tbe_ms": time_steps(tbe_step(configs, kjt, tbe_optimizer), args.warmup,
-                                                         args.iters, torch.device("cpu"))}
-            for label, share in (("robe_shared", True), ("robe_per_table", False)):
-                module = robe_module(configs, args.compression, share, optimizer)
-                cell[f"{label}_ms"] = time_steps(lambda: module(kjt).values().sum().backward(), args.warmup,
-                                                 args.iters, torch.device("cpu"))
+            modules = {label: robe_module(configs, args.compression, share, optimizer, args.check_inputs)
+                       for label, share in (("robe_shared", True), ("robe_per_table", False))}
+            steps = [tbe_step(configs, kjt, tbe_optimizer),
+                     *(lambda m=m: m(kjt).values().sum().backward() for m in modules.values())]
+            times = interleaved_medians(steps, args.warmup, args.iters, torch.device("cpu"))
+            cell: dict[str, Any] = {"pooling": pooling, "optimizer": name, "tbe_ms": times[0]}
+            for (label, module), ms in zip(modules.items(), times[1:]):
+                cell[f"{label}_ms"] = ms
                 cell[f"{label}_bytes"] = sum(module.num_bytes().values())
                 release_in_backward_optimizers(module)
             print(json.dumps(cell), flush=True)
             cells.append(cell)
-    meta = {"argv": argv, "date": datetime.datetime.now().isoformat(timespec="seconds"), "batch": args.batch,
-            "dim": args.dim, "max_rows": args.max_rows, "compression": args.compression,
-            "rows": sum(t.num_embeddings for t in configs), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "machine": platform.machine()}
+    meta = {**run_header(__file__, argv), "batch": args.batch, "dim": args.dim, "max_rows": args.max_rows,
+            "compression": args.compression, "rows": sum(t.num_embeddings for t in configs),
+            "check_inputs": args.check_inputs}
     result = {**meta, "cells": cells}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{args.out}.json").write_text(json.dumps(result, indent=2))
     lines = ["# 26 Criteo tables in one ROBE memory vs FBGEMM CPU TBE (training step, CPU)", "",
-             f"Generated by `python benchmarks/shared_memory.py` on {meta['date']}: {meta['rows']:,} logical rows "
+             f"Generated by `{meta['command']}` on {meta['date']}: {meta['rows']:,} logical rows "
              f"(MLPerf cardinalities capped at {args.max_rows:,}), d = {args.dim}, B = {args.batch}, ROBE-32 at "
-             f"{args.compression:g}x, optimizer fused into backward; medians of {args.iters} steps, "
+             f"{args.compression:g}x, optimizer fused into backward; medians of {args.iters} steps timed in rounds "
+             f"interleaved between the three; ROBE input checks {'on' if args.check_inputs else 'off'}; "
              f"{meta['threads']} threads, torch {meta['torch']}.", "",
              "| L | optimizer | TBE ms | ROBE shared ms | shared / TBE | ROBE per table ms | per table / TBE |",
              "|---:|---|---:|---:|---:|---:|---:|"]

@@ -1,4 +1,5 @@
-"""Every benchmark script's command line: ``--help`` prints its usage and exits cleanly."""
+"""Every benchmark script's command line: ``--help`` prints its usage and exits cleanly (the scripts: the files of
+``benchmarks/`` with a ``__main__`` guard; the others are helpers they import)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-BENCHMARKS = sorted((Path(__file__).resolve().parents[1] / "benchmarks").glob("*.py"))
+BENCHMARKS = sorted(path for path in (Path(__file__).resolve().parents[1] / "benchmarks").glob("*.py")
+                    if 'if __name__ == "__main__":' in path.read_text())
 
 
 @pytest.mark.parametrize("script", BENCHMARKS, ids=[p.stem for p in BENCHMARKS])

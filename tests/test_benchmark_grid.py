@@ -26,6 +26,8 @@ def test_quick_grid_writes_every_cell(tmp_path: Path) -> None:
     for method in ("baseline", "ebc"):
         (row,) = [r for r in results if r["method"] == method]
         assert row["status"] == "ok" and row["forward_ms"] > 0 and row["step_ms"] > 0
+    (ebc,) = [r for r in results if r["method"] == "ebc"]  # a 10k-row table fits beside the baseline's: paired
+    assert ebc["paired"] is True and ebc["step_ratio"] == ebc["step_ms"] / ebc["baseline_step_ms"]
     cells = {(r["label"], r["asked"]): r for r in results if r["method"] not in ("baseline", "ebc")}
     assert len(cells) == len(results) - 2 == len(LABELS) * len(RATIOS)
     assert set(cells) == {(label, ratio) for label in LABELS for ratio in RATIOS}
@@ -39,7 +41,10 @@ def test_quick_grid_writes_every_cell(tmp_path: Path) -> None:
         # the ratio is over the baseline timed in the cell's own rounds
         assert row["step_ratio"] == row["step_ms"] / row["baseline_step_ms"], key
         assert row["forward_ratio"] == row["forward_ms"] / row["baseline_forward_ms"], key
+        assert row["paired"] is True, key
     markdown = stem.with_suffix(".md").read_text()
+    paired = [r["baseline_step_ms"] for r in results if r.get("paired")]
+    assert f"| {min(paired):.2f}–{max(paired):.2f} | {ebc['forward_ms']:.2f} |" in markdown  # the baselines table
     assert "| rows | L | method | 10x | 1000x |" in markdown and "| 10,000 | 1 | robe Z=32 |" in markdown
     assert (tmp_path / "grid_n10000_L1.png").stat().st_size > 0
 
@@ -81,3 +86,21 @@ def test_methods_are_timed_where_the_baseline_does_not_fit(tmp_path: Path) -> No
     markdown = stem.with_suffix(".md").read_text()
     assert f"| 100,000 | 1 | robe Z=32 | skipped | n/a ({small['step_ms']:.2f} ms) |" in markdown
     assert (tmp_path / "grid_n100000_L1.png").stat().st_size > 0
+
+
+def test_ebc_is_timed_alone_where_it_does_not_fit_beside_the_baseline(tmp_path: Path) -> None:
+    """10k x 128 floats (4.9 MB) under a 0.012 GiB cap: the EBC's table and gradient (9.8 MB) fit, not beside the
+    baseline's table (14.6 MB), so the EBC is timed alone and divided by the baseline alone; ROBE stays paired."""
+    stem = tmp_path / "grid"
+    subprocess.run(
+        [sys.executable, "benchmarks/grid.py", "--rows", "10000", "--methods", "robe", "--chunk-sizes", "32",
+         "--compressions", "100", "--pooling", "1", "--steps", "2", "--warmup", "1", "--batch", "64",
+         "--max-table-gib", "0.012", "--out", str(stem)],
+        cwd=ROOT, check=True, timeout=300, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    rows = {r["method"]: r for r in json.loads(stem.with_suffix(".json").read_text())["results"]}
+    base, ebc, robe = rows["baseline"], rows["ebc"], rows["robe"]
+    assert ebc["status"] == "ok" and ebc["paired"] is False and "baseline_step_ms" not in ebc
+    assert ebc["step_ratio"] == ebc["step_ms"] / base["step_ms"]
+    assert robe["paired"] is True and robe["step_ratio"] == robe["step_ms"] / robe["baseline_step_ms"]
+    assert f"| {ebc['step_ratio']:.2f} (alone) |" in stem.with_suffix(".md").read_text()
