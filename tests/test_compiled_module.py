@@ -60,3 +60,64 @@ def test_a_compiled_step_equals_eager_and_still_refuses_bad_ids(method: str) -> 
     bad["fc"][2][0] = -1
     with pytest.raises(RuntimeError, match=r"table 'c', feature 'fc': an id is outside \[0, 10\)"):
         step(compiled, bad)
+
+
+SPARSE = {
+    "robe": RobeConfig(compression=4, chunk_size=2, gradient="sparse"),
+    "qr": QRConfig(collisions=4, gradient="sparse"),
+    "hashing": HashingConfig(num_buckets=30, gradient="sparse"),
+    "mlet": MLETConfig(inner_dim=4, gradient="sparse"),
+}
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("method", sorted(SPARSE))
+def test_sparse_gradients_of_sum_and_mean_tables_compile(method: str, weighted: bool) -> None:
+    """A SUM and a MEAN table of one memory with sparse gradients (ROBE: one call, the MEAN bags weighted by
+    1 / length; the hashing trick and MLET: unweighted MEAN bags as such weighted sums too) compile with
+    ``fullgraph=True`` to eager's values and gradients."""
+    eager = module(SPARSE[method])
+    if not weighted:
+        eager = CompressedEmbeddingBagCollection(eager.embedding_bag_configs(), {"a": SPARSE[method],
+                                                                                "b": SPARSE[method]})
+    compiled = copy.deepcopy(eager)
+    bags = BAGS if weighted else {f: b for f, b in BAGS.items()}
+
+    def step(model: CompressedEmbeddingBagCollection) -> torch.Tensor:
+        if weighted:
+            return loss(model, bags)
+        return model(make_kjt(bags)).values().pow(2).sum()
+
+    torch._dynamo.reset()
+    got = torch.compile(step, fullgraph=True, backend="aot_eager")(compiled)
+    expected = step(eager)
+    got.backward()
+    expected.backward()
+    torch.testing.assert_close(got, expected)
+    for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
+        assert b.grad.is_sparse == a.grad.is_sparse, name
+        torch.testing.assert_close(b.grad.to_dense(), a.grad.to_dense(), msg=name)
+
+
+@pytest.mark.parametrize("gradient", ["sparse", "auto"])
+def test_robe_read_in_several_calls_under_compile(gradient: str) -> None:
+    """Per-table calls of one ROBE memory in a traced graph: PyTorch cannot add their sparse gradients, so
+    ``"auto"`` traces a dense one (the same values) and ``"sparse"`` is refused with the way out."""
+    eager = module(RobeConfig(compression=2, chunk_size=2, gradient=gradient, auto_dense_ratio=0.01))  # auto: sparse
+    for memory in eager.pss_memories.values():
+        memory.call_grouping = "per_table"
+    compiled = copy.deepcopy(eager)
+    torch._dynamo.reset()
+    step = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    if gradient == "sparse":
+        with pytest.raises(Exception, match="needs every table read in one call"):
+            step(compiled, BAGS)
+        return
+    got, expected = step(compiled, BAGS), loss(eager, BAGS)
+    got.backward()
+    expected.backward()
+    torch.testing.assert_close(got, expected)
+    memory = dict(eager.named_parameters())
+    for name, b in compiled.named_parameters():
+        assert memory[name].grad.is_sparse == name.startswith("pss_memories") and not b.grad.is_sparse, name
+        torch.testing.assert_close(b.grad, memory[name].grad.to_dense(), msg=name)

@@ -144,25 +144,30 @@ def assert_same_parameters(got: torch.nn.Module, want: torch.nn.Module) -> None:
         torch.testing.assert_close(param, expected[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("pooling", [PoolingType.SUM, PoolingType.MEAN])
 @pytest.mark.parametrize("optimizer,kwargs", [(torch.optim.Adagrad, {"lr": 0.1}), (BlockwiseAdagrad, {"lr": 0.1}),
                                               (torch.optim.SGD, {"lr": 0.1})])
 def test_a_shared_memory_takes_the_fused_update_and_matches_the_reference(
-        optimizer: type, kwargs: dict, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Three tables (four features) share one memory: one fused call per step, same steps as the reference."""
-    fused = shared_module()
+        optimizer: type, kwargs: dict, pooling: PoolingType, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three tables (four features) share one memory: one fused call per step, same steps as the reference —
+    also with t3 MEAN beside SUM tables (its bags pooled as sums weighted by 1 / length in the same call)."""
+    seen = []
+    original = ops.robe_pooled
+    monkeypatch.setattr(ops, "robe_pooled", lambda *args: seen.append(args[2].numel() - 1) or original(*args))
+    fused = shared_module(pooling)
     nodes = train(fused, optimizer, kwargs, steps=4)
-    assert FusedRobeStep.__name__ + "Backward" in nodes
+    assert FusedRobeStep.__name__ + "Backward" in nodes and seen == [20] * 4  # one call: 4 features x 5 bags
     monkeypatch.setenv("TORCHREC_PSS_KERNELS", "reference")
-    expected = shared_module()
+    expected = shared_module(pooling)
     assert FusedRobeStep.__name__ + "Backward" not in train(expected, optimizer, kwargs, steps=4)
     assert_same_parameters(fused, expected)
 
 
-@pytest.mark.parametrize("pooling,dim_of_t3", [(PoolingType.MEAN, D), (PoolingType.SUM, 2 * D)])
+@pytest.mark.parametrize("pooling,dim_of_t3", [(PoolingType.SUM, 2 * D), (PoolingType.MEAN, 2 * D)])
 def test_a_memory_read_by_two_calls_keeps_adagrad_unfused(pooling: PoolingType, dim_of_t3: int,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    """A table of another pooling mode or width needs a second call: Adagrad then waits for the whole
-    gradient (unfused) and the steps still equal the reference."""
+    """A table of another width needs a second call: Adagrad then waits for the whole gradient (unfused) and the
+    steps still equal the reference."""
     module = shared_module(pooling, dim_of_t3)
     assert FusedRobeStep.__name__ + "Backward" not in train(module, torch.optim.Adagrad, {"lr": 0.1}, steps=3)
     monkeypatch.setenv("TORCHREC_PSS_KERNELS", "reference")

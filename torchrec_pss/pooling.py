@@ -62,7 +62,12 @@ def embedding_bag(rows: torch.Tensor, table: torch.Tensor, offsets: torch.Tensor
                   mean: bool, sparse: bool) -> torch.Tensor:
     """Bags of the rows ``rows`` ``[N]`` of ``table`` ``[k, d]`` pooled as :func:`pool` does (a weighted MEAN is
     the weighted sum / bag length), in one ``F.embedding_bag`` call (bags: ``offsets`` ``[S + 1]``): ``[S, d]``.
-    ``sparse``: ``table``'s gradient as a sparse COO tensor."""
+    ``sparse``: ``table``'s gradient as a sparse COO tensor; an unweighted MEAN then pools as a sum weighted by
+    1 / bag length (PyTorch's meta kernel of the sparse MEAN backward fails under ``torch.compile``)."""
+    if weights is None and mean and sparse:
+        scale = per_id_scale(offsets, None, True, rows.numel(), table.dtype)
+        return F.embedding_bag(rows, table, offsets, mode="sum", per_sample_weights=scale, sparse=True,
+                               include_last_offset=True)
     if weights is None:
         return F.embedding_bag(rows, table, offsets, mode="mean" if mean else "sum", sparse=sparse,
                                include_last_offset=True)

@@ -33,7 +33,7 @@ from torchrec_pss.gradient_layout import keep_coalesced_flag, use_sparse_gradien
 from torchrec_pss.hashing import PRIME, hash_coefficients, table_key
 from torchrec_pss.kernels import reference_only
 from torchrec_pss.optim import FusedUpdate
-from torchrec_pss.pooling import lengths_to_offsets
+from torchrec_pss.pooling import lengths_to_offsets, per_id_scale
 from torchrec_pss.registry import register_method
 from torchrec_pss_plugins.robe import ops, reference
 from torchrec_pss_plugins.robe.config import RobeConfig
@@ -193,18 +193,20 @@ class RobeMemory(PSSMemory):
         return self.table_keys[index : index + 1]
 
     def _bags(self, keys: torch.Tensor, dim: int, ids: torch.Tensor, offsets: torch.Tensor,
-              weights: torch.Tensor | None, mean: bool, update: FusedUpdate | None, whole_step: bool) -> torch.Tensor:
+              weights: torch.Tensor | None, mean: bool, update: FusedUpdate | None, whole_step: bool,
+              sparse_allowed: bool = True) -> torch.Tensor:
         """One ``robe_pooled`` call over bags of width ``dim``, fused with the in-backward ``update``
         (:mod:`~torchrec_pss_plugins.robe.fused_step`) when it pays: always for SGD; for Adagrad, whose step several
         fused reads would take on their summed dense gradient, only in a call that reads every table of the memory
-        (``whole_step``); never with trainable weights."""
+        (``whole_step``); never with trainable weights. Unfused, ``M``'s gradient is sparse where the ``gradient``
+        rule says so and ``sparse_allowed``."""
         z, sign = self.config.chunk_size, self.config.use_sign
         pending = None if update is None else pending_reads(update)
         if (pending is not None and (update.kind == "SGD" or whole_step)
                 and (weights is None or not weights.requires_grad)):
             return FusedRobeStep.apply(self.weight, pending, ids, offsets, weights, self.hash_coefficients, keys, dim,
                                        z, sign, mean)
-        sparse = self.use_sparse_gradient(ids.numel() * dim)
+        sparse = sparse_allowed and self.use_sparse_gradient(ids.numel() * dim)
         if sparse:
             keep_coalesced_flag(self.weight)
         return ops.robe_pooled(self.weight, ids, offsets, weights, self.hash_coefficients, keys, dim, z, sign, mean,
@@ -236,26 +238,43 @@ class RobeMemory(PSSMemory):
         return self.pooled_many([BagRequest(table, ids, lengths, weights, mean)])[0]
 
     def pooled_many(self, requests: Sequence[BagRequest]) -> list[torch.Tensor]:
-        """One ``robe_pooled`` call per embedding width and pooling mode (the requests' bags concatenated, each
-        bag hashed with its own table's key) or one call per request, as :attr:`call_grouping` says."""
+        """One ``robe_pooled`` call per embedding width (the requests' bags concatenated, each bag hashed with its
+        own table's key; MEAN bags beside SUM bags pooled as sums weighted by 1 / bag length) or one call per
+        request, as :attr:`call_grouping` says."""
         update = self._in_backward_update()
         one_call = self._pools_in_one_call(
             update, sum(r.lengths.numel() * self.tables[r.table].embedding_dim for r in requests))
         groups: dict[tuple[int, bool] | int, list[int]] = {}
         for index, request in enumerate(requests):
-            key = (self.tables[request.table].embedding_dim, request.mean) if one_call else index
-            groups.setdefault(key, []).append(index)
+            groups.setdefault(self.tables[request.table].embedding_dim if one_call else index, []).append(index)
         whole_step = len(groups) == 1 and {r.table for r in requests} == set(self.tables)
+        sparse_allowed = len(groups) == 1 or not torch.compiler.is_compiling() or self._dense_in_traced_graph()
         out: list[torch.Tensor] = [torch.empty(0)] * len(requests)
         for members in groups.values():
             group = [requests[i] for i in members]
+            mean = group[0].mean
+            if any(r.mean != mean for r in group):
+                group, mean = [_as_weighted_sum(r, self.weight.dtype) for r in group], False
             keys, ids, offsets, weights = _concatenated(group, self._key, self.weight.dtype)
-            dim, mean = self.tables[group[0].table].embedding_dim, group[0].mean
-            pooled = self._bags(keys, dim, ids, offsets, weights, mean, update, whole_step)
+            dim = self.tables[group[0].table].embedding_dim
+            pooled = self._bags(keys, dim, ids, offsets, weights, mean, update, whole_step, sparse_allowed)
             blocks = [pooled] if len(group) == 1 else pooled.split([r.lengths.numel() for r in group])
             for index, block in zip(members, blocks):
                 out[index] = block
         return out
+
+    def _dense_in_traced_graph(self) -> bool:
+        """False: the gradient of a memory read by several calls in a graph that ``torch.compile`` / ``torch.export``
+        trace is dense (PyTorch's fake tensors cannot add sparse gradients of data-dependent size); ValueError where
+        the config asks for sparse gradients."""
+        if self.config.gradient == "sparse":
+            raise ValueError(
+                f"ROBE memory of tables {sorted(self.tables)}: gradient='sparse' under torch.compile / torch.export "
+                "needs every table read in one call (PyTorch cannot trace the sum of several sparse gradients of "
+                "data-dependent size): give the tables one embedding_dim and call_grouping 'auto' or 'per_width', "
+                "or use gradient='dense' / 'auto'"
+            )
+        return False
 
     def pooled_stacked(self, tables: Sequence[str], ids: torch.Tensor, offsets: torch.Tensor,
                        weights: torch.Tensor | None, mean: bool, bags_per_table: int) -> torch.Tensor | None:
@@ -272,6 +291,15 @@ class RobeMemory(PSSMemory):
             keys = keys.repeat_interleave(bags_per_table, output_size=count * bags_per_table)
         weights = None if weights is None else weights.to(self.weight.dtype)
         return self._bags(keys, dim, ids, offsets, weights, mean, update, set(tables) == set(self.tables))
+
+
+def _as_weighted_sum(request: BagRequest, dtype: torch.dtype) -> BagRequest:
+    """``request`` pooled as a sum: a MEAN request's weights divided by its bags' lengths (ones when unweighted)."""
+    if not request.mean:
+        return request
+    offsets = request.bag_offsets()
+    scale = per_id_scale(offsets, request.weights, True, request.ids.numel(), dtype)
+    return request._replace(weights=scale, mean=False, offsets=offsets)
 
 
 def _concatenated(requests: Sequence[BagRequest], key_of: Callable[[str], torch.Tensor], dtype: torch.dtype
