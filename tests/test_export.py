@@ -96,6 +96,32 @@ def test_exported_weighted_dlrm_with_every_method_equals_eager() -> None:
     assert_program_matches(model, batches(weighted=True, features=[f"f{i}" for i in range(6)]))
 
 
+@pytest.mark.parametrize("weighted", [False, True])
+def test_a_dlrm_whose_tables_share_one_robe_memory_exports(weighted: bool) -> None:
+    """Every table in one ROBE memory, read in one stacked pass (``PSSMemory.pooled_stacked``): the program takes
+    batches of 1 too (the block's layout once specialised the batch size to more than 1)."""
+    torch.manual_seed(4)
+    config = RobeConfig(memory_size=301, chunk_size=4)
+    configs = [EmbeddingBagConfig(name=f"t{i}", embedding_dim=DIM, num_embeddings=ROWS, feature_names=[f])
+               for i, f in enumerate(FEATURES)]
+    ebc = CompressedEmbeddingBagCollection(configs, {t.name: config for t in configs}, is_weighted=weighted)
+    model = DLRM(embedding_bag_collection=ebc, dense_in_features=DENSE, dense_arch_layer_sizes=[16, DIM],
+                 over_arch_layer_sizes=[16, 1])
+    assert ebc._stacked_plan is not None  # the stacked pass is what this exports
+    assert_program_matches(model, batches(weighted=weighted))
+
+
+def test_export_restores_every_submodules_training_flag() -> None:
+    """A model in training with a submodule the user put in eval mode keeps both flags after the export."""
+    torch.manual_seed(5)
+    model = dlrm({"t0": METHODS["qr"][0]})
+    model.train()
+    model.over_arch.eval()
+    export_for_inference(model, batches(weighted=False)[0])
+    assert model.training and model.sparse_arch.training and model.dense_arch.training
+    assert not model.over_arch.training and not any(m.training for m in model.over_arch.modules())
+
+
 def test_collapsed_mlet_dlrm_exports() -> None:
     torch.manual_seed(2)
     mlet = MLETConfig(inner_dim=4)

@@ -12,7 +12,7 @@ from torch.func import functional_call
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 
 from helpers import assert_coalesced_rows_of, make_kjt, random_bags, random_weights
-from torchrec_pss import CompressedEmbeddingBagCollection, RobeConfig
+from torchrec_pss import CompressedEmbeddingBagCollection, QRConfig, RobeConfig
 from torchrec_pss.gradient_layout import keep_coalesced_flag
 
 KEY = "pss_memories.robe_default.weight"
@@ -172,6 +172,24 @@ def test_keep_coalesced_flag_restores_only_a_coalesced_incoming_gradient() -> No
     _SparseGrad.apply(weight, torch.tensor([1, 1, 5]), False).backward()  # torch sums it into .grad
     assert not weight.grad.is_coalesced()
     assert weight.grad.coalesce().to_dense().tolist() == [0.0, 3.0, 0.0, 0.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("serving", [torch.no_grad, torch.inference_mode])
+def test_a_serving_forward_adds_no_gradient_hooks(serving: type) -> None:
+    """Sparse-gradient ROBE and QR register their coalesced-flag hooks in a forward that records a backward only."""
+    tables = [EmbeddingBagConfig(name=n, embedding_dim=8, num_embeddings=100, feature_names=[f"f{n}"]) for n in "ab"]
+    module = CompressedEmbeddingBagCollection(tables, {"a": RobeConfig(compression=4, chunk_size=4, gradient="sparse"),
+                                                       "b": QRConfig(collisions=10, gradient="sparse")})
+    bags = {"fa": [[1, 2], [3]], "fb": [[4], [5, 6]]}
+
+    def hooked() -> list[str]:
+        return [n for n, p in module.named_parameters() if p._backward_hooks or p._post_accumulate_grad_hooks]
+
+    with serving():
+        module(make_kjt(bags))
+    assert hooked() == []
+    module(make_kjt(bags)).values().sum().backward()  # a new KJT: one used in inference mode caches its offsets
+    assert sorted(hooked()) == sorted(n for n, _ in module.named_parameters())
 
 
 def test_auto_gradient_layout_rule() -> None:

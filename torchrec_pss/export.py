@@ -26,7 +26,8 @@ from torchrec_pss.registry import registered_methods
 def export_for_inference(model: nn.Module, example_inputs: tuple[Any, ...], *, dynamic: bool = True) -> ExportedProgram:
     """The inference forward of ``model`` on ``example_inputs`` (its positional arguments) as an ``ExportedProgram``.
 
-    - Traced non-strict, in eval mode and without autograd; ``model``'s training flag is restored.
+    - Traced non-strict, in eval mode and without autograd; the training flag of ``model`` and of each of its
+      submodules is restored.
     - The input checks of every ``CompressedEmbeddingBagCollection`` whose ``validate_inputs`` is on are traced
       as asserts: the program refuses ids outside a table, negative lengths and non-finite weights with a
       ``RuntimeError`` naming the table and feature. Turn ``validate_inputs`` off before exporting for a
@@ -42,7 +43,7 @@ def export_for_inference(model: nn.Module, example_inputs: tuple[Any, ...], *, d
     """
     inputs = pytree.tree_map(_with_lengths, example_inputs, is_leaf=lambda x: isinstance(x, KeyedJaggedTensor))
     shapes = _dynamic_shapes(inputs) if dynamic else None
-    was_training = model.training
+    was_training = {module: module.training for module in model.modules()}
     model.eval()
     try:
         with torch.no_grad(), fx_config.patch(backed_size_oblivious=True):
@@ -51,7 +52,8 @@ def export_for_inference(model: nn.Module, example_inputs: tuple[Any, ...], *, d
                 strict=False,
             )
     finally:
-        model.train(was_training)
+        for module, training in was_training.items():
+            module.training = training
 
 
 def load_exported(path: str | os.PathLike[str] | IO[bytes]) -> ExportedProgram:

@@ -102,10 +102,11 @@ def keep_coalesced_flag(param: torch.Tensor) -> None:
 
     Idempotent and cheap, so a memory calls it in every forward that picks a sparse gradient (hooks registered in
     ``__init__`` would not survive ``copy.deepcopy`` or pickling of the parameter). Does nothing for a tensor that is
-    not an ``nn.Parameter`` requiring grad (e.g. one passed to ``torch.func.functional_call``) or while compiling.
+    not an ``nn.Parameter`` requiring grad (e.g. one passed to ``torch.func.functional_call``), under ``no_grad`` /
+    ``inference_mode`` (nothing is recorded: a forward that serves adds no hooks) or while compiling.
     """
-    if (torch.compiler.is_compiling() or not isinstance(param, nn.Parameter) or not param.requires_grad
-            or param in _COALESCED_FLAGS):
+    if (torch.compiler.is_compiling() or not torch.is_grad_enabled() or not isinstance(param, nn.Parameter)
+            or not param.requires_grad or param in _COALESCED_FLAGS):
         return
     flag = _COALESCED_FLAGS[param] = _CoalescedFlag()
     param.register_hook(flag.note)

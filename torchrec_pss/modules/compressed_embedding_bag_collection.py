@@ -271,7 +271,7 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOpt
             features.weights() if self._is_weighted else None, mean, batch)
         if stacked is None or len(tables) == 1:
             return stacked
-        return stacked.view(len(tables), batch, dim).transpose(0, 1).reshape(batch, len(tables) * dim)
+        return torch.cat(stacked.view(len(tables), batch, dim).unbind(0), dim=1)  # no guard on B == 1 when traced
 
     def _pooled_compressed(self, feature_dict: Mapping[str, JaggedTensor]) -> dict[str, list[torch.Tensor]]:
         """Every compressed table's ``[B_f, d]`` blocks, one per feature: one ``pooled_many`` call per memory
