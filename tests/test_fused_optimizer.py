@@ -47,9 +47,15 @@ def build(method: str, dtype: torch.dtype = torch.float32) -> CompressedEmbeddin
     return CompressedEmbeddingBagCollection(tables, {"t1": config, "t2": config}, is_weighted=True).to(dtype)
 
 
+EMPTY_STEP = 100
+"""The step whose batch gives the compressed tables' features (f1-f3) no ids at all."""
+
+
 def batch(step: int):
     rng = random.Random(step)
     bags = {f: random_bags(rng, n, batch=6, max_len=4) for f, n in {"f1": 40, "f2": 40, "f3": 30, "f4": 10}.items()}
+    if step == EMPTY_STEP:
+        bags.update({f: [[] for _ in range(6)] for f in ("f1", "f2", "f3")})
     return make_kjt(bags, {f: random_weights(rng, b) for f, b in bags.items()})
 
 
@@ -131,6 +137,22 @@ def test_fused_steps_equal_unfused_steps(method: str, optimizer: str) -> None:
                                            msg=f"{name} {key}")
 
 
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+@pytest.mark.parametrize("method", METHODS)
+def test_a_batch_without_ids_for_the_compressed_tables_steps_as_unfused(method: str, optimizer: str) -> None:
+    """A step whose batch reads no id of the compressed tables (an empty sparse gradient: BlockwiseAdagrad once
+    failed to reshape it) steps as the unfused optimizers do, before and after steps with ids."""
+    module = fused(method, optimizer)
+    assert module.fused_optimizer is not None  # builds every parameter's update
+    blocks = {name: update.row_size for name, update in module._fused_updates.items()}
+    reference = UnfusedReference(build(method), optimizer, blocks)
+    for step in (0, EMPTY_STEP, 1):
+        loss_of(module, step).backward()
+        reference.step(step)
+    for (name, param), expected in zip(module.named_parameters(), reference.module.parameters()):
+        torch.testing.assert_close(param, expected, rtol=1e-5, atol=1e-6, msg=name)
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "adagrad", "rowwise_adagrad"])
 @pytest.mark.parametrize("method", ["robe", "qr", "mlet", "hashing"])
 def test_dense_and_sparse_fused_paths_agree(method: str, optimizer: str) -> None:
@@ -160,6 +182,34 @@ def test_state_dict_round_trip_mid_training_continues_identically(optimizer: str
         loss_of(restored, step).backward()
     for (name, a), b in zip(original.named_parameters(), restored.parameters()):
         assert torch.equal(a, b), name
+
+
+def test_blockwise_adagrad_as_an_ordinary_optimizer_resumes_from_its_state_dict() -> None:
+    """``load_state_dict`` of a standalone BlockwiseAdagrad: the loaded accumulators and groups are the ones its
+    steps use (torch replaces the dicts its updates were built on), so a resume equals the uninterrupted run and
+    a later change of the learning rate takes effect."""
+    def train(param: torch.nn.Parameter, optimizer: torch.optim.Optimizer, steps: range) -> None:
+        for step in steps:
+            param.grad = torch.randn(param.shape, generator=torch.Generator().manual_seed(step))
+            optimizer.step()
+
+    start = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    whole = torch.nn.Parameter(start.clone())
+    optimizer = BlockwiseAdagrad([whole], lr=0.1)
+    train(whole, optimizer, range(3))
+    saved, halfway = optimizer.state_dict(), whole.detach().clone()
+    saved = {"state": {k: {n: t.clone() for n, t in v.items()} for k, v in saved["state"].items()},
+             "param_groups": saved["param_groups"]}
+    train(whole, optimizer, range(3, 6))
+    resumed = torch.nn.Parameter(halfway)
+    optimizer = BlockwiseAdagrad([resumed], lr=0.1)
+    optimizer.load_state_dict(saved)
+    train(resumed, optimizer, range(3, 6))
+    assert torch.equal(resumed, whole)
+    optimizer.param_groups[0]["lr"] = 0.0
+    before = resumed.detach().clone()
+    train(resumed, optimizer, range(6, 7))
+    assert torch.equal(resumed, before)
 
 
 def test_lr_changes_take_effect_on_the_next_step() -> None:
@@ -192,6 +242,23 @@ def test_combined_optimizer_and_scheduler_drive_the_fused_lr() -> None:
     before = [p.detach().clone() for p in module.parameters()]
     loss_of(module, 1).backward()
     assert all(torch.equal(a, b) for a, b in zip(before, module.parameters()))
+
+
+def test_hyperparameters_that_leave_the_update_unchanged_are_accepted() -> None:
+    """``foreach`` / ``fused`` (how torch's own step runs) and Adam's ``decoupled_weight_decay=False`` give the
+    plain steps; a value that changes the update is still refused."""
+    plain, flagged = fused("robe_sparse", "adam"), build("robe_sparse")
+    apply_optimizer_in_backward(torch.optim.Adam, flagged.parameters(),
+                                {"lr": 0.01, "foreach": True, "fused": False, "decoupled_weight_decay": False})
+    for step in range(2):
+        loss_of(plain, step).backward()
+        loss_of(flagged, step).backward()
+    for (name, a), b in zip(plain.named_parameters(), flagged.parameters()):
+        assert torch.equal(a, b), name
+    refused = build("robe_sparse")
+    apply_optimizer_in_backward(torch.optim.Adam, refused.parameters(), {"lr": 0.01, "decoupled_weight_decay": True})
+    with pytest.raises(ValueError, match=r"Adam\(decoupled_weight_decay=True\) is not supported"):
+        refused.fused_optimizer
 
 
 def test_unsupported_optimizers_are_refused() -> None:

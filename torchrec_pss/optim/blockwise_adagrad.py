@@ -34,6 +34,17 @@ class BlockwiseAdagrad(torch.optim.Optimizer):
                 self.state[p] = update.state
                 self._updates[p] = update
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """``torch.optim.Optimizer.load_state_dict``, then the loaded state and groups are the ones the updates use
+        (torch replaces the ``state`` and ``param_groups`` dicts that the updates were built on)."""
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            for p in group["params"]:
+                update = self._updates[p]
+                update.state.update(self.state[p])
+                self.state[p] = update.state
+                update.group = group
+
     @torch.no_grad()
     def step(self, closure=None):  # noqa: ANN001 - torch.optim.Optimizer's signature
         loss = closure() if closure is not None else None

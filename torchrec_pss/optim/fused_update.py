@@ -37,9 +37,11 @@ _BLOCKWISE = ("RowWiseAdagrad", "BlockwiseAdagrad")
 _TORCHREC_ANNOTATIONS = {"optimizer"}
 """Keys TorchRec's sharders add to the (shared) ``_optimizer_kwargs`` dict: the EmbOptimType of the class.
 (They also add ``learning_rate``, FBGEMM's name for ``lr``, which is read as ``lr`` when ``lr`` is absent.)"""
-_NEUTRAL = {  # accepted only at these values
-    "momentum": 0, "dampening": 0, "weight_decay": 0, "nesterov": False, "maximize": False, "amsgrad": False,
-    "foreach": None, "fused": None, "differentiable": False, "capturable": False,
+_ANY_IMPLEMENTATION = (None, False, True)
+_NEUTRAL: dict[str, tuple[Any, ...]] = {  # accepted only at these values: they leave the update as the fused one
+    "momentum": (0,), "dampening": (0,), "weight_decay": (0,), "nesterov": (False,), "maximize": (False,),
+    "amsgrad": (False,), "decoupled_weight_decay": (False,), "differentiable": (False,), "capturable": (False,),
+    "foreach": _ANY_IMPLEMENTATION, "fused": _ANY_IMPLEMENTATION,  # how torch's own step runs, not what it does
 }
 
 
@@ -67,7 +69,7 @@ class FusedUpdate:
                     hyper["lr"] = value
             elif key in _TORCHREC_ANNOTATIONS:
                 continue
-            elif key not in _NEUTRAL or value != _NEUTRAL[key]:
+            elif key not in _NEUTRAL or value not in _NEUTRAL[key]:
                 raise ValueError(f"parameter {name!r}: {optimizer_class.__name__}({key}={value!r}) is not supported")
         self.name, self.param, self.kind = name, param, kind
         self.row_size = hyper.pop("block_size", None) or row_size
@@ -180,7 +182,7 @@ class FusedUpdate:
     def _sparse_rowwise(self, rows: torch.Tensor, values: torch.Tensor, clr: float) -> None:
         """RowWiseAdagrad on a sparse gradient: only the blocks holding touched elements change."""
         p, s, size = self.param, self.state, self.row_size
-        flat_values = values.reshape(rows.numel(), -1)
+        flat_values = values.reshape(rows.numel(), math.prod(values.shape[1:]))  # also for no rows
         positions = (rows.unsqueeze(1) * flat_values.shape[1] + torch.arange(flat_values.shape[1], device=rows.device))
         positions, flat_values = positions.reshape(-1), flat_values.reshape(-1)
         blocks = torch.div(positions, size, rounding_mode="floor")
