@@ -67,5 +67,5 @@ def with_plain_tables(
                 continue
             else:
                 weight = memory.materialize(table.name)
-            result.embedding_bags[table.name].weight.copy_(weight.to(torch.float32))
+            result.embedding_bags[table.name].weight.copy_(weight)  # cast while copying: no float32 temporary
     return result

@@ -113,11 +113,16 @@ class PSSMemory(nn.Module, abc.ABC):
         return param[0].numel() if param.dim() > 1 else 1
 
     def materialize(self, table: str) -> torch.Tensor:
-        """The full ``[n, d]`` table in float64, row by row from :meth:`recover` (methods may do better)."""
-        n = self.tables[table].num_embeddings
+        """The full ``[n, d]`` table in float64, written block by block from :meth:`recover` (methods may do better):
+        no more memory than the table and one block's rows."""
+        config = self.tables[table]
+        device = next(self.parameters()).device
+        out = torch.empty(config.num_embeddings, config.embedding_dim, dtype=torch.float64, device=device)
         with torch.no_grad():
-            ids = torch.arange(n, device=next(self.parameters()).device)
-            return torch.cat([self.recover(table, chunk).double() for chunk in ids.split(1 << 16)])
+            for start in range(0, config.num_embeddings, 1 << 16):
+                ids = torch.arange(start, min(start + (1 << 16), config.num_embeddings), device=device)
+                out[start : start + ids.numel()] = self.recover(table, ids)
+        return out
 
     def quantized(self, block_size: int) -> PSSMemory | None:
         """An inference-only int8 copy of this memory (``block_size``: elements per scale where the method
