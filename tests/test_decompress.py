@@ -67,11 +67,13 @@ def test_decompressed_tables_give_equal_outputs(method: str, weighted: bool) -> 
     assert_same_outputs(served, module)
 
 
-def test_partial_decompression_keeps_the_rest_compressed() -> None:
-    """a and b share one ROBE memory: b keeps reading all of it after a became plain; d (QR) stays too."""
+@pytest.mark.parametrize("robe", [METHODS["robe"], RobeConfig(compression=4, chunk_size=4)],
+                         ids=["memory_size", "compression"])
+def test_partial_decompression_keeps_the_rest_compressed(robe: RobeConfig) -> None:
+    """a and b share one ROBE memory: b keeps reading all of it after a became plain; d (QR) stays too. The
+    result's ``compression`` rebuilds it: its state_dict loads into that rebuild, which serves the same outputs."""
     torch.manual_seed(1)
     configs = tables() + [EmbeddingBagConfig(name="d", embedding_dim=8, num_embeddings=100, feature_names=["fe"])]
-    robe = METHODS["robe"]
     module = CompressedEmbeddingBagCollection(configs, {"a": robe, "b": robe, "d": METHODS["qr"]}, is_weighted=True)
     served = decompress(module, ["a", "c"])  # c is plain already
     assert type(served) is CompressedEmbeddingBagCollection
@@ -82,6 +84,9 @@ def test_partial_decompression_keeps_the_rest_compressed() -> None:
     bags = {f: random_bags(rng, 50, batch=16, max_len=5) for f in ["fa", "fb", "fc", "fd", "fe"]}
     features = make_kjt(bags, {f: random_weights(rng, b) for f, b in bags.items()})
     torch.testing.assert_close(served(features).values(), module(features).values(), rtol=1e-5, atol=1e-6)
+    rebuilt = CompressedEmbeddingBagCollection(configs, served.compression, is_weighted=True)
+    rebuilt.load_state_dict(served.state_dict())
+    assert torch.equal(rebuilt(features).values(), served(features).values())
 
 
 @pytest.mark.parametrize("plain", [["a"], ["d"], ["a", "c"]], ids=["half_a_robe_group", "qr", "with_a_plain_one"])

@@ -31,17 +31,23 @@ def with_plain_tables(
 ) -> EmbeddingBagCollection | CompressedEmbeddingBagCollection:
     """A copy of ``module`` in which the compressed ``tables`` are plain ``[n, d]`` float32 tables.
 
-    Each is materialised in float64 (``PSSMemory.materialize``) and cast to float32, so outputs equal the
-    module's up to float32 rounding. Plain tables keep copies of their weights; the other compressed
-    tables keep copies of their memories, int8 ones included (a share group of which only some tables
-    became plain keeps its whole memory, so the rest read the same values). The result is a ``torchrec.EmbeddingBagCollection``
-    when no compressed table is left, except for a weighted module with a MEAN table (``nn.EmbeddingBag``
-    refuses per-sample weights with MEAN): that, and a module with compressed tables left, is a
-    ``CompressedEmbeddingBagCollection`` (same keys, ``embedding_bags.<table>.weight`` for plain tables).
+    Each is materialised in float64 (``PSSMemory.materialize``) and cast to float32, so outputs equal the module's
+    up to float32 rounding. Plain tables keep copies of their weights; the other compressed tables keep copies of
+    their memories, int8 ones included. A share group of which only some tables became plain keeps the same memory
+    (same size, values and hash constants) for the rest, configured by
+    :meth:`~torchrec_pss.contract.PSSMemory.config_of_a_subset` (ROBE: its ``memory_size``), so that the result's
+    ``compression`` rebuilds it and its state_dict loads into that rebuild; an int8 memory is kept whole. The result
+    is a ``torchrec.EmbeddingBagCollection`` when no compressed table is left, except for a weighted module with a
+    MEAN table (``nn.EmbeddingBag`` refuses per-sample weights with MEAN): that, and a module with compressed tables
+    left, is a ``CompressedEmbeddingBagCollection`` (same keys, ``embedding_bags.<table>.weight`` for plain tables).
     """
     configs = module.embedding_bag_configs()
     made_plain = set(tables)
     keep = {name: config for name, config in module.compression.items() if name not in made_plain}
+    for name in keep:
+        memory = module.memory_for(name)
+        if not isinstance(memory, Int8Memory) and made_plain & set(memory.tables):
+            keep[name] = memory.config_of_a_subset()
     device = next(module.parameters()).device
     weighted_mean = module.is_weighted() and any(t.pooling == PoolingType.MEAN for t in configs)
     if keep or weighted_mean:
@@ -52,10 +58,11 @@ def with_plain_tables(
             if isinstance(source, Int8Memory):  # inference-only: no optimizer attached to copy along
                 result.pss_memories[group] = copy.deepcopy(source)
                 continue
-            if memory.tables.keys() != source.tables.keys():
-                memory = type(source)(source.config, list(source.tables.values()), device)
-                result.pss_memories[group] = memory
-            memory.load_state_dict(source.state_dict())
+            state = source.state_dict()
+            rows = [list(source.tables).index(table) for table in memory.tables]
+            for name in source.per_table_buffers:
+                state[name] = state[name][rows]
+            memory.load_state_dict(state)
     else:
         result = EmbeddingBagCollection(configs, is_weighted=module.is_weighted(), device=device)
     with torch.no_grad():

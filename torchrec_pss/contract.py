@@ -112,6 +112,12 @@ class PSSMemory(nn.Module, abc.ABC):
         """Elements per accumulator of a row-wise optimizer for ``param``: a row, or one element of a 1-D memory."""
         return param[0].numel() if param.dim() > 1 else 1
 
+    def config_of_a_subset(self) -> MethodConfig:
+        """The config of a memory holding only some of this memory's tables with this memory's size and values
+        (:func:`~torchrec_pss.collapse.with_plain_tables` when the others become plain): ``config`` itself unless
+        the size follows from the tables."""
+        return self.config
+
     def materialize(self, table: str) -> torch.Tensor:
         """The full ``[n, d]`` table in float64, written block by block from :meth:`recover` (methods may do better):
         no more memory than the table and one block's rows."""

@@ -20,6 +20,7 @@ the end of ``M``: it wraps around (``M`` is circular).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Mapping, Sequence
@@ -121,6 +122,11 @@ class RobeMemory(PSSMemory):
             self.weight.uniform_(-scale, scale)
             self.hash_coefficients.copy_(hash_coefficients(self.config.seed, 2))
             self.table_keys.copy_(torch.tensor([self._table_keys[n] for n in self.tables], dtype=torch.int64))
+
+    def config_of_a_subset(self) -> RobeConfig:
+        """``config`` with ``memory_size`` = this ``|M|``: the hash constants follow from the seed and the table names,
+        so a memory of some of the tables reads the same positions of the same array."""
+        return dataclasses.replace(self.config, compression=None, memory_size=self.memory_size)
 
     def optimizer_block_size(self, param: torch.Tensor) -> int:
         """One row-wise accumulator per Z consecutive memory elements."""
