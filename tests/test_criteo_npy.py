@@ -101,18 +101,33 @@ def test_a_day_missing_any_part_is_named_not_skipped(tmp_path: Path, npy_root: P
                                                    r"\{'dense': 128, 'sparse': 128, 'labels': 100\}"),
         ({"dense": np.zeros((128, 12), np.float32)}, r"day_0_dense.npy: shape \[128, 12\], expected \['rows', 13\]"),
         ({"sparse": np.zeros((128,), np.int64)}, r"day_0_sparse.npy: shape \[128\], expected \['rows', 26\]"),
-        ({"labels": np.zeros((128, 2), np.int32)}, r"day_0_labels.npy: shape \[128, 2\], expected \['rows'\] or "
-                                                   r"\['rows', 1\]"),
+        ({"labels": np.zeros((128, 2), np.int32)}, r"day_0_labels.npy: shape \[128, 2\], expected \['rows', 1\]$"),
+        ({"labels": np.zeros((128,), np.int32)}, r"day_0_labels.npy: shape \[128\], expected \['rows', 1\] \(save it "
+                                                 r"as labels.reshape\(-1, 1\)\)"),  # TorchRec's reader needs [rows, 1]
     ],
 )
 def test_parts_of_a_day_must_agree(tmp_path: Path, arrays: dict[str, np.ndarray], message: str) -> None:
     """TorchRec's reader counts rows from the dense file, the job from the labels: a mismatch is refused first."""
     parts = {"dense": np.zeros((128, 13), np.float32), "sparse": np.zeros((128, 26), np.int64),
-             "labels": np.zeros((128,), np.int32), **arrays}
+             "labels": np.zeros((128, 1), np.int32), **arrays}
     for part, array in parts.items():
         np.save(tmp_path / f"day_0_{part}.npy", array)
     with pytest.raises(ValueError, match=message):
         npy_days(str(tmp_path))
+
+
+def test_a_label_other_than_0_or_1_is_refused(tmp_path: Path, npy_root: Path) -> None:
+    """``tsv_to_npys`` writes -1 for the unlabelled rows of Kaggle's test file: training on them is refused."""
+    for part in ("dense", "sparse", "labels"):
+        np.save(tmp_path / f"day_0_{part}.npy", np.load(npy_root / f"day_1_{part}.npy"))
+    labels = np.load(npy_root / "day_1_labels.npy")
+    labels[70] = -1
+    np.save(tmp_path / "day_0_labels.npy", labels)
+    sizes = [1000] * 26
+    batches = criteo_npy_batches(str(tmp_path), [0], 32, sizes, rank=0, world_size=1)
+    assert len([next(batches), next(batches)]) == 2  # rows 0-63 are labelled
+    with pytest.raises(ValueError, match=r"day_0_labels.npy'\]: batch 2 of this rank \(train\) has the label -1"):
+        next(batches)
 
 
 def test_a_file_that_is_not_npy_is_named(tmp_path: Path, npy_root: Path) -> None:

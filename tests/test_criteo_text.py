@@ -57,6 +57,8 @@ def test_csv_with_header_and_float_integers() -> None:
         ("1" + "\t1" * 13 + "\tab" * 25 + "\t0x1f", "C26 is not a hexadecimal id: '0x1f'"),
         ("1" + "\t1" * 13 + "\t+ff" + "\tab" * 25, "C1 is not a hexadecimal id: '\\+ff'"),
         ("1" + "\t1" * 13 + "\t6_8" + "\tab" * 25, "C1 is not a hexadecimal id: '6_8'"),
+        ("1" + "\t1_000" + "\t1" * 12 + "\tab" * 26, "I1 is not a number: '1_000'"),  # float() would take both
+        ("1" + "\t\u0661\u0662" + "\t1" * 12 + "\tab" * 26, "I1 is not a number: '\u0661\u0662'"),
     ],
 )
 def test_malformed_lines_name_file_line_and_field(tmp_path: Path, line: str, message: str) -> None:
@@ -64,6 +66,18 @@ def test_malformed_lines_name_file_line_and_field(tmp_path: Path, line: str, mes
     path = tmp_path / "day_0.tsv"
     path.write_text(f"{good}\n{good}\n{line}\n")
     with pytest.raises(ValueError, match=rf"day_0.tsv:3: {message}"):
+        list(read_criteo_rows(str(path), [N] * 26))
+
+
+@pytest.mark.parametrize("row", ["1,2,3", "0"])
+def test_a_csv_row_needs_every_field_of_the_header(tmp_path: Path, row: str) -> None:
+    """The tab day format pads rows that lost trailing empty fields; a CSV row short of the header's 40 fields is
+    malformed (it was padded with missing values)."""
+    header = "label," + ",".join(f"I{i}" for i in range(1, 14)) + "," + ",".join(f"C{i}" for i in range(1, 27))
+    good = "0" + ",1" * 13 + ",ab" * 26
+    path = tmp_path / "rows.csv"
+    path.write_text(f"{header}\n{good}\n{row}\n")
+    with pytest.raises(ValueError, match=rf"rows.csv:3: expected 40 \(the header's\) fields, got {row.count(',') + 1}"):
         list(read_criteo_rows(str(path), [N] * 26))
 
 

@@ -25,8 +25,9 @@ from torchrec.datasets.utils import Batch
 NUM_DENSE, NUM_SPARSE = len(DEFAULT_INT_NAMES), len(DEFAULT_CAT_NAMES)
 _DAY_FILE = re.compile(r"^day_(\d+)_(dense|sparse|labels)\.npy$")
 _PARTS = ("dense", "sparse", "labels")
-_COLUMNS = {"dense": ((NUM_DENSE,),), "sparse": ((NUM_SPARSE,),), "labels": ((), (1,))}
-"""The trailing shapes each part may have: ``[rows, 13]``, ``[rows, 26]``, ``[rows]`` or ``[rows, 1]``."""
+_COLUMNS = {"dense": ((NUM_DENSE,),), "sparse": ((NUM_SPARSE,),), "labels": ((1,),)}
+"""The trailing shapes of each part: ``[rows, 13]``, ``[rows, 26]``, ``[rows, 1]`` (TorchRec's reader indexes
+labels as ``[rows, 1]``)."""
 
 
 def npy_shape(path: str) -> tuple[int, ...]:
@@ -46,7 +47,7 @@ def npy_days(root: str) -> dict[int, int]:
     """The rows of each day under ``root``, by day number ascending.
 
     Every day needs all three parts with the same number of rows and their columns (``[rows, 13]``,
-    ``[rows, 26]``, ``[rows]`` or ``[rows, 1]``); anything else raises ``ValueError`` naming the file.
+    ``[rows, 26]``, ``[rows, 1]``); anything else raises ``ValueError`` naming the file.
     """
     names = set(g_pathmgr.ls(root)) if g_pathmgr.isdir(root) else set()
     if not names:
@@ -64,7 +65,8 @@ def npy_days(root: str) -> dict[int, int]:
             shape = npy_shape(posixpath.join(root, name))
             if len(shape) < 1 or tuple(shape[1:]) not in _COLUMNS[part]:
                 expected = " or ".join(str(["rows", *columns]) for columns in _COLUMNS[part])
-                raise ValueError(f"{posixpath.join(root, name)}: shape {list(shape)}, expected {expected}")
+                advice = " (save it as labels.reshape(-1, 1))" if part == "labels" and len(shape) == 1 else ""
+                raise ValueError(f"{posixpath.join(root, name)}: shape {list(shape)}, expected {expected}{advice}")
             shapes[part] = shape[0]
         if len(set(shapes.values())) != 1:
             raise ValueError(f"{root!r}: the parts of day {day} have different row counts: {shapes}")
@@ -77,13 +79,18 @@ def npy_batches(root: str, days: Sequence[int], batch_size: int, num_embeddings:
     """This rank's full batches of ``days`` (every ``world_size``-th batch), with float labels ``[B]``.
 
     ``stage`` is TorchRec's: "train" reads the days whole, "val" / "test" the first / second half of
-    the first day listed.
+    the first day listed. A label other than 0 or 1 (``tsv_to_npys`` writes -1 for unlabelled rows) raises
+    ``ValueError`` naming the days' label files and the batch.
     """
     paths = {part: [posixpath.join(root, f"day_{d}_{part}.npy") for d in days] for part in _PARTS}
     pipe = InMemoryBinaryCriteoIterDataPipe(
         stage, paths["dense"], paths["sparse"], paths["labels"], batch_size=batch_size, rank=rank,
         world_size=world_size, drop_last=True, hashes=list(num_embeddings),
     )
-    for batch in pipe:
+    for index, batch in enumerate(pipe):
+        bad = (batch.labels != 0) & (batch.labels != 1)
+        if bad.any():
+            raise ValueError(f"{paths['labels']}: batch {index} of this rank ({stage}) has the label "
+                             f"{batch.labels[bad][0].item()}; labels must be 0 or 1")
         yield Batch(dense_features=batch.dense_features, sparse_features=batch.sparse_features,
                     labels=batch.labels.float())

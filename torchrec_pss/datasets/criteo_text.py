@@ -2,7 +2,8 @@
 
 Two layouts: the Kaggle / 1TB day format (tab-separated ``label, I1..I13, C1..C26``, no header; rows
 that lost trailing empty fields are padded) and the comma-separated layout with a header row
-``label,I1..I13,C1..C26`` (integers may be written as floats, ``260.0``). Preprocessing: each dense value
+``label,I1..I13,C1..C26`` (every row has the header's 40 fields; integers may be written as floats, ``260.0``;
+numbers are ASCII decimals). Preprocessing: each dense value
 ``x`` becomes ``log(max(x, 0) + 1)`` on its own (missing -> 0, so missing and negative counts give 0.0; the
 facebookresearch DLRM convention), each sparse id ``int(hex, 16) mod num_embeddings[f]`` (hex digits only;
 missing -> 0). Gzip-compressed files (Criteo 1TB's ``day_<i>.gz``) are read as they are. Anything malformed
@@ -36,23 +37,27 @@ NUM_FIELDS = 1 + NUM_DENSE + NUM_SPARSE
 _HEADER = ["label", *(f"I{i}" for i in range(1, NUM_DENSE + 1)), *(f"C{i}" for i in range(1, NUM_SPARSE + 1))]
 
 _HEX = re.compile(r"[0-9a-fA-F]+")
+_NUMBER = re.compile(r"[+-]?[0-9]+(?:\.[0-9]*)?(?:[eE][+-]?[0-9]+)?")
 _GZIP_MAGIC = b"\x1f\x8b"
 
 
-def parse_row(fields: list[str], num_embeddings: Sequence[int], where: str) -> tuple[int, list[float], list[int]]:
-    """``(label, 13 dense values, 26 sparse ids)`` of one row's fields (``where`` names file:line)."""
-    if len(fields) > NUM_FIELDS:
-        raise ValueError(f"{where}: expected at most {NUM_FIELDS} fields, got {len(fields)}")
+def parse_row(fields: list[str], num_embeddings: Sequence[int], where: str,
+              padded: bool = True) -> tuple[int, list[float], list[int]]:
+    """``(label, 13 dense values, 26 sparse ids)`` of one row's fields (``where`` names file:line); ``padded``:
+    a row may lack trailing fields (the tab day format), else it must have all 40 (the CSV layout)."""
+    if len(fields) > NUM_FIELDS or (not padded and len(fields) != NUM_FIELDS):
+        expected = f"at most {NUM_FIELDS}" if padded else f"{NUM_FIELDS} (the header's)"
+        raise ValueError(f"{where}: expected {expected} fields, got {len(fields)}")
     fields = fields + [""] * (NUM_FIELDS - len(fields))
     label_text = fields[0].strip()
     if label_text not in ("0", "1", "0.0", "1.0"):
         raise ValueError(f"{where}: label must be 0 or 1, got {label_text!r}")
     dense = []
     for name, text in zip(_HEADER[1 : 1 + NUM_DENSE], fields[1 : 1 + NUM_DENSE]):
-        try:
-            value = float(text) if text.strip() else 0.0
-        except ValueError:
-            raise ValueError(f"{where}: {name} is not a number: {text!r}") from None
+        digits = text.strip()
+        if digits and not _NUMBER.fullmatch(digits):
+            raise ValueError(f"{where}: {name} is not a number: {text!r}")
+        value = float(digits) if digits else 0.0
         if not math.isfinite(value) or value != int(value):
             raise ValueError(f"{where}: {name} must be an integer count, got {text!r}")
         dense.append(math.log(max(value, 0.0) + 1.0))
@@ -79,7 +84,7 @@ def read_rows(path: str, num_embeddings: Sequence[int]) -> Iterator[tuple[int, l
                 continue
             if not line:
                 continue
-            yield parse_row(line.split(delimiter), num_embeddings, f"{path}:{number}")
+            yield parse_row(line.split(delimiter), num_embeddings, f"{path}:{number}", padded=delimiter == "\t")
 
 
 def _lines(handle: IO[bytes], path: str) -> Iterator[tuple[int, str]]:
