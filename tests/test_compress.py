@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+import torch.distributed as dist
 from torch import nn
 from torchrec import EmbeddingBagCollection
 from torchrec.models.dlrm import DLRM
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from helpers import make_kjt
+from helpers import make_dmp, make_kjt, spawn_ranks
 from torchrec_pss import (
     CompressedEmbeddingBagCollection,
     QRConfig,
@@ -160,6 +163,37 @@ def test_compress_replaces_a_shared_ebc_under_every_name() -> None:
     robe = RobeConfig(compression=10, chunk_size=4)
     compress_(shared, robe)
     assert shared.b is shared.a and shared.a[0].compression == {"tok": robe}
+
+
+def test_filter_fn_sees_every_name_of_a_shared_ebc() -> None:
+    """``named_modules`` drops repeated parents: an EBC under ``a.0`` and ``b.0`` is offered under both."""
+    shared = nn.Module()
+    shared.a = nn.Sequential(one_table_ebc("tok"))
+    shared.b = shared.a
+    seen = []
+    compress_(shared, RobeConfig(compression=10, chunk_size=4), filter_fn=lambda m, fqn: seen.append(fqn) or fqn == "b.0")
+    assert seen == ["a.0", "b.0"] and type(shared.a[0]) is CompressedEmbeddingBagCollection and shared.b is shared.a
+
+
+def _compress_a_sharded_model(rank: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=1)
+    model = make_dmp(nn.Sequential(one_table_ebc("p")), world=1)
+    errors = []
+    for config in (RobeConfig(compression=10, chunk_size=4), {"p": RobeConfig(compression=10, chunk_size=4)}):
+        try:
+            compress_(model, config)
+        except ValueError as error:
+            errors.append(str(error))
+    torch.save({"errors": errors, "module": type(model.module[0]).__name__}, os.path.join(out_dir, f"dmp{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_a_sharded_model_is_refused_with_the_order_to_follow() -> None:
+    """``compress_`` after ``DistributedModelParallel``: there is no EBC left to swap, so it says to compress first
+    (it returned the model unchanged, or blamed the tables)."""
+    (result,) = spawn_ranks(_compress_a_sharded_model, 1, "dmp")
+    assert result["module"] == "ShardedEmbeddingBagCollection" and len(result["errors"]) == 2
+    assert all("sharded already" in e and "before DistributedModelParallel" in e for e in result["errors"])
 
 
 def test_compress_builds_on_the_device_of_the_weights() -> None:

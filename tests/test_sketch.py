@@ -14,7 +14,8 @@ from torchrec import EmbeddingBagCollection
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
 from helpers import make_kjt
-from torchrec_pss import CompressedEmbeddingBagCollection, QRConfig, RobeConfig, parse_compression_flag, sketch_from_pretrained
+from torchrec_pss import (CompressedEmbeddingBagCollection, QRConfig, RobeConfig, parse_compression_flag,
+                          quantize_memories_, sketch_from_pretrained)
 from torchrec_pss.hashing import PRIME
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,6 +144,23 @@ def test_compressed_tables_of_a_cebc_keep_their_memory() -> None:
     shared = RobeConfig(compression=4, use_sign=True)
     with pytest.raises(ValueError, match="would hold sketched tables"):
         sketch_from_pretrained(CompressedEmbeddingBagCollection(tables, {"q": shared}), {"r": shared})
+
+
+def test_int8_memories_of_a_cebc_are_kept_as_they_are() -> None:
+    """Sketching a plain table of a module served in int8 keeps its int8 memories (their state could not load
+    into the float memories built for them)."""
+    tables = [EmbeddingBagConfig(name=name, embedding_dim=8, num_embeddings=200, feature_names=[name])
+              for name in ("q", "r", "p")]
+    torch.manual_seed(0)
+    source = CompressedEmbeddingBagCollection(tables, {"q": QRConfig(collisions=20), "r": RobeConfig(compression=4)})
+    quantize_memories_(source)
+    module = sketch_from_pretrained(source, {"p": RobeConfig(compression=4, use_sign=True, share_group="warm")})
+    kjt = make_kjt({"q": [[1, 2], [199]], "r": [[3], [4, 5]], "p": [[6], []]})
+    with torch.no_grad():
+        expected, got = source(kjt).to_dict(), module(kjt).to_dict()
+    for name in ("q", "r"):
+        assert type(module.memory_for(name)) is type(source.memory_for(name))
+        assert torch.equal(got[name], expected[name])
 
 
 @pytest.mark.skipif(not (CRITEO / "kaggle_8k_train.tsv").is_file(), reason="needs ../shared/data/criteo beside the checkout")

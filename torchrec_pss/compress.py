@@ -7,6 +7,7 @@ from typing import Callable, Mapping, Sequence, Union
 import torch
 from torch import nn
 from torchrec import EmbeddingBagCollection
+from torchrec.distributed.types import ShardedModule
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
 from torchrec_pss.contract import MethodConfig
@@ -26,23 +27,29 @@ def compress_(model: nn.Module, config: ConfigChoice, filter_fn: FilterFn | None
     ``ValueError``, raised before anything is replaced. Each replacement is a
     ``CompressedEmbeddingBagCollection`` with the same tables, feature order, pooling and weightedness,
     on the device of the EBC's parameters; plain tables keep their current weights, compressed ones
-    start from their method's init. An EBC registered under several names (accepted under any of them)
-    is replaced by one module under all of them. All replacements are built before the first is put in
-    place; the rest of the model is untouched. Returns ``model`` (or the replacement when ``model``
-    itself is an EBC).
+    start from their method's init. An EBC registered under several names (accepted under any of them,
+    ``filter_fn`` sees every one) is replaced by one module under all of them. All replacements are built before
+    the first is put in place; the rest of the model is untouched. Returns ``model`` (or the replacement when
+    ``model`` itself is an EBC). A model whose embedding modules are sharded already (wrapped by
+    ``DistributedModelParallel``) is refused: compress before sharding.
     """
     if _accepted(model, "", filter_fn):
         _check_named_tables(config, [model])
         return _compressed(model, config)
     places: dict[EmbeddingBagCollection, list[tuple[nn.Module, str]]] = {}
     chosen: dict[EmbeddingBagCollection, None] = {}
-    for fqn, parent in model.named_modules():
+    for fqn, parent in model.named_modules(remove_duplicate=False):
         for name, child in parent._modules.items():
             if type(child) is not EmbeddingBagCollection:
                 continue
             places.setdefault(child, []).append((parent, name))
             if child not in chosen and _accepted(child, f"{fqn}.{name}" if fqn else name, filter_fn):
                 chosen[child] = None
+    if not chosen:
+        sharded = [fqn for fqn, module in model.named_modules() if isinstance(module, ShardedModule)]
+        if sharded:
+            raise ValueError(f"compress_: the model's embedding modules are sharded already ({sharded}); call "
+                             "compress_ before DistributedModelParallel shards the model")
     _check_named_tables(config, list(chosen))
     replacements = {ebc: _compressed(ebc, config) for ebc in chosen}
     for ebc, replacement in replacements.items():
@@ -65,6 +72,9 @@ def _check_named_tables(config: ConfigChoice, ebcs: Sequence[EmbeddingBagCollect
         return
     available = sorted({table.name for ebc in ebcs for table in ebc.embedding_bag_configs()})
     unknown = sorted(named - set(available))
+    if unknown and not ebcs:
+        raise ValueError(f"compression config names tables {unknown}, but no torchrec.EmbeddingBagCollection is "
+                         "being compressed (filter_fn accepted none, or the model's are compressed already)")
     if unknown:
         raise ValueError(f"compression config names tables {unknown} that no EmbeddingBagCollection being compressed "
                          f"has; tables: {available}")
