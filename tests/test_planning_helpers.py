@@ -11,7 +11,7 @@ from torchrec import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.distributed.planner import Topology
 from torchrec.distributed.sharding_plan import get_default_sharders
 from torchrec.distributed.types import ShardingType
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig
+from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, EmbeddingConfig
 
 from torchrec_pss import CompressedEmbeddingBagCollection, RobeConfig
 from torchrec_pss.distributed import (
@@ -168,3 +168,41 @@ def test_budget_that_fits_everything_compresses_nothing() -> None:
 def test_budget_too_small_is_refused() -> None:
     with pytest.raises(ValueError, match="too small"):
         compression_for_budget(mlperf_tables(), 1000, RobeConfig.for_memory)
+    one = [EmbeddingBagConfig(name="a", embedding_dim=8, num_embeddings=1000, feature_names=["a"])]
+    with pytest.raises(ValueError, match="each of the 1 compressed ones 1024 more for its hash constants"):
+        compression_for_budget(one, 100, RobeConfig.for_memory)
+
+
+def stored_bytes(tables: list[EmbeddingBagConfig], compression: dict) -> int:
+    module = CompressedEmbeddingBagCollection(tables, compression, device="meta")
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+def test_a_budget_met_only_by_capping_some_shares_is_met() -> None:
+    """90 GB for the MLPerf tables (104.5 GB plain): the smaller compressed tables' shares would compress them
+    less than min_ratio (they were all put back to plain, and the budget refused) and the largest' exceed ROBE's
+    2^31 - 1 elements; capped, the budget is met."""
+    tables = mlperf_tables()
+    compression = compression_for_budget(tables, "90 GB", RobeConfig.for_memory)
+    assert compression and stored_bytes(tables, compression) <= 90 * 10**9
+    sizes = {t.name: t.num_embeddings * t.embedding_dim for t in tables}
+    for name, config in compression.items():
+        assert config.memory_size <= 2**31 - 2 and sizes[name] / config.memory_size >= 2.0, name
+
+
+@pytest.mark.parametrize("min_ratio, elements", [(2.0, 80_000), (1.0, 95_744)])
+def test_one_table_over_its_budget_is_compressed_at_min_ratio(min_ratio: float, elements: int) -> None:
+    """A budget of 0.6x the table: its share (0.6x) would compress it 1.67x, so it is compressed at min_ratio
+    (it was refused); with min_ratio 1 it takes the whole share less the hash constants' allowance."""
+    table = EmbeddingBagConfig(name="a", embedding_dim=16, num_embeddings=10_000, feature_names=["a"])
+    compression = compression_for_budget([table], 384_000, RobeConfig.for_memory, min_ratio=min_ratio)
+    assert compression["a"].memory_size == elements and stored_bytes([table], compression) <= 384_000
+
+
+def test_tables_of_another_data_type_stay_plain_at_their_size() -> None:
+    """Compressed memories are float32: an FP16 table stays plain and counts 2 bytes per element."""
+    half = EmbeddingBagConfig(name="h16", embedding_dim=16, num_embeddings=1_000_000, feature_names=["h"],
+                              data_type=DataType.FP16)
+    full = EmbeddingBagConfig(name="f32", embedding_dim=16, num_embeddings=1_000_000, feature_names=["f"])
+    compression = compression_for_budget([half, full], 60_000_000, RobeConfig.for_memory)
+    assert set(compression) == {"f32"} and stored_bytes([half, full], compression) <= 60_000_000
