@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -143,3 +145,28 @@ def test_job_trains_on_npy_days(npy_root: Path) -> None:
                     "--eval-every", "40", "--pss", "robe:compression=100,chunk_size=8,min_rows=10000"])
     assert summary["data"] == f"npy:{npy_root}" and [e["step"] for e in summary["evaluations"]] == [40, 80]
     assert summary["auc"] > 0.55 and summary["compression_ratio"] > 10
+
+
+FIRST_BATCH_RSS = """
+import sys
+from torchrec_pss.datasets import criteo_npy_batches
+def status(key):
+    return int(next(line for line in open("/proc/self/status") if line.startswith(key)).split()[1]) * 1024
+open("/proc/self/clear_refs", "w").write("5")  # the peak (VmHWM) restarts from the current RSS
+before = status("VmRSS")
+next(criteo_npy_batches(sys.argv[1], [0], 64, [1000] * 26, rank=0, world_size=1))
+print(status("VmHWM") - before)
+"""
+
+
+def test_a_batch_reads_its_rows_not_the_whole_day(tmp_path: Path) -> None:
+    """The days are memory-mapped: the first batch of a 400k-row day (52 MB of dense and sparse arrays) costs a
+    few MB, where loading the day whole (and taking its ids mod the tables' sizes) cost over 50 MB."""
+    rows = 400_000
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "day_0_dense.npy", rng.random((rows, 13), dtype=np.float32))
+    np.save(tmp_path / "day_0_sparse.npy", rng.integers(0, 10**6, (rows, 26)))
+    np.save(tmp_path / "day_0_labels.npy", rng.integers(0, 2, (rows, 1)).astype(np.int32))
+    out = subprocess.run([sys.executable, "-c", FIRST_BATCH_RSS, str(tmp_path)], check=True, capture_output=True,
+                         text=True, timeout=300)
+    assert int(out.stdout.split()[-1]) < 20 * 2**20

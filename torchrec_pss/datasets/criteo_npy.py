@@ -79,14 +79,15 @@ def npy_batches(root: str, days: Sequence[int], batch_size: int, num_embeddings:
     """This rank's full batches of ``days`` (every ``world_size``-th batch), with float labels ``[B]``.
 
     ``stage`` is TorchRec's: "train" reads the days whole, "val" / "test" the first / second half of
-    the first day listed. A label other than 0 or 1 (``tsv_to_npys`` writes -1 for unlabelled rows) raises
+    the first day listed. The days are memory-mapped (TorchRec's ``mmap_mode``), so a rank holds its batches, not
+    the days. A label other than 0 or 1 (``tsv_to_npys`` writes -1 for unlabelled rows) raises
     ``ValueError`` naming the days' label files and the batch.
     """
     paths = {part: [posixpath.join(root, f"day_{d}_{part}.npy") for d in days] for part in _PARTS}
     pipe = InMemoryBinaryCriteoIterDataPipe(
         stage, paths["dense"], paths["sparse"], paths["labels"], batch_size=batch_size, rank=rank,
-        world_size=world_size, drop_last=True, hashes=list(num_embeddings),
-    )
+        world_size=world_size, drop_last=True, hashes=list(num_embeddings), mmap_mode=True,
+    )  # memory-mapped: a rank reads its batches' rows, not every day whole (ids taken mod hashes per batch)
     for index, batch in enumerate(pipe):
         bad = (batch.labels != 0) & (batch.labels != 1)
         if bad.any():
