@@ -80,7 +80,7 @@ def custom_op_versions(device: torch.device) -> tuple[Callable[..., Tensor], Cal
         return reference.pooled_forward(memory, ids, offsets, weights, coefficients, keys, dim, chunk_size,
                                         use_sign, mean)
 
-    pooled.register_kernel(device.type)(_device_kernel(pooled._init_fn, _tensor_positions(pooled._opoverload),
+    pooled.register_kernel(device.type)(_device_kernel(pooled._init_fn, _tensor_positions(pooled._opoverload), [],
                                                        device_loader(device), ops._pooled_kernel))
     pooled.register_autograd(ops._backward, setup_context=ops._setup_context)
 
@@ -89,7 +89,7 @@ def custom_op_versions(device: torch.device) -> tuple[Callable[..., Tensor], Cal
             coefficients: Tensor, keys: Tensor, chunk_size: int, use_sign: bool, mean: bool, lr: float) -> None:
         reference.sgd_update_(memory, grad, ids, offsets, weights, coefficients, keys, chunk_size, use_sign, mean, lr)
 
-    sgd.register_kernel(device.type)(_device_kernel(sgd._init_fn, _tensor_positions(sgd._opoverload),
+    sgd.register_kernel(device.type)(_device_kernel(sgd._init_fn, _tensor_positions(sgd._opoverload), [0],
                                                     device_loader(device), sgd_adapter(device)))
     return pooled, sgd
 

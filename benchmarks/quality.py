@@ -1,9 +1,10 @@
 """Evidence on real data (issue 8): test AUC versus embedding memory for every compression method.
 
-    python benchmarks/quality.py                     # the full run: 3 datasets x 17 cells x 3 seeds, ~40 min
+    python benchmarks/quality.py                     # the full run: 3 datasets x 17 cells x 3 seeds, ~25 min
     python benchmarks/quality.py --quick             # ~5 min: few steps, one seed, small synthetic test set
     python benchmarks/quality.py --datasets movielens --methods robe qr --seeds 0 1 --steps 500
-    python benchmarks/quality.py --report-only       # rewrite docs/quality.md and the plots from the JSON
+    python benchmarks/quality.py --report-only --json benchmarks/results/quality_full.json   # rewrite
+                                                     # docs/quality.md and the plots from a run's JSON
     python benchmarks/quality.py --report-only --merge a.json b.json --json all.json   # one report of several runs
 
 A torchrec ``DLRM`` (``DLRMTrain``) sized to each dataset is trained in one process, uncompressed and
@@ -11,7 +12,8 @@ with every method, for the same number of steps and on the same batches per seed
 ``CompressedEmbeddingBagCollection`` tables updated by fused Adagrad inside backward
 (``apply_optimizer_in_backward``), the dense layers by Adagrad; torch runs on ``--threads`` (1) threads.
 
-Budgets: ``ratio`` x means at most ``logical bytes / ratio`` of stored parameters. The largest tables
+Budgets: ``ratio`` x means at most ``logical bytes / ratio`` stored (parameters and buffers, e.g. hash
+constants: the module's ``num_bytes()``, the report's bytes column). The largest tables
 are compressed (the fewest such that the plain ones fit in half the budget; ``min_rows`` of the flag),
 each at the per-table ratio that fills the rest: ROBE (one shared array, hash seed = run seed), the
 hashing trick, QR (mult; 3 partitions when 2 cannot reach the ratio) and TT (per table the largest rank
@@ -326,14 +328,15 @@ def evaluate(model: DLRMTrain, test: list[Batch]) -> tuple[float, float]:
 
 
 def train_run(data: Data, setting: Setting, cell: Cell, flag: str, seed: int, model: DLRMTrain,
-              logical_bytes: int) -> dict:
-    """Train ``model`` ``setting.steps`` steps on seed ``seed``'s stream; the run's metrics and AUC curve."""
+              logical_bytes: int, resume_at: int = 0) -> dict:
+    """Train ``model`` ``setting.steps`` steps on seed ``seed``'s stream from its batch ``resume_at`` (a model trained
+    on the first ``resume_at`` batches goes on with the next ones); the run's metrics and AUC curve."""
     started = time.perf_counter()
     ebc = embeddings(model)
     apply_optimizer_in_backward(torch.optim.Adagrad, ebc.parameters(), {"lr": setting.learning_rate})
     dense = torch.optim.Adagrad([p for _, p in in_backward_optimizer_filter(model.named_parameters())],
                                 lr=setting.learning_rate)
-    stream = data.train(seed, setting.batch_size)
+    stream = itertools.islice(data.train(seed, setting.batch_size), resume_at, None)
     curve = [[0, 0.0, *evaluate(model, data.test)]]
     seconds, losses = 0.0, []
     for step in tqdm(range(1, setting.steps + 1), desc=f"{data.name} {cell.label} s{seed}", mininterval=5.0,
@@ -375,7 +378,7 @@ def run_cell(data: Data, setting: Setting, cell: Cell, seeds: Sequence[int]) -> 
         except ValueError as error:
             return {**result, "status": "skipped", "reason": str(error), "runs": []}
         build_seconds = time.perf_counter() - started
-        stored = sum(p.numel() * p.element_size() for p in embeddings(model).parameters())
+        stored = sum(embeddings(model).num_bytes().values())  # what the report's bytes column shows
         if cell.ratio and stored > BUDGET_SLACK * logical / cell.ratio:
             return {**result, "status": "skipped", "runs": [],
                     "reason": f"{flag!r} stores {stored:,} bytes, over the {logical / cell.ratio:,.0f}-byte budget "
@@ -617,11 +620,13 @@ def merge_runs(paths: list[Path]) -> dict:
     return merged
 
 
-def write_outputs(results: dict, json_path: Path, md_path: Path | None) -> None:
-    """The JSON (with the time-to-quality rows); with ``md_path``, the two PNGs beside it and the report."""
+def write_outputs(results: dict, json_path: Path | None, md_path: Path | None) -> None:
+    """The JSON (with the time-to-quality rows; not without ``json_path``); with ``md_path``, the two PNGs beside it
+    and the report."""
     results["time_to_quality"] = time_to_quality(results["cells"])
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(results, indent=1))
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(results, indent=1))
     if md_path is None:
         return
     md_path.parent.mkdir(parents=True, exist_ok=True)
@@ -667,7 +672,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "quality.json")
     parser.add_argument("--report", type=Path, default=ROOT / "docs" / "quality.md",
                         help="markdown report; the PNGs are written beside it")
-    parser.add_argument("--report-only", action="store_true", help="rewrite the report and plots from --json")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite the report and plots from --json (which it leaves as it is unless --merge)")
     parser.add_argument("--merge", type=Path, nargs="+", default=None,
                         help="with --report-only: combine these runs' JSONs (other datasets) into --json and one report")
     args = parser.parse_args(argv)
@@ -681,7 +687,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.report_only:
         results = merge_runs(args.merge) if args.merge else json.loads(args.json.read_text())
-        write_outputs(results, args.json, args.report)
+        write_outputs(results, args.json if args.merge else None, args.report)
         return results
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)

@@ -8,8 +8,9 @@ Per seed, the uncompressed DLRM of ``benchmarks/quality.py`` (its ``criteo8k`` s
 and tested on dev + test (800 rows). For each ratio its tables are compressed as quality.py's ROBE cell
 compresses them (the largest tables share one ROBE memory at the ratio that fills the budget; the small ones
 stay plain), but with signs and the memory sketched from the trained tables (``sketch_from_pretrained``):
-test AUC with no training, then along ``--finetune-steps`` more steps of the same training (a second epoch:
-there is no other training data) at each of ``--finetune-lrs``. Controls: the uncompressed model trained for
+test AUC with no training, then along ``--finetune-steps`` more steps of the same training stream, from where
+the trained model stopped (the second epoch, shuffled anew: there is no other training data) at each of
+``--finetune-lrs``. Controls: the uncompressed model trained for
 the same extra steps, and the same signed ROBE model trained from scratch for one epoch (the quality.py
 cell). ``relative error`` is ``‖Ẽ - E‖_F / ‖E‖_F`` over the sketched tables; the count-sketch variance of
 ``torchrec_pss/sketch.py`` predicts ``sqrt(N / |M|)`` (``N`` sketched elements).
@@ -91,7 +92,7 @@ def run_seed(data: Data, setting: Setting, seed: int, ratios: Sequence[int], fin
         control = build_model(data, setting, setting.embedding_dim, BASELINE_FLAG, seed)
         control.load_state_dict(trained.state_dict())
         result["uncompressed_finetuned"][str(finetune.learning_rate)] = train_run(
-            data, finetune, Cell(BASELINE), BASELINE_FLAG, seed, control, logical)
+            data, finetune, Cell(BASELINE), BASELINE_FLAG, seed, control, logical, resume_at=setting.steps)
     for ratio in ratios:
         cell = Cell("robe", ratio=ratio)
         flag = f"{flags_for(cell, data, setting.embedding_dim, seed)[0]},use_sign=True"
@@ -104,7 +105,8 @@ def run_seed(data: Data, setting: Setting, seed: int, ratios: Sequence[int], fin
             "flag": flag, "sketch_seconds": sketch_seconds,
             "relative_error": measured, "predicted_relative_error": predicted,
             "sketched": {str(f.learning_rate): train_run(data, f, cell, flag, seed,
-                                                         warm_model(data, setting, trained, flag, seed), logical)
+                                                         warm_model(data, setting, trained, flag, seed), logical,
+                                                         resume_at=setting.steps)
                          for f in finetunes},
             "scratch": train_run(data, setting, cell, flag, seed, scratch, logical),
         }
@@ -147,7 +149,8 @@ def markdown(results: dict) -> str:
          f"Seeds {meta['seeds']}; mean ± sample std over seeds, Δ paired by seed against the trained "
          f"uncompressed model. Raw numbers: `benchmarks/results/sketch_criteo.json`."), "",
         (f"{info['description']}. Trained {meta['steps']} steps of {meta['batch_size']} (lr "
-         f"{meta['learning_rate']}); fine-tuning: {finetune} more steps of the same data (a second epoch; fresh "
+         f"{meta['learning_rate']}); fine-tuning: {finetune} more steps of the same stream (the second epoch, "
+         f"shuffled anew; fresh "
          f"Adagrad state) at lr {' and '.join(rates)}. Test set {info['num_test']} rows: an AUC's sampling error "
          f"is about ±{se:.4f}."), "",
         "| model | bytes | test AUC | Δ AUC vs trained |", "|---|---|---|---|",

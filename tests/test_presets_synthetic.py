@@ -52,4 +52,4 @@ def test_small_preset_learns_the_planted_signal_when_compressed() -> None:
     optimizer = torch.optim.Adagrad(model.parameters(), lr=preset.learning_rate)
     auc = train_dlrm_and_auc(model, optimizer, data.batches(preset.batch_size, 150),
                              SyntheticCriteo(preset.num_embeddings, seed=0, stream=1).batches(2048, 2))
-    assert auc > 0.65  # 0.766 when written
+    assert auc > 0.65  # 0.766 when written, 0.7625 on 2026-11-28

@@ -61,3 +61,19 @@ def test_chunks_are_spread_over_memory() -> None:
     starts, _ = memory.chunk_starts("big", torch.arange(20000))
     counts = torch.bincount(starts.reshape(-1), minlength=1009).double()
     assert counts.min() > 0 and counts.std() < 1.3 * counts.mean().sqrt()
+
+
+def test_int32_ids_and_keys_hash_as_int64_on_every_kernel(monkeypatch) -> None:
+    """The reference once hashed int32 ids / keys in int32 (a 0-dim int64 coefficient times an int32 tensor stays
+    int32) and overflowed; every kernel now gives the int64 result."""
+    from torchrec_pss.hashing import hash_coefficients
+    from torchrec_pss_plugins.robe import ops
+
+    coefficients, memory = hash_coefficients(3, 2), torch.randn(501)
+    ids, offsets, keys = torch.tensor([1, 1000, 123456, 2**31 - 2]), torch.tensor([0, 2, 4]), torch.tensor([7])
+    for kernels in ("reference", "fast"):
+        monkeypatch.setenv("TORCHREC_PSS_KERNELS", kernels)
+        expected = ops.robe_pooled(memory, ids, offsets, None, coefficients, keys, 8, 4, True, False, False)
+        for got_ids, got_keys in ((ids.int(), keys), (ids, keys.int())):
+            got = ops.robe_pooled(memory, got_ids, offsets, None, coefficients, got_keys, 8, 4, True, False, False)
+            assert torch.equal(got, expected), kernels

@@ -113,6 +113,27 @@ def test_fused_kernels_train_like_the_reference_path(monkeypatch: pytest.MonkeyP
                                    atol=1e-6)
 
 
+def test_in_place_updates_of_a_strided_memory_or_accumulator_take_the_reference(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fused update ops write flat arrays: a strided ``memory`` / ``accumulator`` (a view of every other
+    element) takes the reference kernel and gets the reference's update in place (the C++ kernel refused it)."""
+    coefficients, keys = hash_coefficients(3, 2), torch.tensor([7])
+    ids, offsets = torch.tensor([1, 5, 9, 5]), torch.tensor([0, 3, 4])
+    grad = torch.randn(2, 8, generator=torch.Generator().manual_seed(0))
+    start = torch.randn(2 * 101, generator=torch.Generator().manual_seed(1))
+    results = {}
+    for kernels in ("reference", "fast"):
+        monkeypatch.setenv(ENVIRONMENT_VARIABLE, kernels)
+        memory, accumulator = start.clone(), torch.zeros(2 * 101)
+        ops.robe_sgd_update_(memory[::2], grad, ids, offsets, None, coefficients, keys, 4, True, False, 0.1)
+        ops.robe_adagrad_update_(memory[1::2], accumulator[::2], grad, ids, offsets, None, coefficients, keys, 4, True,
+                                 False, 0.1, 1e-8, 1)
+        results[kernels] = (memory, accumulator)
+    for got, expected in zip(results["fast"], results["reference"]):
+        assert torch.equal(got, expected)
+    assert not torch.equal(results["fast"][0], start) and results["fast"][1][1::2].eq(0).all()
+
+
 def test_bad_kernel_switch_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(ENVIRONMENT_VARIABLE, "fastest")
     with pytest.raises(ValueError, match="TORCHREC_PSS_KERNELS='fastest'"):

@@ -29,12 +29,15 @@ def table_key(name: str) -> int:
 def universal_hash(
     coefficients: torch.Tensor, t: torch.Tensor | int, k: torch.Tensor, c: torch.Tensor | int, modulus: int
 ) -> torch.Tensor:
-    """``((A·t + B·k + C·c + D) mod P) mod modulus`` elementwise (``t``, ``k``, ``c`` broadcast; int64, ``>= 0``)."""
+    """``((A·t + B·k + C·c + D) mod P) mod modulus`` elementwise (``t``, ``k``, ``c`` broadcast; int64, ``>= 0``).
+    Tensors of another integer dtype (int32 ids) are read as int64: a 0-dim int64 coefficient times an int32 tensor
+    stays int32 under torch's promotion, and the products would overflow."""
     a, b, cc, d = (coefficients[i] for i in range(COEFFICIENTS_PER_HASH))
+    t = t.long() if isinstance(t, torch.Tensor) else t
     first = (a * (t % PRIME)) % PRIME + d
-    h = (b * torch.remainder(k, PRIME)) % PRIME + first
+    h = (b * torch.remainder(k.long(), PRIME)) % PRIME + first
     if isinstance(c, int):
         h = h + (cc * (c % PRIME)) % PRIME
     else:
-        h = h + (cc * torch.remainder(c, PRIME)) % PRIME
+        h = h + (cc * torch.remainder(c.long(), PRIME)) % PRIME
     return (h % PRIME) % modulus

@@ -49,7 +49,8 @@ def define_op(name: str, *, mutates_args: Sequence[str] = (), cpu: KernelSource 
     The schema is inferred from the reference's annotations (``mutates_args`` names the arguments it writes
     in place; their version counters are bumped after every call, as for torch's in-place ops). The CPU /
     CUDA kernels run ``call(load(), *args)``, or the reference when ``load()`` gives None,
-    :func:`reference_only` is set or a floating-point argument is not float32 (the device kernels' type).
+    :func:`reference_only` is set, a floating-point argument is not float32 (the device kernels' type) or a tensor
+    the op writes in place is not contiguous (the device kernels write flat arrays).
     Returns the op (an ``OpOverload``: call it like the reference).
     """
 
@@ -62,7 +63,8 @@ def define_op(name: str, *, mutates_args: Sequence[str] = (), cpu: KernelSource 
         _LIBRARY.impl(name, _bumping_versions(reference, mutated), "CompositeExplicitAutograd")
         for key, source in (("CPU", cpu), ("CUDA", cuda)):
             if source is not None:
-                _LIBRARY.impl(name, _bumping_versions(_device_kernel(reference, tensors, *source), mutated), key)
+                _LIBRARY.impl(name, _bumping_versions(_device_kernel(reference, tensors, mutated, *source), mutated),
+                              key)
         return op
 
     return define
@@ -73,12 +75,15 @@ def _tensor_positions(op: torch._ops.OpOverload) -> list[int]:
     return [i for i, arg in enumerate(op._schema.arguments) if "Tensor" in str(arg.type)]
 
 
-def _device_kernel(reference: Callable[..., Any], tensors: list[int], load: Callable[[], ModuleType | None],
-                   call: Callable[..., Any]) -> Callable[..., Any]:
-    """``tensors``: the positions of the op's ``Tensor`` / ``Tensor?`` / ``Tensor[]`` arguments."""
+def _device_kernel(reference: Callable[..., Any], tensors: list[int], mutated: list[int],
+                   load: Callable[[], ModuleType | None], call: Callable[..., Any]) -> Callable[..., Any]:
+    """``tensors``: the positions of the op's ``Tensor`` / ``Tensor?`` / ``Tensor[]`` arguments; ``mutated``: those
+    it writes in place."""
 
     def kernel(*args: Any) -> Any:
-        kernels = None if reference_only() or not _all_float32([args[i] for i in tensors]) else load()
+        fast = (not reference_only() and _all_float32([args[i] for i in tensors])
+                and all(args[i].is_contiguous() for i in mutated))
+        kernels = load() if fast else None
         return reference(*args) if kernels is None else call(kernels, *args)
 
     return kernel

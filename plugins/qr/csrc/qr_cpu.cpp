@@ -421,37 +421,61 @@ std::vector<at::Tensor> backward(const GradRows& grad, const Parts& parts, const
   return grads;
 }
 
-// Part j's gradient over the rows the batch reads: (rows [U] int64, ascending, unique; values [U, width]). Rows
-// get compact slots in ascending order, the ids are counting-sorted by slot (stable), and each thread sums the
-// ids of its own range of slots, in id order.
-std::tuple<at::Tensor, at::Tensor> part_grad_rows(const GradRows& grad, const Parts& parts, const Bags& bags,
-                                                  const Plan& plan, int64_t j) {
-  const int64_t n = bags.num_ids, width = parts.width, num_rows = parts.rows[j];
-  const int64_t* digit = plan.of_part(j, n);
+// The ids of a part grouped by the row they read: rows ascending and unique, order[start[u]:start[u + 1]] the ids
+// reading rows[u], in id order. A counting sort over a slot per row where the part has few rows per id; a stable
+// sort of the ids otherwise, so that a call costs O(n log n), not O(rows of the part).
+struct RowGroups {
+  std::vector<int64_t> rows, start, order;
+};
+
+RowGroups group_by_row(const int64_t* digit, int64_t n, int64_t num_rows) {
+  RowGroups g;
+  g.order.resize(n);
+  if (num_rows > 4 * n + 1024) {
+    std::iota(g.order.begin(), g.order.end(), 0);
+    std::stable_sort(g.order.begin(), g.order.end(), [digit](int64_t a, int64_t b) { return digit[a] < digit[b]; });
+    for (int64_t e = 0; e < n; ++e) {
+      if (e == 0 || digit[g.order[e]] != digit[g.order[e - 1]]) {
+        g.rows.push_back(digit[g.order[e]]);
+        g.start.push_back(e);
+      }
+    }
+    g.start.push_back(n);
+    return g;
+  }
   std::vector<int64_t> slot(num_rows, 0);
   for (int64_t i = 0; i < n; ++i) {
     slot[digit[i]] = 1;
   }
-  int64_t unique = 0;
   for (int64_t r = 0; r < num_rows; ++r) {
-    slot[r] = slot[r] ? unique++ : -1;
-  }
-  auto rows = at::empty({unique}, grad.tensor.options().dtype(at::kLong));
-  int64_t* rows_data = rows.data_ptr<int64_t>();
-  for (int64_t r = 0; r < num_rows; ++r) {
+    slot[r] = slot[r] ? static_cast<int64_t>(g.rows.size()) : -1;
     if (slot[r] >= 0) {
-      rows_data[slot[r]] = r;
+      g.rows.push_back(r);
     }
   }
-  std::vector<int64_t> start(unique + 1, 0), order(n);
+  g.start.assign(g.rows.size() + 1, 0);
   for (int64_t i = 0; i < n; ++i) {
-    ++start[slot[digit[i]] + 1];
+    ++g.start[slot[digit[i]] + 1];
   }
-  std::partial_sum(start.begin(), start.end(), start.begin());
-  std::vector<int64_t> next(start.begin(), start.end() - 1);
+  std::partial_sum(g.start.begin(), g.start.end(), g.start.begin());
+  std::vector<int64_t> next(g.start.begin(), g.start.end() - 1);
   for (int64_t i = 0; i < n; ++i) {
-    order[next[slot[digit[i]]]++] = i;
+    g.order[next[slot[digit[i]]]++] = i;
   }
+  return g;
+}
+
+// Part j's gradient over the rows the batch reads: (rows [U] int64, ascending, unique; values [U, width]); each
+// thread sums the ids of its own range of rows, in id order.
+std::tuple<at::Tensor, at::Tensor> part_grad_rows(const GradRows& grad, const Parts& parts, const Bags& bags,
+                                                  const Plan& plan, int64_t j) {
+  const int64_t n = bags.num_ids, width = parts.width;
+  const RowGroups groups = group_by_row(plan.of_part(j, n), n, parts.rows[j]);
+  const int64_t unique = static_cast<int64_t>(groups.rows.size());
+  const std::vector<int64_t>& start = groups.start;
+  const std::vector<int64_t>& order = groups.order;
+  auto rows = at::empty({unique}, grad.tensor.options().dtype(at::kLong));
+  std::copy(groups.rows.begin(), groups.rows.end(), rows.data_ptr<int64_t>());
   auto values = at::zeros({unique, width}, grad.tensor.options().dtype(at::kFloat));
   float* values_data = values.data_ptr<float>();
   const int64_t updates_per_row = std::max<int64_t>(1, n / std::max<int64_t>(unique, 1) * width);
