@@ -17,7 +17,6 @@ writes ``benchmarks/results/fused_step.json`` and ``fused_step.md``.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Callable
 
@@ -28,7 +27,7 @@ from torchrec.optim import apply_optimizer_in_backward
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from lookup import LR, interleaved_medians, tbe_step
-from run_info import run_header
+from run_info import run_header, write_result
 from torchrec_pss import CompressedEmbeddingBagCollection, RobeConfig
 from torchrec_pss.optim import BlockwiseAdagrad
 
@@ -130,10 +129,8 @@ def main() -> None:
     results = run(args.rows, args.compression, args.pooling, args.batch, args.dim, args.chunk_size, args.budget_gb,
                   args.warmup, args.iters, args.check_inputs)
     meta = {**run_header(__file__, None), "check_inputs": args.check_inputs}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    Path(f"{args.out}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     table = markdown(results, meta)
-    Path(f"{args.out}.md").write_text(table)
+    write_result(args.out, {"meta": meta, "results": results}, table)
     print(table)
 
 

@@ -27,7 +27,7 @@ from typing import Any, Callable
 import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
-from run_info import run_header
+from run_info import run_header, write_result
 from torchrec_pss import CompressedEmbeddingBagCollection, RobeConfig
 
 FLOAT_BYTES = 4
@@ -156,14 +156,6 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_result(result: dict[str, Any], stem: Path, table: str) -> None:
-    """``STEM.json`` (``result``) and ``STEM.md`` (``table``, also printed)."""
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    Path(f"{stem}.json").write_text(json.dumps(result, indent=2))
-    Path(f"{stem}.md").write_text(table)
-    print(table)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, nargs="+", default=[4_000_000, 64_000_000])
@@ -192,7 +184,9 @@ def main(argv: list[str] | None = None) -> None:
                                     bandwidth)
                     print(json.dumps(cell), flush=True)
                     result["cells"].append(cell)
-    write_result(result, args.out, markdown(result))
+    table = markdown(result)
+    write_result(args.out, result, table)
+    print(table)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ with sparse gradients and SGD on the GPU, and the files are named ``lookup_cuda.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -39,7 +38,7 @@ from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
     SplitTableBatchedEmbeddingBagsCodegen,
 )
 from torchrec import EmbeddingBagCollection
-from run_info import run_header
+from run_info import run_header, write_result
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
@@ -257,11 +256,9 @@ def main() -> None:
     baseline = "nn.EmbeddingBag (sparse grad) + SGD on CUDA" if cuda else "FBGEMM CPU TBE (EXACT_SGD)"
     results = run(args.rows, args.pooling, args.compression, args.batch, args.dim, args.chunk_size,
                   args.warmup, args.iters, args.device, tuple(args.methods), args.check_inputs)
-    out.parent.mkdir(parents=True, exist_ok=True)
     meta = {**run_header(__file__, None, args.device), "baseline": baseline, "check_inputs": args.check_inputs}
-    Path(f"{out}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     table = markdown(results, baseline, meta)
-    Path(f"{out}.md").write_text(table)
+    write_result(out, {"meta": meta, "results": results}, table)
     print(table)
 
 

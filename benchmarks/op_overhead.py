@@ -44,7 +44,7 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor
-from run_info import run_header
+from run_info import run_header, write_result
 from torch.profiler import ProfilerActivity, profile
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.optim import apply_optimizer_in_backward
@@ -301,13 +301,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "profile_steps": args.profile_steps, "threads": torch.get_num_threads(), "cells": cells}
     write_result(args.out, result, markdown(result))
     return result
-
-
-def write_result(stem: Path, result: dict[str, Any], table: str) -> None:
-    """``STEM.json`` (``result``) and ``STEM.md`` (``table``)."""
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    Path(f"{stem}.json").write_text(json.dumps(result, indent=2))
-    Path(f"{stem}.md").write_text(table)
 
 
 if __name__ == "__main__":

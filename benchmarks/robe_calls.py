@@ -29,7 +29,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec_pss_plugins.robe.robe import one_call_per_width
 
 from lookup import LR, interleaved_medians
-from run_info import run_header
+from run_info import run_header, write_result
 from shared_memory import batch, tables
 from torchrec_pss import CompressedEmbeddingBagCollection, RobeConfig
 
@@ -93,9 +93,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 cells.append(cell)
     result = {**run_header(__file__, argv, device), "max_rows": args.max_rows,
               "compression": args.compression, "warmup": args.warmup, "iters": args.iters, "cells": cells}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    Path(f"{args.out}.json").write_text(json.dumps(result, indent=2))
-    Path(f"{args.out}.md").write_text(markdown(result))
+    write_result(args.out, result, markdown(result))
     return result
 
 

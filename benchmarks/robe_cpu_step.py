@@ -23,7 +23,6 @@ writes it and a JSON file.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -32,7 +31,7 @@ from types import ModuleType
 import torch
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from lookup import LR, collection_step, interleaved_medians, tbe_step
-from run_info import run_header
+from run_info import run_header, write_result
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.optim import apply_optimizer_in_backward
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -168,9 +167,7 @@ def main() -> None:
     meta = run_header(__file__, None)
     table = markdown(results, meta)
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        Path(f"{args.out}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
-        Path(f"{args.out}.md").write_text(table)
+        write_result(args.out, {"meta": meta, "results": results}, table)
     print(table)
 
 

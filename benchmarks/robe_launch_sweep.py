@@ -23,8 +23,8 @@ import torch
 import triton
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
-from gpu_bandwidth import copy_bandwidth, forward_bytes, graph_ms, write_result
-from run_info import run_header
+from gpu_bandwidth import copy_bandwidth, forward_bytes, graph_ms
+from run_info import run_header, write_result
 from torchrec_pss import CompressedEmbeddingBagCollection, RobeConfig
 from torchrec_pss_plugins.robe import triton_kernels
 
@@ -105,7 +105,9 @@ def main(argv: list[str] | None = None) -> None:
         settings = list(itertools.product(block_ns, args.block_d, args.warps))
         result["cells"] += sweep_case(rows, compression, chunk, pooling, args.batch, args.dim, settings, bandwidth)
         torch.cuda.empty_cache()
-    write_result(result, args.out, markdown(result))
+    table = markdown(result)
+    write_result(args.out, result, table)
+    print(table)
 
 
 if __name__ == "__main__":

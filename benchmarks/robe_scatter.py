@@ -34,8 +34,8 @@ from typing import Any
 
 import torch
 
-from op_overhead import device_us_per_call, per_call_us, write_result
-from run_info import run_header
+from op_overhead import device_us_per_call, per_call_us
+from run_info import run_header, write_result
 from torchrec.datasets.criteo import DEFAULT_CAT_NAMES
 from torchrec_pss.datasets import read_criteo_rows
 from torchrec_pss.hashing import hash_coefficients, table_key

@@ -1,8 +1,10 @@
-"""What every benchmark result records about its run: the command that produced it, when, and on what."""
+"""What every benchmark result records about its run (the command that produced it, when, and on what), and
+how a result is written: ``STEM.json`` and ``STEM.md``."""
 
 from __future__ import annotations
 
 import datetime
+import json
 import platform
 import shlex
 import sys
@@ -21,3 +23,10 @@ def run_header(script: str, argv: list[str] | None, device: torch.device = torch
             "date": datetime.datetime.now().isoformat(timespec="seconds"), "device": str(device),
             "device_name": name, "torch": torch.__version__, "threads": torch.get_num_threads(),
             "machine": platform.machine()}
+
+
+def write_result(stem: Path, result: Any, table: str) -> None:
+    """``STEM.json`` (``result``) and ``STEM.md`` (``table``); ``stem`` may hold dots (the suffixes are appended)."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{stem}.json").write_text(json.dumps(result, indent=2))
+    Path(f"{stem}.md").write_text(table)
