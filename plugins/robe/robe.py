@@ -254,7 +254,16 @@ class RobeMemory(PSSMemory):
         for index, request in enumerate(requests):
             groups.setdefault(self.tables[request.table].embedding_dim if one_call else index, []).append(index)
         whole_step = len(groups) == 1 and {r.table for r in requests} == set(self.tables)
-        sparse_allowed = len(groups) == 1 or not torch.compiler.is_compiling() or self._dense_in_traced_graph()
+        # PyTorch's fake tensors cannot add sparse gradients of data-dependent size: several calls in a traced graph
+        # take a dense gradient ("auto") or are refused ("sparse")
+        sparse_allowed = len(groups) == 1 or not torch.compiler.is_compiling()
+        if not sparse_allowed and self.config.gradient == "sparse":
+            raise ValueError(
+                f"ROBE memory of tables {sorted(self.tables)}: gradient='sparse' under torch.compile / torch.export "
+                "needs every table read in one call (PyTorch cannot trace the sum of several sparse gradients of "
+                "data-dependent size): give the tables one embedding_dim and call_grouping 'auto' or 'per_width', "
+                "or use gradient='dense' / 'auto'"
+            )
         out: list[torch.Tensor] = [torch.empty(0)] * len(requests)
         for members in groups.values():
             group = [requests[i] for i in members]
@@ -268,19 +277,6 @@ class RobeMemory(PSSMemory):
             for index, block in zip(members, blocks):
                 out[index] = block
         return out
-
-    def _dense_in_traced_graph(self) -> bool:
-        """False: the gradient of a memory read by several calls in a graph that ``torch.compile`` / ``torch.export``
-        trace is dense (PyTorch's fake tensors cannot add sparse gradients of data-dependent size); ValueError where
-        the config asks for sparse gradients."""
-        if self.config.gradient == "sparse":
-            raise ValueError(
-                f"ROBE memory of tables {sorted(self.tables)}: gradient='sparse' under torch.compile / torch.export "
-                "needs every table read in one call (PyTorch cannot trace the sum of several sparse gradients of "
-                "data-dependent size): give the tables one embedding_dim and call_grouping 'auto' or 'per_width', "
-                "or use gradient='dense' / 'auto'"
-            )
-        return False
 
     def pooled_stacked(self, tables: Sequence[str], ids: torch.Tensor, offsets: torch.Tensor,
                        weights: torch.Tensor | None, mean: bool, bags_per_table: int) -> torch.Tensor | None:
