@@ -53,16 +53,8 @@ def with_plain_tables(
     if keep or weighted_mean:
         result = CompressedEmbeddingBagCollection(configs, keep, device, is_weighted=module.is_weighted(),
                                                   validate_inputs=module.validate_inputs)
-        for group, memory in list(result.pss_memories.items()):
-            source = module.pss_memories[group]
-            if isinstance(source, Int8Memory):  # inference-only: no optimizer attached to copy along
-                result.pss_memories[group] = copy.deepcopy(source)
-                continue
-            state = source.state_dict()
-            rows = [list(source.tables).index(table) for table in memory.tables]
-            for name in source.per_table_buffers:
-                state[name] = state[name][rows]
-            memory.load_state_dict(state)
+        for group in list(result.pss_memories):
+            copy_memory(module, result, group)
     else:
         result = EmbeddingBagCollection(configs, is_weighted=module.is_weighted(), device=device)
     with torch.no_grad():
@@ -76,3 +68,18 @@ def with_plain_tables(
                 weight = memory.materialize(table.name)
             result.embedding_bags[table.name].weight.copy_(weight)  # cast while copying: no float32 temporary
     return result
+
+
+def copy_memory(source: CompressedEmbeddingBagCollection, target: CompressedEmbeddingBagCollection, group: str) -> None:
+    """Give ``target`` the memory ``group`` of ``source``: an int8 one as it is (inference-only: no optimizer attached
+    to copy along), a float one's values loaded into ``target``'s memory of that group, whose tables may be some of
+    the source's (per-table buffers keep those tables' entries)."""
+    memory, original = target.pss_memories[group], source.pss_memories[group]
+    if isinstance(original, Int8Memory):
+        target.pss_memories[group] = copy.deepcopy(original)
+        return
+    state = original.state_dict()
+    rows = [list(original.tables).index(table) for table in memory.tables]
+    for name in original.per_table_buffers:
+        state[name] = state[name][rows]
+    memory.load_state_dict(state)

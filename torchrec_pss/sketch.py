@@ -36,17 +36,16 @@ value, a bias of ``Σ E / |M|`` per element, so unsigned configs are refused.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 
 import torch
 from torchrec import EmbeddingBagCollection
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
+from torchrec_pss.collapse import copy_memory
 from torchrec_pss.compress import ConfigChoice, _check_named_tables, _mapping
 from torchrec_pss.contract import MethodConfig
 from torchrec_pss.modules.compressed_embedding_bag_collection import CompressedEmbeddingBagCollection
-from torchrec_pss.quantize import Int8Memory
 
 DEFAULT_ROWS_PER_CHUNK = 1 << 16
 
@@ -83,14 +82,10 @@ def sketch_from_pretrained(
     module = CompressedEmbeddingBagCollection(tables, {**previous, **chosen}, device, is_weighted=ebc.is_weighted())
     for name, bag in module.embedding_bags.items():
         bag.weight.copy_(ebc.embedding_bags[name].weight)
-    for group, memory in module.pss_memories.items():
+    for group, memory in list(module.pss_memories.items()):
         names = set(memory.tables)
         if names.isdisjoint(chosen):
-            source = ebc.pss_memories[group]
-            if isinstance(source, Int8Memory):  # inference-only: kept as it is, as collapse keeps it
-                module.pss_memories[group] = copy.deepcopy(source)
-            else:
-                memory.load_state_dict(source.state_dict())
+            copy_memory(ebc, module, group)
         elif names <= set(chosen):
             memory.sketch_({name: ebc.embedding_bags[name].weight for name in memory.tables}, rows_per_chunk)
         else:
