@@ -161,7 +161,7 @@ class PSSMemory(nn.Module, abc.ABC):
         """Pooled embeddings ``[S_r, d_r]`` of every request: all the reads of this memory in one forward pass.
 
         The default pools each request with :meth:`pooled`; a method may pool them in fewer kernel calls
-        (ROBE: one per embedding width and pooling mode, which also lets its fused Adagrad see the step's
+        (ROBE: one per embedding width, SUM and MEAN tables together, which also lets its fused Adagrad see the step's
         whole gradient of a memory shared by several tables).
         """
         return [self.pooled(r.table, r.ids, r.lengths, r.weights, r.mean) for r in requests]

@@ -51,7 +51,7 @@ per-table calls read each table's gradient in place."""
 
 def one_call_per_width(grouping: str, device: torch.device, fused_adagrad: bool, floats: int) -> bool:
     """Whether a step's reads of a memory (``floats``: its pooled outputs' elements, all tables together) are
-    pooled in one ``robe_pooled`` call per width and pooling mode, for :attr:`RobeMemory.call_grouping`
+    pooled in one ``robe_pooled`` call per width (SUM and MEAN together), for :attr:`RobeMemory.call_grouping`
     ``grouping``. Each call costs the host tens of microseconds of Python and, on CUDA, a kernel launch, in forward
     and again in backward, which a model of many small tables pays per table; a fused Adagrad-type update
     (``fused_adagrad``) needs the step's whole gradient at once."""
@@ -69,7 +69,7 @@ class RobeMemory(PSSMemory):
     config: RobeConfig
     call_grouping: str = "auto"
     """How :meth:`pooled_many` splits a step's reads into ``robe_pooled`` calls (set it on a memory to override):
-    ``"per_width"``, one call per embedding width and pooling mode with every table's bags; ``"per_table"``, one
+    ``"per_width"``, one call per embedding width with every table's bags; ``"per_table"``, one
     call per table (a fused Adagrad-type update then runs unfused: it needs the step's whole gradient at once);
     ``"auto"``, per width on CUDA, with a fused Adagrad-type update, or on the CPU up to ``ONE_CALL_MAX_FLOATS``
     pooled floats, else per table (per width in a graph that ``torch.compile`` / ``torch.export`` trace, so that
