@@ -43,7 +43,7 @@ OTHERS = {  # same memory size, other hashing: (config, the refusal's message)
 class Net(nn.Module):
     """A plain table (sharded table-wise by TorchRec) and a ROBE table (replicated), then a linear head."""
 
-    def __init__(self, robe: RobeConfig, device: str = "cpu") -> None:
+    def __init__(self, robe: RobeConfig, device: str = "cpu", optimizer: type = torch.optim.Adagrad) -> None:
         super().__init__()
         torch.manual_seed(0)
         tables = [
@@ -53,7 +53,7 @@ class Net(nn.Module):
         ]
         self.ebc = CompressedEmbeddingBagCollection(tables, {"r": robe}, device)
         self.head = nn.Linear(16, 1, device=device)
-        apply_optimizer_in_backward(torch.optim.Adagrad, self.ebc.parameters(), {"lr": LR})
+        apply_optimizer_in_backward(optimizer, self.ebc.parameters(), {"lr": LR})
 
     def forward(self, kjt) -> torch.Tensor:
         return self.head(self.ebc(kjt).values()).squeeze(1)
@@ -316,3 +316,22 @@ def test_dlrm_app_refuses_to_resume_with_another_chunk_size(tmp_path: Path) -> N
     assert resumed.returncode != 0, "resumed from a checkpoint made with another chunk size"
     assert "checkpoint recovers embeddings differently (chunk_size: checkpoint 8 vs module 4)" in resumed.stderr
     assert [step for step, _ in complete_checkpoints(str(tmp_path))] == [2]
+
+
+def _stateless_worker(rank: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    source = make_dmp(Net(BASE, optimizer=torch.optim.SGD), WORLD)
+    train_step(source, dense_optimizer(source), rank)
+    path = save_training_state(os.path.join(out_dir, "ckpt"), 1, source, {"fused": source.fused_optimizer})
+    target = make_dmp(Net(BASE, optimizer=torch.optim.SGD), WORLD)
+    load_training_state(path, target, {"fused": target.fused_optimizer})
+    mine, theirs = ({k: v for k, v in snapshot(dmp).items() if "_features_order" not in k} for dmp in (source, target))
+    torch.save({"states": unchanged(mine, theirs)}, os.path.join(out_dir, f"stateless{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_dmp_resume_with_a_stateless_fused_optimizer() -> None:
+    """In-backward SGD keeps an empty state per parameter, for which DCP writes no entry under a process group: the
+    load asked for them anyway and failed (``Missing key ... optimizers.fused.state...``). Now every rank resumes."""
+    for rank in spawn_ranks(_stateless_worker, WORLD, "stateless"):
+        assert rank["states"]

@@ -114,7 +114,7 @@ def drop_states(created: list[tuple[Any, Any]]) -> None:
 def check_optimizer_states(path: str, mine: Mapping[str, Any], saved: Collection[str],
                            optimizers: Mapping[str, Optimizer]) -> None:
     """Refuse a checkpoint whose optimizer states are not the optimizers' (``mine``: their flattened state,
-    ``saved``: the checkpoint's keys; an empty container saves no key).
+    ``saved``: the checkpoint's keys; neither holds an empty container).
 
     Every state and param-group entry of an optimizer must be in the checkpoint. A torch optimizer's entries
     must also all be loaded: an entry it would not read (e.g. AMSGrad's) is refused. A KeyedOptimizer may hold a
@@ -123,8 +123,7 @@ def check_optimizer_states(path: str, mine: Mapping[str, Any], saved: Collection
     for name, optimizer in optimizers.items():
         for section in ("state", "param_groups"):
             prefix = f"optimizers.{name}.{section}"
-            ours = {key for key, value in mine.items() if (key == prefix or key.startswith(f"{prefix}."))
-                    and not (isinstance(value, (Mapping, list)) and not value)}
+            ours = {key for key in mine if key == prefix or key.startswith(f"{prefix}.")}
             theirs = {key for key in saved if key == prefix or key.startswith(f"{prefix}.")}
             missing = ours - theirs
             unexpected = set() if isinstance(optimizer, KeyedOptimizer) else theirs - ours

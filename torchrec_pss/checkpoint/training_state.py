@@ -158,7 +158,9 @@ Path = tuple[str | int, ...]
 
 
 def _flatten(tree: Any) -> tuple[dict[str, Any], dict[str, Path]]:
-    """Leaves of nested dicts/lists keyed by their dotted path, and each key's path.
+    """Leaves of nested dicts/lists keyed by their dotted path, and each key's path; an empty dict or list is no
+    leaf (DCP saves no entry for it under a process group, so a load would ask for a key the checkpoint lacks, e.g.
+    the ``{}`` state of every parameter of an SGD; the tree keeps it as it is).
 
     Flattened here rather than by DCP because TorchRec's fused optimizers list only the tables a rank
     holds: a rank's state lacks other ranks' keys, which DCP's own nested-key handling takes for a
@@ -168,10 +170,10 @@ def _flatten(tree: Any) -> tuple[dict[str, Any], dict[str, Path]]:
     paths: dict[str, Path] = {}
 
     def visit(node: Any, path: Path) -> None:
-        if isinstance(node, Mapping) and node:
+        if isinstance(node, Mapping):
             for key, value in node.items():
                 visit(value, (*path, key))
-        elif isinstance(node, list) and node:
+        elif isinstance(node, list):
             for index, value in enumerate(node):
                 visit(value, (*path, index))
         else:
