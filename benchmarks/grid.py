@@ -189,6 +189,14 @@ def measure(forwards: list[Forward], warmup: int, iters: int, device: torch.devi
     return [{"forward_ms": fwd, "step_ms": step} for fwd, step in zip(forward_ms, step_ms)]
 
 
+def measure_beside(forward: Forward, baseline: Forward | None, warmup: int, iters: int, device: torch.device
+                   ) -> tuple[dict[str, float], dict[str, float] | None]:
+    """:func:`measure` of ``forward``, in rounds interleaved with ``baseline`` when there is one, and the baseline's
+    medians from those rounds (None without a baseline)."""
+    times = measure([forward, *([] if baseline is None else [baseline])], warmup, iters, device)
+    return times[0], times[1] if baseline is not None else None
+
+
 def fused_sgd(module: torch.nn.Module) -> torch.nn.Module:
     """``module`` with SGD fused into backward for its parameters (undo: ``release_in_backward_optimizers``)."""
     apply_optimizer_in_backward(torch.optim.SGD, module.parameters(), {"lr": LR})
@@ -213,9 +221,9 @@ def ebc_cell(table: EmbeddingBagConfig, kjt: KeyedJaggedTensor, warmup: int, ite
     """Median times of ``torchrec.EmbeddingBagCollection`` (dense table gradient) with SGD fused into backward, and
     the baseline's medians from the same rounds (None: timed alone)."""
     ebc = fused_sgd(EmbeddingBagCollection([table], device=device))
-    times = measure([lambda: ebc(kjt).values(), *([] if baseline is None else [baseline])], warmup, iters, device)
+    times = measure_beside(lambda: ebc(kjt).values(), baseline, warmup, iters, device)
     release_in_backward_optimizers(ebc)
-    return times[0], times[1] if baseline is not None else None
+    return times
 
 
 def compressed_cell(table: EmbeddingBagConfig, config: MethodConfig, kjt: KeyedJaggedTensor, warmup: int,
@@ -226,10 +234,10 @@ def compressed_cell(table: EmbeddingBagConfig, config: MethodConfig, kjt: KeyedJ
     module = fused_sgd(CompressedEmbeddingBagCollection([table], {"t": config}, device,
                                                         validate_inputs=check_inputs))
     stored = module.memory_for("t").num_bytes()
-    times = measure([lambda: module(kjt).values(), *([] if baseline is None else [baseline])], warmup, iters, device)
+    times, paired = measure_beside(lambda: module(kjt).values(), baseline, warmup, iters, device)
     release_in_backward_optimizers(module)
     compression = table.num_embeddings * table.embedding_dim * FLOAT_BYTES / stored
-    return {"compression": compression, **times[0]}, times[1] if baseline is not None else None
+    return {"compression": compression, **times}, paired
 
 
 def with_ratios(row: dict[str, Any], base: dict[str, float] | None) -> dict[str, Any]:
@@ -283,7 +291,8 @@ def run_setting(n: int, pooling: int, grid: list[Variant], ratios: list[float], 
         if reason:
             rows.append({**ebc, "status": "skipped", "reason": reason})
         else:
-            times, paired = (ebc_alone, None) if ebc_alone else ebc_cell(table, kjt, warmup, iters, device, baseline)
+            times, paired = ((ebc_alone, None) if ebc_alone is not None
+                             else ebc_cell(table, kjt, warmup, iters, device, baseline))
             rows.append(with_paired_ratios({**ebc, "compression": 1.0, "status": "ok", **times}, paired, base))
             release(device)
         report(rows[-1])
