@@ -10,21 +10,26 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from iopath.common.file_io import NativePathHandler, PathManager
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torch import nn
+from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig
 from torchrec.optim import apply_optimizer_in_backward
+from torchrec.optim.keyed import KeyedOptimizerWrapper
 
-from helpers import make_kjt, random_bags
+from helpers import make_kjt, random_bags, spawn_ranks
 from torchrec_pss import CompressedEmbeddingBagCollection, RobeConfig
 from torchrec_pss.checkpoint import (
     MANIFEST,
     Progress,
+    agreed_latest_checkpoint,
     checkpoint_path,
     complete_checkpoints,
     latest_checkpoint,
@@ -245,3 +250,134 @@ def test_job_killed_mid_run_resumes_to_bit_identical_parameters(tmp_path: Path) 
         assert torch.equal(straight[key], resumed[key]), key
     assert any(not torch.equal(straight[key], early[key]) for key in tensors if key.startswith("model."))
     assert early["progress.data_position"] == summary["resumed_from_step"]
+
+
+def test_a_file_uri_is_the_local_path_it_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    module = build(seed=0)
+    root = tmp_path / "uri run"
+    uri = "file://" + urllib.parse.quote(str(root))
+    path = save_training_state(uri, 2, module, {})
+    assert path == str(root / "step_00000002") and (root / "step_00000002" / MANIFEST).is_file()
+    assert not (tmp_path / "file:").exists()
+    assert latest_checkpoint(uri) == (2, path) == latest_checkpoint(f"file://localhost{root}")
+    assert load_training_state(uri + "/step_00000002", build(seed=0), {}).step == 2
+    with pytest.raises(ValueError, match="not host 'relative'"):
+        save_training_state("file://relative/run", 2, module, {})
+
+
+def test_a_save_killed_between_its_renames_keeps_the_older_copy_of_the_step(tmp_path: Path) -> None:
+    class FailingFinalRename(PathManager):
+        failing = False
+
+        def mv(self, src: str, dst: str, **kwargs: object) -> bool:
+            final = self.failing and ".partial-" in src and dst.endswith("/step_00000005")
+            return False if final else super().mv(src, dst, **kwargs)
+
+    manager = FailingFinalRename()
+    module = build(seed=0)
+    root = str(tmp_path / "run")
+    save_training_state(root, 5, module, {}, manager)
+    saved = module.pss_memories["robe_default"].weight.detach().clone()
+    train_step(module, 0)
+    manager.failing = True
+    with pytest.raises(OSError, match="could not rename"):
+        save_training_state(root, 5, module, {}, manager)
+    assert not (tmp_path / "run" / "step_00000005").exists()
+    step, path = latest_checkpoint(root)
+    assert step == 5 and ".replaced-" in path
+    restored = build(seed=0)
+    assert load_training_state(path, restored, {}).step == 5
+    assert torch.equal(restored.pss_memories["robe_default"].weight, saved)
+
+
+def test_a_step_saved_whole_is_preferred_to_its_older_copy(tmp_path: Path) -> None:
+    module = build(seed=0)
+    root = str(tmp_path / "run")
+    save_training_state(root, 5, module, {})
+    save_training_state(root, 5, module, {})
+    paths = [path for _, path in complete_checkpoints(root)]
+    assert ".replaced-" in paths[0] and paths[1] == checkpoint_path(root, 5)
+    assert latest_checkpoint(root) == (5, checkpoint_path(root, 5))
+
+
+def _failing_manifest_worker(rank: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    if rank == 0:
+        def disk_full(*args: object) -> None:
+            raise OSError(28, "No space left on device")
+        training_state._write_manifest = disk_full
+    try:
+        save_training_state(os.path.join(out_dir, "run"), 1, build(seed=0), {})
+        outcome = "returned"
+    except OSError as error:
+        outcome = str(error)
+    dist.barrier()
+    torch.save(outcome, os.path.join(out_dir, f"outcome{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_a_failure_of_the_first_rank_is_raised_on_every_rank() -> None:
+    first, second = spawn_ranks(_failing_manifest_worker, 2, "outcome")
+    assert "No space left on device" in first
+    assert "failed on rank 0" in second and "No space left on device" in second
+
+
+@pytest.mark.parametrize("saved_with, loaded_with, entry", [
+    (lambda p: torch.optim.Adagrad(p, lr=0.1), lambda p: torch.optim.SGD(p, lr=0.1), "sum"),
+    (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), lambda p: torch.optim.SGD(p, lr=0.1), "momentum_buffer"),
+    (lambda p: torch.optim.Adam(p, amsgrad=True), lambda p: torch.optim.Adam(p), "max_exp_avg_sq"),
+])
+def test_a_keyed_dense_optimizer_refuses_state_it_would_not_load(tmp_path: Path, saved_with, loaded_with,
+                                                                 entry: str) -> None:
+    def dense(module: nn.Module, make) -> KeyedOptimizerWrapper:
+        return KeyedOptimizerWrapper({"head.weight": module.weight}, make)
+
+    head = nn.Linear(3, 1, bias=False)
+    optimizer = dense(head, saved_with)
+    head(torch.ones(2, 3)).sum().backward()
+    optimizer.step()
+    path = save_training_state(str(tmp_path / "run"), 1, head, {"dense": optimizer})
+    other = nn.Linear(3, 1, bias=False)
+    before = other.weight.detach().clone()
+    with pytest.raises(ValueError, match=rf"unexpected .*head\.weight\.{entry}"):
+        load_training_state(path, other, {"dense": dense(other, loaded_with)})
+    assert torch.equal(other.weight, before)
+
+
+def test_tensors_of_another_shape_or_dtype_are_refused_naming_them(tmp_path: Path) -> None:
+    path = save_training_state(str(tmp_path / "run"), 1, build(seed=0), {})
+    smaller = CompressedEmbeddingBagCollection(
+        [EmbeddingBagConfig(name="big", embedding_dim=8, num_embeddings=500, feature_names=["f1"]),
+         EmbeddingBagConfig(name="small", embedding_dim=8, num_embeddings=20, feature_names=["f2"])],
+        {"big": RobeConfig(compression=20, chunk_size=4, seed=0)})
+    with pytest.raises(ValueError, match=r"pss_memories\.robe_default\.weight: saved \[400\] torch.float32, here "
+                                         r"\[200\] torch.float32"):
+        load_training_state(path, smaller, {})
+    half = CompressedEmbeddingBagCollection(
+        [EmbeddingBagConfig(name="big", embedding_dim=8, num_embeddings=500, feature_names=["f1"]),
+         EmbeddingBagConfig(name="small", embedding_dim=8, num_embeddings=20, feature_names=["f2"],
+                            data_type=DataType.FP16)],
+        {"big": RobeConfig(compression=10, chunk_size=4, seed=0)})
+    before = half.embedding_bags["small"].weight.detach().clone()
+    with pytest.raises(ValueError, match=r"embedding_bags\.small\.weight: saved \[20, 8\] torch.float32, here "
+                                         r"\[20, 8\] torch.float16"):
+        load_training_state(path, half, {})
+    assert torch.equal(half.embedding_bags["small"].weight, before)
+
+
+def _agreed_worker(rank: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    root = os.path.join(out_dir, "run")
+    save_training_state(root, 3, build(seed=0), {})
+    if rank == 1:
+        def unreadable(*args: object) -> None:
+            raise OSError("this rank cannot read the checkpoint")
+        training_state.latest_checkpoint = unreadable
+    torch.save(agreed_latest_checkpoint(root), os.path.join(out_dir, f"found{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_every_rank_resumes_from_the_checkpoint_the_first_rank_found() -> None:
+    first, second = spawn_ranks(_agreed_worker, 2, "found")
+    assert first == second and first[0] == 3 and first[1].endswith("step_00000003")

@@ -8,6 +8,8 @@ import copy
 import pytest
 import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.optim import apply_optimizer_in_backward
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from helpers import make_kjt
 from torchrec_pss import (CompressedEmbeddingBagCollection, HashingConfig, MethodConfig, MLETConfig, QRConfig,
@@ -71,11 +73,12 @@ SPARSE = {
 
 
 @pytest.mark.parametrize("weighted", [False, True])
-@pytest.mark.parametrize("method", sorted(SPARSE))
-def test_sparse_gradients_of_sum_and_mean_tables_compile(method: str, weighted: bool) -> None:
+@pytest.mark.parametrize("method, backend", [(method, "aot_eager") for method in sorted(SPARSE)]
+                         + [("hashing", "inductor"), ("mlet", "inductor")])
+def test_sparse_gradients_of_sum_and_mean_tables_compile(method: str, backend: str, weighted: bool) -> None:
     """A SUM and a MEAN table of one memory with sparse gradients (ROBE: one call, the MEAN bags weighted by
-    1 / length; the hashing trick and MLET: unweighted MEAN bags as such weighted sums too) compile with
-    ``fullgraph=True`` to eager's values and gradients."""
+    1 / length; the hashing trick and MLET: through the ``sparse_rows_bag`` op) compile with ``fullgraph=True``
+    to eager's values and gradients."""
     eager = module(SPARSE[method])
     if not weighted:
         eager = CompressedEmbeddingBagCollection(eager.embedding_bag_configs(), {"a": SPARSE[method],
@@ -89,7 +92,7 @@ def test_sparse_gradients_of_sum_and_mean_tables_compile(method: str, weighted: 
         return model(make_kjt(bags)).values().pow(2).sum()
 
     torch._dynamo.reset()
-    got = torch.compile(step, fullgraph=True, backend="aot_eager")(compiled)
+    got = torch.compile(step, fullgraph=True, backend=backend)(compiled)
     expected = step(eager)
     got.backward()
     expected.backward()
@@ -121,3 +124,28 @@ def test_robe_read_in_several_calls_under_compile(gradient: str) -> None:
     for name, b in compiled.named_parameters():
         assert memory[name].grad.is_sparse == name.startswith("pss_memories") and not b.grad.is_sparse, name
         torch.testing.assert_close(b.grad, memory[name].grad.to_dense(), msg=name)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("config", [HashingConfig(compression=10), MLETConfig(inner_dim=4)], ids=["hashing", "mlet"])
+def test_a_compiled_step_with_an_in_backward_sgd_trains_as_eager(config: MethodConfig, backend: str) -> None:
+    """README's set-up under a plain ``torch.compile``: a large MEAN table whose in-backward SGD makes the layout
+    ``"auto"`` (sparse rows here), batches of several sizes; the parameters follow eager's."""
+    torch.manual_seed(0)
+    tables = [EmbeddingBagConfig(name="user", embedding_dim=8, num_embeddings=10_000, feature_names=["user"],
+                                 pooling=PoolingType.MEAN)]
+    eager = CompressedEmbeddingBagCollection(tables, {"user": config})
+    compiled = copy.deepcopy(eager)
+    for model in (eager, compiled):
+        apply_optimizer_in_backward(torch.optim.SGD, model.parameters(), {"lr": 0.1})
+    torch._dynamo.reset()
+    step = torch.compile(lambda model, kjt: model(kjt).values().pow(2).sum(), backend=backend)
+    generator = torch.Generator().manual_seed(1)
+    for batch in (16, 16, 24, 5):
+        lengths = torch.randint(0, 4, (batch,), generator=generator)
+        kjt = KeyedJaggedTensor(keys=["user"], values=torch.randint(0, 10_000, (int(lengths.sum()),),
+                                                                    generator=generator), lengths=lengths)
+        step(compiled, kjt).backward()
+        eager(kjt).values().pow(2).sum().backward()
+    for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
+        torch.testing.assert_close(b, a, msg=name)

@@ -259,3 +259,29 @@ def test_flag_parses_defaults_overrides_and_min_rows() -> None:
 def test_flag_errors(flag: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         parse_compression_flag(flag)
+
+
+def test_compress_keeps_frozen_sparse_plain_tables_and_the_training_mode() -> None:
+    ebc = EmbeddingBagCollection([EmbeddingBagConfig(name=n, embedding_dim=8, num_embeddings=100, feature_names=[n])
+                                  for n in ("big", "frozen")])
+    ebc.embedding_bags["frozen"].weight.requires_grad_(False)
+    ebc.embedding_bags["frozen"].sparse = True
+    model = nn.Sequential(ebc).eval()
+    compress_(model, {"big": RobeConfig(compression=10, chunk_size=4)})
+    swapped = model[0]
+    assert isinstance(swapped, CompressedEmbeddingBagCollection) and not swapped.training
+    frozen = swapped.embedding_bags["frozen"]
+    assert not frozen.weight.requires_grad and frozen.sparse
+    assert swapped.memory_for("big").weight.requires_grad
+
+
+def test_one_kjt_feeds_several_ebcs_after_compress() -> None:
+    """A two-tower model passes one KJT with both towers' features to each EBC (TorchRec's EBC ignores keys it
+    does not read); after compress_ it runs and the uncompressed tower's output is unchanged."""
+    model = two_towers()
+    kjt = make_kjt({"user": [[1, 2], [3]], "item": [[0, 1999], [5]]})
+    expected = model.item(kjt).to_dict()["item"]
+    compress_(model, {"user": RobeConfig(compression=10, chunk_size=4)})
+    user = model.user(kjt).to_dict()
+    assert list(user) == ["user"] and user["user"].shape == (2, 8)
+    assert torch.equal(model.item(kjt).to_dict()["item"], expected)

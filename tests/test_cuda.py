@@ -106,3 +106,17 @@ def test_a_shared_memory_is_read_in_one_call_per_width_on_cuda(optimizer: type,
     monkeypatch.setattr(robe, "ONE_CALL_MAX_FLOATS", 0)
     train_on_cpu_and_cuda("robe", PoolingType.SUM, optimizer)
     assert seen.count("cuda") == 3 and seen.count("cpu") == 6  # two tables: one call per step on CUDA
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_kernels_run_on_the_device_of_their_tensors_not_the_current_one() -> None:
+    rng = random.Random(7)
+    bags = {f: random_bags(rng, n, batch=32, max_len=6)
+            for f, n in {"f1": 2**40, "f2": 2**40, "f3": 1000, "f4": 100}.items()}
+    kjt = make_kjt(bags, {f: random_weights(rng, b) for f, b in bags.items()})
+    cpu, second = build("cpu", 4, True, "dense"), build("cuda:1", 4, True, "dense")
+    second.load_state_dict(cpu.state_dict())
+    with torch.cuda.device(0):
+        out = second(kjt.to(torch.device("cuda:1")))
+        torch.cuda.synchronize(1)
+    torch.testing.assert_close(out.values().cpu(), cpu(kjt).values(), rtol=1e-5, atol=1e-6)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import warnings
 
 import pytest
 import torch
+import torchrec.fx
+from torch import nn
 from torchrec import EmbeddingBagCollection
 from torchrec.models.dlrm import DLRM, DLRM_DCN
 from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
@@ -112,10 +115,9 @@ def test_weighted_sum_plain_table_matches_ebc() -> None:
     module = CompressedEmbeddingBagCollection(sum_tables, is_weighted=True)
     module.load_state_dict(ebc.state_dict(), strict=False)
     full = batch(weighted=True)
-    kjt = KeyedJaggedTensor.from_jt_dict({f: full[f] for f in ["f1", "f3"]})  # unknown keys are refused (see below)
+    kjt = KeyedJaggedTensor.from_jt_dict({f: full[f] for f in ["f1", "f3"]})
     torch.testing.assert_close(module(kjt).values(), ebc(kjt).values())
-    with pytest.raises(ValueError, match=r"features \['shared', 'f2'\] that no table of this module reads"):
-        module(full)  # torchrec's EBC ignores them
+    torch.testing.assert_close(module(full).values(), ebc(full).values())  # keys it does not read are ignored
 
 
 def synthetic_click_batch(generator: torch.Generator, batch_size: int, num_embeddings: int,
@@ -189,3 +191,29 @@ def test_meta_device_materialises_like_dmp_does() -> None:
         for name, bag in materialised.embedding_bags.items():
             bag.weight.copy_(reference.embedding_bags[name].weight)
     torch.testing.assert_close(materialised(batch()).values(), reference(batch()).values())
+
+
+def test_an_init_fn_of_a_compressed_table_is_named_as_ignored() -> None:
+    constant = [EmbeddingBagConfig(name="t", embedding_dim=4, num_embeddings=40, feature_names=["f"],
+                                   init_fn=lambda weight: torch.nn.init.constant_(weight, 0.5))]
+    with pytest.warns(UserWarning, match="table 't': init_fn .* its robe memory is initialised by its method config"):
+        CompressedEmbeddingBagCollection(constant, {"t": RobeConfig(compression=4)})
+    plain = CompressedEmbeddingBagCollection(constant)
+    assert torch.equal(plain.embedding_bags["t"].weight, torch.full((40, 4), 0.5))
+    bounded = [EmbeddingBagConfig(name="t", embedding_dim=4, num_embeddings=40, feature_names=["f"],
+                                  weight_init_min=-0.1, weight_init_max=0.1)]
+    with pytest.warns(UserWarning, match="table 't': init_fn / weight_init_min / weight_init_max"):
+        CompressedEmbeddingBagCollection(bounded, {"t": RobeConfig(compression=4)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        CompressedEmbeddingBagCollection(tables(), {"t1": RobeConfig(compression=4, chunk_size=4)})
+
+
+def test_torchrec_fx_traces_the_module_as_a_leaf_and_explains_how() -> None:
+    module = CompressedEmbeddingBagCollection(tables(), {"t1": RobeConfig(compression=4, chunk_size=4)})
+    model = nn.Sequential()
+    model.ebc = module
+    with pytest.raises(TypeError, match=r"leaf_modules=\['CompressedEmbeddingBagCollection'\]"):
+        torchrec.fx.symbolic_trace(model)
+    traced = torchrec.fx.symbolic_trace(model, leaf_modules=["CompressedEmbeddingBagCollection"])
+    torch.testing.assert_close(traced(batch()).values(), module(batch()).values())

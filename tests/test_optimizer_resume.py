@@ -137,7 +137,7 @@ def test_a_lazy_state_that_cannot_be_made_is_refused(tmp_path: Path) -> None:
     params = {f"dense.dense.{n}": p for n, p in other.dense.named_parameters()}
     params.update({f"dense.head.{n}": p for n, p in other.head.named_parameters()})
     stateless = KeyedOptimizer(params, {}, [{"params": list(params.values()), "lr": 0.05}])  # no step to make it
-    with pytest.raises(ValueError, match=r"optimizer 'dense' has no state yet for \['dense.dense.bias'"):
+    with pytest.raises(ValueError, match=r"optimizer 'dense' has no state for \['dense.dense.bias'"):
         load_training_state(path, other, {"dense": stateless})
 
 

@@ -275,16 +275,19 @@ def test_robe_without_ids_or_bags() -> None:
 
 
 @pytest.mark.parametrize(
-    "optimizer, block_size", [(torch.optim.Adagrad, 1), (BlockwiseAdagrad, 4), (BlockwiseAdagrad, 5)]
+    "optimizer, block_size, size",
+    [(torch.optim.Adagrad, 1, 97), (BlockwiseAdagrad, 4, 97), (BlockwiseAdagrad, 5, 97), (BlockwiseAdagrad, 2500, 6000),
+     (BlockwiseAdagrad, 2**20 + 1, 2**20 + 50)]
 )
-def test_adagrad_matches_fused_update(optimizer: type, block_size: int) -> None:
-    """Two steps with lr_decay; |M| = 97 leaves a partial last block for block sizes 4 and 5."""
-    param = torch.nn.Parameter(torch.randn(97, generator=torch.Generator().manual_seed(0)))
+def test_adagrad_matches_fused_update(optimizer: type, block_size: int, size: int) -> None:
+    """Two steps with lr_decay; the last block is partial (2500 and more: blocks wider than a tile row of the
+    kernel; more than 2^20 did not compile before)."""
+    param = torch.nn.Parameter(torch.randn(size, generator=torch.Generator().manual_seed(0)))
     kwargs = {"lr": 0.05, "lr_decay": 0.1, "eps": 1e-8, "initial_accumulator_value": 0.1}
     reference = FusedUpdate("p", param, optimizer, kwargs, block_size)
     p, accumulator = on_device(param, reference.state["sum"])
     for step in (1, 2):
-        grad = torch.randn(97, generator=torch.Generator().manual_seed(step))
+        grad = torch.randn(size, generator=torch.Generator().manual_seed(step))
         reference.apply(grad)
         blockwise_adagrad_update_(p, accumulator, grad.to(DEVICE), 0.05, 1e-8, block_size, lr_decay=0.1, step=step)
         torch.testing.assert_close(accumulator.cpu(), reference.state["sum"], **TOL)
@@ -421,6 +424,37 @@ def test_qr_kernels_refuse_offsets_that_do_not_cover_the_ids(offsets: list[int])
     ids = torch.arange(5)
     with pytest.raises(RuntimeError, match=r"qr_pooled: offsets must run from 0 to the number of ids \(5\)"):
         qr_pooled_forward(parts, ids, torch.tensor(offsets), None, 7, "add", True)
+
+
+@ON_CPU
+@pytest.mark.parametrize("offsets", [[1, 3, 5], [0, 3, 4], [0, 4, 3, 5], [0, 3, 1000]])
+def test_robe_kernels_refuse_offsets_that_do_not_cover_the_ids(offsets: list[int]) -> None:
+    """Offsets past the ids would read beyond them and add the hashed garbage into ``M``: refused, ``M`` unchanged."""
+    memory = robe(4, use_sign=True)
+    args = robe_args(memory, 4, True, False)
+    ids, offsets, grad = torch.arange(5), torch.tensor(offsets), torch.ones(len(offsets) - 1, D)
+    before = memory.weight.detach().clone()
+    message = r"offsets must run from 0 to the number of ids \(5\)"
+    with pytest.raises(RuntimeError, match="robe_pooled: " + message):
+        robe_pooled_forward(memory.weight.detach(), ids, offsets, None, **args)
+    with pytest.raises(RuntimeError, match="robe backward: " + message):
+        robe_pooled_backward(grad, ids, offsets, None, memory_size=97, **args)
+    with pytest.raises(RuntimeError, match="robe backward: " + message):
+        robe_sgd_update_(memory.weight.detach(), grad, ids, offsets, None, lr=0.1, **args)
+    with pytest.raises(RuntimeError, match="robe_weights_grad: " + message):
+        robe_weights_grad(grad, memory.weight.detach(), ids, offsets, **args)
+    assert torch.equal(memory.weight.detach(), before)
+
+
+@ON_CPU
+def test_robe_kernels_refuse_an_empty_memory_and_bad_coefficients() -> None:
+    memory = robe(4, use_sign=True)
+    args = robe_args(memory, 4, True, False)
+    ids, offsets = torch.arange(5), torch.tensor([0, 2, 5])
+    with pytest.raises(ValueError, match=r"robe_pooled: the memory must hold 1 to 2\^31 - 1 elements, got 0"):
+        robe_pooled_forward(torch.zeros(0), ids, offsets, None, **args)
+    with pytest.raises(ValueError, match=r"robe_pooled: coefficients must be \[2, 4\] int64, got \(1, 4\)"):
+        robe_pooled_forward(memory.weight.detach(), ids, offsets, None, **{**args, "coefficients": args["coefficients"][:1]})
 
 
 @ON_CPU

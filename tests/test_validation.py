@@ -52,10 +52,19 @@ def test_missing_feature_is_named() -> None:
         module(make_kjt({"f1": [[1]]}))
 
 
-def test_unknown_feature_is_named() -> None:
+def test_a_feature_no_table_reads_is_ignored_as_by_torchrec() -> None:
     module = CompressedEmbeddingBagCollection(tables(), {"t1": RobeConfig(compression=2)})
-    with pytest.raises(ValueError, match=r"features \['f9'\] that no table of this module reads"):
-        module(make_kjt({"f1": [[1]], "f2": [[1]], "f9": [[3]]}))
+    extra = module(make_kjt({"f9": [[3], [4, 5]], "f1": [[1], []], "f2": [[1], [2]]})).to_dict()
+    torch.testing.assert_close(extra, module(make_kjt({"f1": [[1], []], "f2": [[1], [2]]})).to_dict())
+
+
+@pytest.mark.parametrize("compressed", [True, False])
+def test_a_negative_length_is_named_where_it_breaks_the_split_by_feature(compressed: bool) -> None:
+    """Lengths ``[4, -1]`` add up to the 3 ids, but a feature's total is negative: ``KJT.to_dict`` cannot split."""
+    module = CompressedEmbeddingBagCollection(tables(), {"t1": RobeConfig(compression=2)} if compressed else {})
+    kjt = KeyedJaggedTensor(keys=["f1", "f2"], values=torch.tensor([1, 2, 3]), lengths=torch.tensor([4, -1]))
+    with pytest.raises(ValueError, match="feature 'f2': bag 0 has negative length -1"):
+        module(kjt)
 
 
 @pytest.mark.parametrize("compressed", [True, False])

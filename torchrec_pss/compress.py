@@ -26,12 +26,12 @@ def compress_(model: nn.Module, config: ConfigChoice, filter_fn: FilterFn | None
     per-table overrides, applies to the whole model: naming a table that no accepted EBC has is a
     ``ValueError``, raised before anything is replaced. Each replacement is a
     ``CompressedEmbeddingBagCollection`` with the same tables, feature order, pooling and weightedness,
-    on the device of the EBC's parameters; plain tables keep their current weights, compressed ones
-    start from their method's init. An EBC registered under several names (accepted under any of them,
-    ``filter_fn`` sees every one) is replaced by one module under all of them. All replacements are built before
-    the first is put in place; the rest of the model is untouched. Returns ``model`` (or the replacement when
-    ``model`` itself is an EBC). A model whose embedding modules are sharded already (wrapped by
-    ``DistributedModelParallel``) is refused: compress before sharding.
+    on the device of the EBC's parameters and in its training mode; plain tables keep their current weights,
+    ``requires_grad`` and ``sparse`` flag, compressed ones start from their method's init. An EBC registered under
+    several names (accepted under any of them, ``filter_fn`` sees every one) is replaced by one module under all
+    of them. All replacements are built before the first is put in place; the rest of the model is untouched.
+    Returns ``model`` (or the replacement when ``model`` itself is an EBC). A model whose embedding modules are
+    sharded already (wrapped by ``DistributedModelParallel``) is refused: compress before sharding.
     """
     if _accepted(model, "", filter_fn):
         _check_named_tables(config, [model])
@@ -105,13 +105,17 @@ def _device(ebc: EmbeddingBagCollection) -> torch.device:
 
 @torch.no_grad()
 def _compressed(ebc: EmbeddingBagCollection, config: ConfigChoice) -> CompressedEmbeddingBagCollection:
+    """``ebc`` rebuilt with the tables ``config`` picks compressed; its plain tables keep their weights,
+    ``requires_grad`` and ``sparse`` flag, the module its training mode."""
     tables = ebc.embedding_bag_configs()
     if isinstance(config, Mapping):
         names = {t.name for t in tables}
         config = {name: chosen for name, chosen in config.items() if name in names}
     module = CompressedEmbeddingBagCollection(tables, _mapping(config, tables), _device(ebc), is_weighted=ebc.is_weighted())
     for name, bag in module.embedding_bags.items():
-        source = ebc.embedding_bags[name].weight
-        if not source.is_meta and not bag.weight.is_meta:
-            bag.weight.copy_(source)
-    return module
+        source = ebc.embedding_bags[name]
+        if not source.weight.is_meta and not bag.weight.is_meta:
+            bag.weight.copy_(source.weight)
+        bag.weight.requires_grad_(source.weight.requires_grad)
+        bag.sparse = source.sparse
+    return module.train(ebc.training)

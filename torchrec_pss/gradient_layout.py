@@ -4,9 +4,11 @@ A dense gradient costs about one pass over the memory (``|M|`` elements: zero, a
 a sparse one costs a sort of the elements the batch touches. ``"auto"`` picks dense while
 ``|M| <= auto_dense_ratio x touched`` — 50 by default, the crossover measured by
 ``benchmarks/fused_step.py`` and ``benchmarks/lookup.py`` on the CPU (ROBE, whose sparse gradient has its
-own kernel, uses 35: ``RobeConfig.auto_dense_ratio``). When the batch size is symbolic
-(``torch.export`` or ``torch.compile`` with dynamic shapes) and the rule cannot be decided, ``"auto"``
-picks dense: the traced graph keeps one layout, and dense works with every optimizer.
+own kernel, uses 35: ``RobeConfig.auto_dense_ratio``). When the batch size is symbolic (``torch.compile``
+with dynamic shapes) the comparison is guarded (``guard_or_false``): a batch on the other side of the threshold
+recompiles the graph once. Where it cannot be decided without a guard (sizes that depend on the data, or
+``torch.export`` with size-oblivious shapes), ``"auto"`` picks dense: the traced graph keeps one layout, and
+dense works with every optimizer.
 
 The methods whose sparse gradient is a set of rows (QR's parts, the hashing trick's table, MLET's ``W1``) use
 :data:`ROWS_AUTO_DENSE_RATIO` = 8: in ``benchmarks/results/grid_cpu_interleaved.md`` their dense step won in 15

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from torchrec_pss.sparse_rows_bag import sparse_rows_bag
+
 
 def bag_index(lengths: torch.Tensor, num_ids: int) -> torch.Tensor:
     """Bag number of every id: ``[N]`` int64 for bag ``lengths`` ``[S]``."""
@@ -63,7 +65,12 @@ def embedding_bag(rows: torch.Tensor, table: torch.Tensor, offsets: torch.Tensor
     """Bags of the rows ``rows`` ``[N]`` of ``table`` ``[k, d]`` pooled as :func:`pool` does (a weighted MEAN is
     the weighted sum / bag length), in one ``F.embedding_bag`` call (bags: ``offsets`` ``[S + 1]``): ``[S, d]``.
     ``sparse``: ``table``'s gradient as a sparse COO tensor; an unweighted MEAN then pools as a sum weighted by
-    1 / bag length (PyTorch's meta kernel of the sparse MEAN backward fails under ``torch.compile``)."""
+    1 / bag length (PyTorch's meta kernel of the sparse MEAN backward fails under ``torch.compile``); while
+    compiling a training step, a sparse gradient goes through the op
+    :func:`~torchrec_pss.sparse_rows_bag.sparse_rows_bag` (the sparse backward of ``F.embedding_bag`` with
+    per-sample weights does not trace either)."""
+    if sparse and torch.compiler.is_compiling() and torch.is_grad_enabled() and table.requires_grad:
+        return sparse_rows_bag(table, rows, offsets, per_id_scale(offsets, weights, mean, rows.numel(), table.dtype))
     if weights is None and mean and sparse:
         scale = per_id_scale(offsets, None, True, rows.numel(), table.dtype)
         return F.embedding_bag(rows, table, offsets, mode="sum", per_sample_weights=scale, sparse=True,

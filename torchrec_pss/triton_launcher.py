@@ -35,7 +35,7 @@ class Launcher:
 
     ``args``: the kernel's runtime arguments, in order (tensors, ints, floats, bools or None); ``constants``:
     its ``tl.constexpr`` parameters by name plus launch options such as ``num_warps``. ``grid``: up to three
-    program counts.
+    program counts. The kernel runs on the device of the first tensor argument (made current for the launch).
     """
 
     def __init__(self, kernel: Any) -> None:
@@ -47,7 +47,13 @@ class Launcher:
         if self._interpreted:
             self.kernel[grid](*args, **constants)
             return
-        key = (torch.cuda.current_device(), tuple(constants.items()), *(_kind(a) for a in args))
+        current = torch.cuda.current_device()
+        device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+        if device is not None and device.type == "cuda" and device.index not in (None, current):
+            with torch.cuda.device(device):  # Triton launches on the current device and its current stream
+                self(grid, *args, **constants)
+            return
+        key = (current, tuple(constants.items()), *(_kind(a) for a in args))
         cached = self._compiled.get(key)
         if cached is None:
             compiled = self.kernel[grid](*args, **constants)

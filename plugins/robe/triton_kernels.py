@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from torchrec_pss.device_checks import assert_offsets
 from torchrec_pss.hashing import PRIME
 from torchrec_pss.pooling import offsets_to_bag_index, per_id_scale
 from torchrec_pss.triton_launcher import Launcher
@@ -32,6 +33,8 @@ MAX_BLOCK_D = 128
 """Embedding columns per program at most (columns of a tile)."""
 _ROWS_PER_ADAGRAD_TILE = 1024
 """Elements per Adagrad program (rounded to whole blocks)."""
+MAX_ADAGRAD_COLS = 1024
+"""The widest tile row of the blockwise Adagrad kernel; a wider block is summed and updated tile by tile."""
 NARROW_LIMIT = 2**31
 """``M`` sizes (and chunk + row widths) below this use 32-bit positions."""
 CACHED_MEMORY_BYTES = 16 * 2**20
@@ -271,16 +274,35 @@ def _adagrad_kernel(
     BLOCK_SIZE: tl.constexpr, BLOCKS: tl.constexpr, BLOCK_COLS: tl.constexpr,
 ):
     blocks = tl.program_id(0).to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)
-    cols = tl.arange(0, BLOCK_COLS)
-    idx = blocks[:, None] * BLOCK_SIZE + cols[None, :]
-    mask = (cols[None, :] < BLOCK_SIZE) & (idx < numel)
-    g = tl.load(grad + idx, mask=mask, other=0.0)
     block_mask = blocks * BLOCK_SIZE < numel
-    total = tl.load(accumulator + blocks, mask=block_mask, other=0.0) + tl.sum(g * g, axis=1) / BLOCK_SIZE
-    tl.store(accumulator + blocks, total, mask=block_mask)
-    std = tl.sqrt_rn(total) + eps
-    p = tl.load(param + idx, mask=mask, other=0.0)
-    tl.store(param + idx, p - clr * tl.div_rn(g, std[:, None]), mask=mask)
+    if BLOCK_COLS >= BLOCK_SIZE:  # a whole block per tile row: its gradient is read once
+        cols = tl.arange(0, BLOCK_COLS)
+        idx = blocks[:, None] * BLOCK_SIZE + cols[None, :]
+        mask = (cols[None, :] < BLOCK_SIZE) & (idx < numel)
+        g = tl.load(grad + idx, mask=mask, other=0.0)
+        total = tl.load(accumulator + blocks, mask=block_mask, other=0.0) + tl.sum(g * g, axis=1) / BLOCK_SIZE
+        tl.store(accumulator + blocks, total, mask=block_mask)
+        std = tl.sqrt_rn(total) + eps
+        p = tl.load(param + idx, mask=mask, other=0.0)
+        tl.store(param + idx, p - clr * tl.div_rn(g, std[:, None]), mask=mask)
+    else:  # blocks wider than a tile: sum the squares tile by tile, then update tile by tile
+        squares = tl.zeros([BLOCKS], dtype=tl.float32)
+        for start in tl.static_range(0, BLOCK_SIZE, BLOCK_COLS):
+            cols = start + tl.arange(0, BLOCK_COLS)
+            idx = blocks[:, None] * BLOCK_SIZE + cols[None, :]
+            mask = (cols[None, :] < BLOCK_SIZE) & (idx < numel)
+            g = tl.load(grad + idx, mask=mask, other=0.0)
+            squares += tl.sum(g * g, axis=1)
+        total = tl.load(accumulator + blocks, mask=block_mask, other=0.0) + squares / BLOCK_SIZE
+        tl.store(accumulator + blocks, total, mask=block_mask)
+        std = tl.sqrt_rn(total) + eps
+        for start in tl.static_range(0, BLOCK_SIZE, BLOCK_COLS):
+            cols = start + tl.arange(0, BLOCK_COLS)
+            idx = blocks[:, None] * BLOCK_SIZE + cols[None, :]
+            mask = (cols[None, :] < BLOCK_SIZE) & (idx < numel)
+            g = tl.load(grad + idx, mask=mask, other=0.0)
+            p = tl.load(param + idx, mask=mask, other=0.0)
+            tl.store(param + idx, p - clr * tl.div_rn(g, std[:, None]), mask=mask)
 
 
 _POOLED_FORWARD = Launcher(_pooled_forward_kernel)
@@ -291,10 +313,17 @@ _ADAGRAD = Launcher(_adagrad_kernel)
 
 
 def _check_bags(
-    ids: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor | None, keys: torch.Tensor, dim: int,
-    chunk_size: int,
+    ids: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor | None, coefficients: torch.Tensor,
+    keys: torch.Tensor, memory_size: int, dim: int, chunk_size: int, op: str,
 ) -> None:
-    """Raises on bad dtypes / shapes or a chunk size that neither divides ``dim`` nor is a multiple of it."""
+    """Raises on bad dtypes / shapes, an empty or too large ``M``, or a chunk size that neither divides ``dim`` nor
+    is a multiple of it; asserts the offsets on the device (:func:`~torchrec_pss.device_checks.assert_offsets`:
+    offsets past the ids would read beyond them and write the hashed garbage into ``M``). Any int64 id is
+    hashed: there is no id range to check."""
+    if not 0 < memory_size <= PRIME:
+        raise ValueError(f"{op}: the memory must hold 1 to 2^31 - 1 elements, got {memory_size}")
+    if coefficients.shape != (2, 4) or coefficients.dtype != torch.int64:
+        raise ValueError(f"{op}: coefficients must be [2, 4] int64, got {tuple(coefficients.shape)} {coefficients.dtype}")
     if ids.dtype != torch.int64 or offsets.dtype != torch.int64 or keys.dtype != torch.int64:
         raise TypeError(f"ids, offsets and keys must be int64, got {ids.dtype}, {offsets.dtype} and {keys.dtype}")
     if ids.dim() != 1 or offsets.dim() != 1 or offsets.numel() < 1:
@@ -305,6 +334,7 @@ def _check_bags(
         raise ValueError(f"weights must be [N] = {tuple(ids.shape)}, got {tuple(weights.shape)}")
     if dim % chunk_size and chunk_size % dim:
         raise ValueError(f"chunk_size={chunk_size} must divide dim={dim} or be a multiple of it")
+    assert_offsets(ids, offsets, op)
 
 
 def _launch(num_ids: int, num_bags: int, dim: int, chunk_size: int, memory_size: int,
@@ -349,7 +379,7 @@ def robe_pooled_forward(
     ``keys`` the table keys ``t`` (``[1]`` or ``[B]``). MEAN divides by the bag length (empty bags give zeros).
     Equals ``RobeMemory.pooled``.
     """
-    _check_bags(ids, offsets, weights, keys, dim, chunk_size)
+    _check_bags(ids, offsets, weights, coefficients, keys, memory.numel(), dim, chunk_size, "robe_pooled")
     num_bags = offsets.numel() - 1
     out = torch.empty(num_bags, dim, dtype=torch.float32, device=memory.device)
     if num_bags == 0:
@@ -402,7 +432,7 @@ def _scatter(
     ``touched`` (uint8 ``[|M|]``, atomic scatter only): set to 1 at every position read."""
     if segments and touched is not None:
         raise ValueError("touched positions are marked by the atomic scatter only (segments=False)")
-    _check_bags(ids, offsets, weights, keys, dim, chunk_size)
+    _check_bags(ids, offsets, weights, coefficients, keys, target.numel(), dim, chunk_size, "robe backward")
     num_bags = offsets.numel() - 1
     if grad_out.shape != (num_bags, dim):
         raise ValueError(f"grad_out must be [B, dim] = {(num_bags, dim)}, got {tuple(grad_out.shape)}")
@@ -527,7 +557,7 @@ def robe_weights_grad(
 
     ``grad_weights[j] = <grad_out[bag(j)] (/ bag length for MEAN), E[ids[j]]>``; one program per bag.
     """
-    _check_bags(ids, offsets, None, keys, dim, chunk_size)
+    _check_bags(ids, offsets, None, coefficients, keys, memory.numel(), dim, chunk_size, "robe_weights_grad")
     num_bags = offsets.numel() - 1
     if grad_out.shape != (num_bags, dim):
         raise ValueError(f"grad_out must be [B, dim] = {(num_bags, dim)}, got {tuple(grad_out.shape)}")
@@ -573,7 +603,7 @@ def blockwise_adagrad_update_(
         )
     if numel == 0:
         return param
-    block_cols = triton.next_power_of_2(block_size)
+    block_cols = min(triton.next_power_of_2(block_size), MAX_ADAGRAD_COLS)
     blocks = max(1, _ROWS_PER_ADAGRAD_TILE // block_cols)
     _ADAGRAD(
         (triton.cdiv(rows, blocks),), param, accumulator, grad.to(torch.float32).contiguous(),

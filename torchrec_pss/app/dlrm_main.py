@@ -42,7 +42,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from tqdm import tqdm
 
 from torchrec_pss import compress_, parse_compression_flag
-from torchrec_pss.checkpoint import latest_checkpoint, load_training_state, save_training_state
+from torchrec_pss.checkpoint import agreed_latest_checkpoint, load_training_state, save_training_state
 from torchrec_pss.datasets import SyntheticCriteo, criteo_npy_batches, criteo_text_batches, npy_days, read_criteo_rows
 from torchrec_pss.distributed import get_pss_sharders, make_planner
 from torchrec_pss.models import PRESETS
@@ -231,7 +231,7 @@ def train(args: argparse.Namespace) -> dict:
     preset = PRESETS[args.preset]
     batch_size = args.batch_size or max(1, preset.batch_size // world)
     train_from, eval_batches = data_streams(args, preset.num_embeddings, batch_size, rank, world)
-    found = latest_checkpoint(args.checkpoint_dir) if args.checkpoint_dir else None
+    found = agreed_latest_checkpoint(args.checkpoint_dir) if args.checkpoint_dir else None
     if found is not None and found[0] > args.steps:
         raise ValueError(f"--checkpoint-dir {args.checkpoint_dir}: the checkpoint is at step {found[0]}, --steps "
                          f"{args.steps}: ask for at least {found[0]} steps or use another --checkpoint-dir")

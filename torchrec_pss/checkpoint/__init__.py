@@ -4,6 +4,7 @@ from torchrec_pss.checkpoint.iopath_storage import IopathFileSystem, IopathReade
 from torchrec_pss.checkpoint.training_state import (
     MANIFEST,
     Progress,
+    agreed_latest_checkpoint,
     checkpoint_path,
     complete_checkpoints,
     latest_checkpoint,
@@ -18,6 +19,7 @@ __all__ = [
     "IopathReader",
     "IopathWriter",
     "Progress",
+    "agreed_latest_checkpoint",
     "checkpoint_path",
     "complete_checkpoints",
     "latest_checkpoint",

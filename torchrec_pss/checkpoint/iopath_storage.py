@@ -11,11 +11,25 @@ from __future__ import annotations
 import io
 import os
 import posixpath
+import urllib.parse
 from contextlib import contextmanager
 from typing import Generator
 
 from iopath.common.file_io import PathManager, g_pathmgr
 from torch.distributed.checkpoint.filesystem import FileSystemBase, FileSystemReader, FileSystemWriter
+
+
+def local_file_uri(path: str) -> str:
+    """``path`` with a ``file://`` URI turned into the local path it names (``file:///tmp/x`` -> ``/tmp/x``, percent
+    escapes decoded); anything else unchanged. iopath's native handler would read ``file:///tmp/x`` as the relative
+    path ``file:/tmp/x``. Raises ``ValueError`` for a ``file://`` URI naming another host (``file://ckpt/x``)."""
+    parts = urllib.parse.urlsplit(path)
+    if parts.scheme != "file":
+        return path
+    if parts.netloc not in ("", "localhost"):
+        raise ValueError(f"{path!r}: a file:// URI must name a local absolute path (file:///dir/...), not host "
+                         f"{parts.netloc!r}")
+    return urllib.parse.unquote(parts.path)
 
 
 class IopathFileSystem(FileSystemBase):

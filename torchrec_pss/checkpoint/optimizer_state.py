@@ -37,16 +37,19 @@ def _steppable(optimizer: Optimizer) -> Iterator[Optimizer]:
         yield optimizer
 
 
+def _parameter_of(entry: str, keys: Collection[str]) -> str | None:
+    """The parameter key among ``keys`` that the flattened entry ``entry`` (``<parameter key>.<name>...``, the
+    parameter key possibly dotted) belongs to, or None."""
+    parts = entry.split(".")
+    return next((key for key in (".".join(parts[:n]) for n in range(1, len(parts))) if key in keys), None)
+
+
 def _saved_params(saved: Collection[str], name: str, keys: Collection[str]) -> set[str]:
     """The keys among ``keys`` that have state entries in the checkpoint's metadata keys ``saved``."""
     prefix = f"optimizers.{name}.state."
     keys = set(keys)
-    found = set()
-    for key in saved:
-        if key.startswith(prefix):
-            parts = key[len(prefix):].split(".")
-            found.update(k for k in (".".join(parts[:n]) for n in range(1, len(parts))) if k in keys)
-    return found
+    found = {_parameter_of(key[len(prefix):], keys) for key in saved if key.startswith(prefix)}
+    return found - {None}
 
 
 @torch.no_grad()
@@ -99,8 +102,10 @@ def materialize_lazy_states(optimizers: Mapping[str, Optimizer], saved: Collecti
                     del missing[id(param)]
         if missing:
             raise ValueError(
-                f"optimizer {name!r} has no state yet for {sorted(missing.values())}, which the checkpoint holds, "
-                "and cannot create it (step it once, or call its init_state(), before loading)"
+                f"optimizer {name!r} has no state for {sorted(missing.values())}, which the checkpoint holds, "
+                "and cannot create it: the checkpoint was written with an optimizer that keeps state this one does "
+                "not (e.g. Adagrad, loaded into an SGD), or this optimizer creates it later (step it once, or "
+                "call its init_state(), before loading)"
             )
     return created
 
@@ -116,9 +121,10 @@ def check_optimizer_states(path: str, mine: Mapping[str, Any], saved: Collection
     """Refuse a checkpoint whose optimizer states are not the optimizers' (``mine``: their flattened state,
     ``saved``: the checkpoint's keys; neither holds an empty container).
 
-    Every state and param-group entry of an optimizer must be in the checkpoint. A torch optimizer's entries
-    must also all be loaded: an entry it would not read (e.g. AMSGrad's) is refused. A KeyedOptimizer may hold a
-    subset (a TorchRec fused optimizer lists only the tables its rank holds).
+    Every state and param-group entry of an optimizer must be in the checkpoint, and every entry the checkpoint
+    holds for the optimizer's parameters must be loaded: an entry it would not read (e.g. AMSGrad's, or an
+    Adagrad's sum loaded into an SGD) is refused. Entries of parameters a KeyedOptimizer does not hold are
+    allowed (a TorchRec fused optimizer lists only the tables its rank holds).
     """
     for name, optimizer in optimizers.items():
         for section in ("state", "param_groups"):
@@ -126,7 +132,10 @@ def check_optimizer_states(path: str, mine: Mapping[str, Any], saved: Collection
             ours = {key for key in mine if key == prefix or key.startswith(f"{prefix}.")}
             theirs = {key for key in saved if key == prefix or key.startswith(f"{prefix}.")}
             missing = ours - theirs
-            unexpected = set() if isinstance(optimizer, KeyedOptimizer) else theirs - ours
+            unexpected = theirs - ours
+            if isinstance(optimizer, KeyedOptimizer):
+                keys = set(optimizer.params)
+                unexpected = {key for key in unexpected if _parameter_of(key[len(prefix) + 1:], keys) is not None}
             if missing or unexpected:
                 raise ValueError(
                     f"checkpoint {path}: the {section} entries of optimizer {name!r} do not match; missing {sorted(missing)}, "

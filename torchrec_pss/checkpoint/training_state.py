@@ -4,11 +4,13 @@ A checkpoint of step ``s`` is the DCP directory ``<root>/step_<s:08d>`` (an iopa
 written atomically: every rank saves into a staging directory ``step_<s>.partial-<token>``; then the
 first rank writes ``MANIFEST.json`` (every file's size and CRC-32; through a temporary name and a
 rename) and renames the staging directory to its final name. A run killed while saving leaves only a
-staging directory, which is never read. :func:`latest_checkpoint` also re-reads the newest
-checkpoint's files against its manifest: a truncated, corrupt or incomplete one is skipped with a
-warning and the previous good one is used. Sharded TorchRec tables are saved shard by shard;
-replicated compressed memories once. The progress part holds the step and the data-loader position
-(batches each rank has consumed).
+staging directory, which is never read; a run killed while it replaced a checkpoint of the same step leaves
+the older one as ``step_<s>.replaced-<token>``, which counts when ``step_<s>`` is missing or damaged. A
+failure of the first rank's part is raised on every rank. ``file://`` URIs are read as local paths.
+:func:`latest_checkpoint` also re-reads the newest checkpoint's files against its manifest: a truncated,
+corrupt or incomplete one is skipped with a warning and the previous good one is used. Sharded TorchRec
+tables are saved shard by shard; replicated compressed memories once. The progress part holds the step and
+the data-loader position (batches each rank has consumed).
 """
 
 from __future__ import annotations
@@ -25,15 +27,16 @@ from typing import Any, Mapping, NamedTuple
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from iopath.common.file_io import PathManager, g_pathmgr
 from torch.optim import Optimizer
 from torchrec.optim.keyed import KeyedOptimizer
 
-from torchrec_pss.checkpoint.iopath_storage import IopathReader, IopathWriter
+from torchrec_pss.checkpoint.iopath_storage import IopathReader, IopathWriter, local_file_uri
 from torchrec_pss.checkpoint.optimizer_state import check_optimizer_states, drop_states, materialize_lazy_states
 from torchrec_pss.checkpoint.param_groups import GROUPS, groups_by_parameter, groups_of_optimizer
 
-_STEP_DIR = re.compile(r"^step_(\d{8,})$")
+_STEP_DIR = re.compile(r"^step_(\d{8,})(\.replaced-[0-9a-f]+)?$")
 MANIFEST = "MANIFEST.json"
 _CHUNK_BYTES = 1 << 22
 
@@ -50,15 +53,18 @@ class Progress(NamedTuple):
 
 def checkpoint_path(root: str, step: int) -> str:
     """The directory of step ``step``'s checkpoint under ``root``."""
-    return posixpath.join(root, f"step_{step:08d}")
+    return posixpath.join(local_file_uri(root), f"step_{step:08d}")
 
 
 def complete_checkpoints(root: str, path_manager: PathManager | None = None) -> list[tuple[int, str]]:
     """``(step, path)`` of every checkpoint under ``root`` that has a manifest, oldest first (``[]`` if none).
 
-    Its files are not re-read here (see :func:`verify_checkpoint`).
+    A step's older copies that a save of the same step moved aside (``step_<s>.replaced-<token>``) come just
+    before ``step_<s>`` itself, so that they count when it is missing (a save killed between its two renames) or
+    damaged. Its files are not re-read here (see :func:`verify_checkpoint`).
     """
     pm = path_manager or g_pathmgr
+    root = local_file_uri(root)
     if not pm.exists(root):
         return []
     found = []
@@ -67,14 +73,15 @@ def complete_checkpoints(root: str, path_manager: PathManager | None = None) -> 
         match = _STEP_DIR.match(base)
         path = posixpath.join(root, base)
         if match and pm.exists(posixpath.join(path, MANIFEST)):
-            found.append((int(match.group(1)), path))
-    return sorted(found)
+            found.append((int(match.group(1)), match.group(2) is None, path))
+    return [(step, path) for step, _, path in sorted(found)]
 
 
 def verify_checkpoint(path: str, path_manager: PathManager | None = None) -> str | None:
     """Why the checkpoint at ``path`` cannot be trusted (a file missing, truncated or changed since it was
     written, or an unreadable manifest), or None when every file matches its manifest entry."""
     pm = path_manager or g_pathmgr
+    path = local_file_uri(path)
     try:
         with pm.open(posixpath.join(path, MANIFEST), "r") as stream:
             files = json.load(stream)["files"]
@@ -104,6 +111,16 @@ def latest_checkpoint(root: str, path_manager: PathManager | None = None) -> tup
             return step, path
         warnings.warn(f"checkpoint {path} is not usable ({reason}); falling back to an older one", stacklevel=2)
     return None
+
+
+def agreed_latest_checkpoint(root: str, path_manager: PathManager | None = None) -> tuple[int, str] | None:
+    """:func:`latest_checkpoint` of the first rank, broadcast to every rank of the default process group (a
+    collective; without a process group, :func:`latest_checkpoint` itself): one rank re-reads the files, and all
+    ranks resume from the same checkpoint even where a rank's read would fail or see another one."""
+    found = [latest_checkpoint(root, path_manager) if _first_rank() else None]
+    if dist.is_initialized():
+        dist.broadcast_object_list(found, src=0)
+    return found[0]
 
 
 def _size_and_crc(path: str, pm: PathManager) -> tuple[int, int]:
@@ -141,9 +158,16 @@ def _shared_token() -> str:
     return token[0]
 
 
-def _barrier() -> None:
+def _raise_on_every_rank(error: BaseException | None, what: str) -> None:
+    """Re-raise the first rank's ``error`` there and raise an ``OSError`` quoting it on the other ranks (nothing
+    when it is None); a barrier: every rank of the default process group calls it."""
+    message = [None if error is None else f"{type(error).__name__}: {error}"]
     if dist.is_initialized():
-        dist.barrier()
+        dist.broadcast_object_list(message, src=0)
+    if error is not None:
+        raise error
+    if message[0] is not None:
+        raise OSError(f"{what} failed on rank 0: {message[0]}")
 
 
 def _training_state(model: torch.nn.Module, optimizers: Mapping[str, Optimizer], progress: Progress) -> dict[str, Any]:
@@ -207,13 +231,17 @@ def save_training_state(root: str, step: int, model: torch.nn.Module, optimizers
     progress = Progress(step, step if data_position is None else data_position, global_batch)
     flat, _ = _flatten(_training_state(model, optimizers, progress))
     dcp.save(flat, storage_writer=IopathWriter(staging, pm))
+    error = None
     if _first_rank():
-        _write_manifest(staging, pm)
-        if pm.exists(final) and not pm.mv(final, f"{final}.replaced-{token}"):
-            raise OSError(f"could not move the older {final} aside")
-        if not pm.mv(staging, final):
-            raise OSError(f"could not rename {staging} to {final}")
-    _barrier()
+        try:
+            _write_manifest(staging, pm)
+            if pm.exists(final) and not pm.mv(final, f"{final}.replaced-{token}"):
+                raise OSError(f"could not move the older {final} aside")
+            if not pm.mv(staging, final):
+                raise OSError(f"could not rename {staging} to {final}")
+        except BaseException as caught:  # also KeyboardInterrupt: the other ranks must not wait for it
+            error = caught
+    _raise_on_every_rank(error, f"saving checkpoint {final}")
     return final
 
 
@@ -274,6 +302,22 @@ def _check_param_groups(path: str, state: dict[str, Any], flat: dict[str, Any], 
         groups_of_optimizer(optimizers[name], name, trial[name])
 
 
+def _check_tensor_shapes(path: str, flat: Mapping[str, Any], metadata: Mapping[str, Any]) -> None:
+    """Refuse, naming every entry, tensors (plain, sharded or DTensor) whose saved global shape or dtype is not the
+    one they have here (DCP would fail deep inside its load, or cast a float32 table into a float16 one)."""
+    wrong = []
+    for key, value in flat.items():
+        saved = metadata.get(key)
+        if not isinstance(value, torch.Tensor) or not isinstance(saved, TensorStorageMetadata):
+            continue
+        if tuple(saved.size) != tuple(value.size()) or saved.properties.dtype != value.dtype:
+            wrong.append(f"{key}: saved {list(saved.size)} {saved.properties.dtype}, "
+                         f"here {list(value.size())} {value.dtype}")
+    if wrong:
+        raise ValueError(f"checkpoint {path} does not match the model or optimizers: {'; '.join(wrong)}; "
+                         "nothing was loaded")
+
+
 def load_training_state(path: str, model: torch.nn.Module, optimizers: Mapping[str, Optimizer],
                         path_manager: PathManager | None = None) -> Progress:
     """Load the checkpoint at ``path`` into ``model`` and ``optimizers`` in place; returns its progress.
@@ -287,7 +331,9 @@ def load_training_state(path: str, model: torch.nn.Module, optimizers: Mapping[s
     optimizers' own ``load_state_dict`` run last. Use :func:`latest_checkpoint` to pick a checkpoint whose
     files have been verified.
     """
-    saved = set(IopathReader(path, path_manager).read_metadata().state_dict_metadata)
+    path = local_file_uri(path)
+    metadata = IopathReader(path, path_manager).read_metadata().state_dict_metadata
+    saved = set(metadata)
     _check_model_state(path, saved, model, path_manager)
     created = materialize_lazy_states(optimizers, saved)
     try:
@@ -302,6 +348,7 @@ def load_training_state(path: str, model: torch.nn.Module, optimizers: Mapping[s
                 del flat[f"progress.{field}"]
                 state["progress"][field] = default
         check_optimizer_states(path, flat, saved, optimizers)
+        _check_tensor_shapes(path, flat, metadata)
         _check_param_groups(path, state, flat, paths, optimizers, path_manager)
         dcp.load(flat, storage_reader=IopathReader(path, path_manager))
     except BaseException:  # DCP's CheckpointException is not an Exception

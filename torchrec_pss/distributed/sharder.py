@@ -44,7 +44,7 @@ from torchrec_pss.modules.compressed_embedding_bag_collection import (
     CompressedEmbeddingBagCollection,
     _check_state_dict_before_load,
 )
-from torchrec_pss.modules.input_checks import check_structure, check_values
+from torchrec_pss.modules.input_checks import check_structure, check_values, split_by_feature
 from torchrec_pss.optim import FusedUpdate, PSSFusedOptimizer
 
 _PLAIN = "_plain"
@@ -204,7 +204,7 @@ class ShardedCompressedEmbeddingBagCollection(
         """
         if self.validate_inputs:
             check_structure(features, self._feature_names, self._is_weighted)
-            check_values(features, features.to_dict(), self._tables, self._is_weighted)
+            check_values(features, split_by_feature(features), self._tables, self._is_weighted)
         awaitables: list = []
         plain = getattr(self, _PLAIN, None)
         if plain is not None:

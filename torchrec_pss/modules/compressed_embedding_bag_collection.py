@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import warnings
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
@@ -18,7 +20,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, Keyed
 from torchrec.sparse.tensor_dict import maybe_td_to_kjt
 
 from torchrec_pss.contract import BagRequest, MethodConfig, PSSMemory
-from torchrec_pss.modules.input_checks import check_structure, check_values, inputs_checked_by_default
+from torchrec_pss.modules.input_checks import check_structure, check_values, inputs_checked_by_default, split_by_feature
 from torchrec_pss.optim import FusedUpdate, PSSFusedOptimizer
 from torchrec_pss.pooling import embedding_bag
 from torchrec_pss.registry import method_for_config
@@ -191,6 +193,12 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOpt
             self._fused_updates[name] = update
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        if isinstance(features, torch.fx.Proxy):
+            raise TypeError(
+                "torch.fx cannot trace through a CompressedEmbeddingBagCollection (its pooling branches on the "
+                "batch); trace it as a leaf module: torchrec.fx.symbolic_trace(model, "
+                "leaf_modules=['CompressedEmbeddingBagCollection'])"
+            )
         if self._named_parameters is None:  # cleared by loading a state_dict and by _apply (may swap parameters)
             self._named_parameters = list(self.named_parameters())
         self._adopt_in_backward_optimizers(self._named_parameters)
@@ -226,7 +234,7 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOpt
                                  requires_grad=trainable)  # a loss on it back-propagates, changing nothing
             return KeyedTensor(keys=self._embedding_names, length_per_key=self._lengths_per_embedding, values=values)
         if self.validate_inputs:
-            check_values(features, features.to_dict(), self._embedding_bag_configs, self._is_weighted)
+            check_values(features, split_by_feature(features), self._embedding_bag_configs, self._is_weighted)
         stacked = self._pooled_stacked(features)
         if stacked is not None:
             return KeyedTensor(keys=self._embedding_names, length_per_key=self._lengths_per_embedding,
@@ -301,7 +309,7 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOpt
         if strict:
             mine, theirs = set(self.state_dict(keep_vars=True)), set(state_dict)
             if mine != theirs:
-                raise ValueError(
+                raise StateDictMismatchError(
                     f"state_dict does not match this module; missing {sorted(mine - theirs)}, "
                     f"unexpected {sorted(theirs - mine)}; nothing was loaded"
                 )
@@ -359,6 +367,11 @@ def _joined(tensors: list[torch.Tensor]) -> torch.Tensor:
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
 
+class StateDictMismatchError(RuntimeError, ValueError):
+    """A strict ``load_state_dict`` whose keys are not the module's: a ``RuntimeError`` as torch raises for it (also
+    a ``ValueError``, as this module raised before)."""
+
+
 def _validate_tables(tables: Sequence[EmbeddingBagConfig], compression: Mapping[str, MethodConfig]) -> None:
     names = [t.name for t in tables]
     seen: set[str] = set()
@@ -378,6 +391,21 @@ def _validate_tables(tables: Sequence[EmbeddingBagConfig], compression: Mapping[
     for name, config in compression.items():
         if not isinstance(config, MethodConfig):
             raise TypeError(f"compression[{name!r}] must be a registered method config, got {config!r}")
+    for table in tables:
+        if table.name in compression and _custom_init(table):
+            warnings.warn(f"table {table.name!r}: init_fn / weight_init_min / weight_init_max initialise plain "
+                          f"tables only; its {method_for_config(compression[table.name]).name} memory is initialised "
+                          "by its method config (e.g. init_scale)", UserWarning, stacklevel=3)
+
+
+def _custom_init(table: EmbeddingBagConfig) -> bool:
+    """Whether ``table`` asks for another init than TorchRec's default ``U(±sqrt(1 / num_embeddings))``."""
+    if table.weight_init_min is not None or table.weight_init_max is not None:
+        return True
+    default = {"a": table.get_weight_init_min(), "b": table.get_weight_init_max()}
+    init = table.init_fn
+    return not (isinstance(init, functools.partial) and init.func is torch.nn.init.uniform_ and not init.args
+                and init.keywords == default)
 
 
 def _check_state_dict_before_load(

@@ -32,15 +32,13 @@ def inputs_checked_by_default() -> bool:
 def check_structure(features: KeyedJaggedTensor, feature_names: Sequence[str], is_weighted: bool) -> None:
     """Keys, dtypes and sizes of ``features``: raises ``ValueError`` / ``TypeError`` naming the field and value.
 
-    ``feature_names`` are the features the module reads (each exactly once in the KJT's keys).
+    ``feature_names`` are the features the module reads (each must be among the KJT's keys; other keys are
+    ignored, as by TorchRec's EBC).
     """
     keys = features.keys()
     missing = [f for f in feature_names if f not in keys]
     if missing:
         raise ValueError(f"KJT lacks features {missing} read by this module; it has {keys}")
-    unknown = [k for k in keys if k not in feature_names]
-    if unknown:
-        raise ValueError(f"KJT has features {unknown} that no table of this module reads; it reads {list(feature_names)}")
     values, lengths, weights = features.values(), features.lengths(), features.weights_or_none()
     if values.dtype not in _ID_DTYPES:
         raise TypeError(f"KJT of features {keys}: ids must be int32 or int64, got {values.dtype}")
@@ -72,6 +70,31 @@ def check_structure(features: KeyedJaggedTensor, feature_names: Sequence[str], i
     total = sum(features.length_per_key())
     if total != values.numel():
         raise ValueError(f"KJT of features {keys}: lengths sum to {total} but there are {values.numel()} ids")
+
+
+def split_by_feature(features: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
+    """``features.to_dict()``; where a negative length makes it fail, ``ValueError`` naming the feature, bag and
+    length instead of the split's error (a negative length that lets it pass is named by :func:`check_values`)."""
+    try:
+        return features.to_dict()
+    except RuntimeError:
+        lengths = features.lengths()
+        if lengths.numel() and not torch.compiler.is_compiling() and bool(lengths.min() < 0):
+            _raise_negative_length(features)
+        raise
+
+
+def _raise_negative_length(features: KeyedJaggedTensor) -> None:
+    """Raise ``ValueError`` naming the feature, bag and value of the KJT's first negative length."""
+    lengths = features.lengths()
+    position = int(torch.nonzero(lengths < 0)[0])
+    strides = features.stride_per_key() if features.variable_stride_per_key() else [features.stride()] * len(features.keys())
+    start = 0
+    for key, stride in zip(features.keys(), strides):
+        if position < start + stride:
+            raise ValueError(f"KJT feature {key!r}: bag {position - start} has negative length {int(lengths[position])}")
+        start += stride
+    raise ValueError(f"KJT: length {int(lengths[position])} at position {position} is negative")
 
 
 def check_values(
