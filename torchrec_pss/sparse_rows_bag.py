@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+import torchrec_pss.pooling as pooling
 from torchrec_pss.kernels import define_op, register_autograd
 
 
@@ -36,9 +37,7 @@ def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, outp
 
 def _backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple:
     table, rows, offsets, scale = ctx.saved_tensors
-    lengths = offsets[1:] - offsets[:-1]
-    per_row = grad.index_select(0, torch.repeat_interleave(torch.arange(lengths.numel(), device=grad.device),
-                                                           lengths, output_size=rows.numel()))
+    per_row = grad.index_select(0, pooling.offsets_to_bag_index(offsets, rows.numel()))
     table_grad = scale_grad = None
     if ctx.needs_input_grad[0]:
         values = per_row if scale is None else per_row * scale.unsqueeze(1).to(per_row.dtype)
